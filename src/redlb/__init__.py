@@ -1,0 +1,3 @@
+"""redlb: an HTTP load balancer whose backend pool and shared state live in Redis."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from redlb.cli import main
+
+main()

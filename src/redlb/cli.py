@@ -1,0 +1,228 @@
+"""The command line: parse arguments into a Config and hand it over; no logic of its own."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import redis
+
+from redlb.address import InvalidAddress, parse_backend
+from redlb.config import Config
+from redlb.store.client import redact
+from redlb.store.embedded import running_url
+from redlb.store.keys import Keys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--state-dir", default=".redlb", show_default=True,
+        help="Where the embedded Redis keeps its data.",
+    )(func)  # fmt: skip
+    func = click.option("--pool", default="servers", show_default=True, help="The Redis list key.")(func)
+    func = click.option(
+        "--redis", "redis_url", envvar="REDLB_REDIS", default=None,
+        help="redis://, rediss://, unix:// or redis+sentinel://h:p,h:p/master "
+        "(env REDLB_REDIS keeps a password off the command line). "
+        "Default: an embedded redis-server.",
+    )(func)  # fmt: skip
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """redlb: an HTTP load balancer whose backend pool lives in a Redis list."""
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8000", show_default=True, help="host:port to serve on.")
+@_redis_options
+@click.option("--rotation", type=click.Choice(["lease", "strict"]), default="lease", show_default=True,
+              help="lease: shared counter leased in blocks, no Redis on the request path; "
+              "strict: exact shared rotation, one counter value per request.")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
+@click.option("--status-listen", default="127.0.0.1:8100", show_default=True,
+              help="Loopback host:port for /-/ready, /-/live, /metrics; 'off' to disable.")
+@click.option("--no-access-log", is_flag=True, help="Do not log one line per request.")
+@click.option("--max-body", type=int, default=10 * 1024 * 1024, show_default=True,
+              help="Largest request body in bytes (413 beyond); 0 = unlimited.")
+@click.option("--max-request-line", type=int, default=8192, show_default=True)
+@click.option("--max-header-bytes", type=int, default=16384, show_default=True)
+@click.option("--max-headers", type=int, default=100, show_default=True)
+@click.option("--header-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds for the whole request header phase (408 after).")
+@click.option("--body-min-rate", type=int, default=500, show_default=True,
+              help="Minimum upload rate in bytes/s after the grace period (0 = off).")
+@click.option("--body-rate-grace", type=float, default=10.0, show_default=True)
+@click.option("--keepalive-timeout", type=float, default=15.0, show_default=True)
+@click.option("--connect-timeout", type=float, default=3.0, show_default=True)
+@click.option("--upstream-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds a backend may take to answer (and between body reads).")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM.")
+@click.option("--redis-timeout", type=float, default=0.25, show_default=True)
+@click.option("--resync-interval", type=float, default=1.0, show_default=True)
+@click.option("--health-path", default=None, help="Enable active health checks on this path.")
+@click.option("--health-interval", type=float, default=2.0, show_default=True)
+@click.option("--health-timeout", type=float, default=1.0, show_default=True)
+@click.option("--health-rise", type=int, default=2, show_default=True)
+@click.option("--health-fall", type=int, default=3, show_default=True)
+@click.option("--eject-consecutive", type=int, default=5, show_default=True,
+              help="Consecutive connect failures/5xx that eject a backend (0 = never).")
+@click.option("--eject-base-time", type=float, default=30.0, show_default=True)
+@click.option("--eject-max-percent", type=float, default=50.0, show_default=True)
+@click.option("--retry-budget-percent", type=float, default=20.0, show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+def serve(**options: Any) -> None:
+    """Serve HTTP, balancing over the backends in the Redis list."""
+    _setup_logging(options.pop("verbose"))
+    status = options.pop("status_listen")
+    workers = options.pop("workers")
+    config = Config(
+        **{k: v for k, v in options.items() if k != "no_access_log"},
+        access_log=not options["no_access_log"],
+        status_listen=None if status == "off" else status,
+    )
+    if workers is not None:
+        config.workers = workers
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    from redlb.server import serve as run
+
+    try:
+        run(config)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve: {exc}") from None
+
+
+@main.group()
+def backend() -> None:
+    """Edit the pool: the same Redis list redis-cli sees."""
+
+
+def _connect(redis_url: str | None, state_dir: str) -> redis.Redis:
+    url = redis_url or running_url(state_dir)
+    if url is None:
+        raise click.ClickException(
+            f"no --redis given and no embedded Redis is running in {state_dir}/ "
+            "(start `redlb serve` first, or pass --redis URL)"
+        )
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        client.ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise click.ClickException(f"cannot reach Redis at {redact(url)}: {exc}") from None
+    return client
+
+
+def _validated(addr: str) -> str:
+    try:
+        return parse_backend(addr).key
+    except InvalidAddress as exc:
+        raise click.ClickException(f"{addr!r} is not a backend address: {exc}") from None
+
+
+@backend.command("add")
+@click.argument("addr")
+@_redis_options
+def backend_add(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
+    """Append ADDR (host:port, http://host:port or [::1]:port) to the pool."""
+    key = _validated(addr)
+    client = _connect(redis_url, state_dir)
+    client.rpush(pool, key)
+    client.publish(Keys(pool).events, "edit")
+    click.echo(f"added {key} to {pool}")
+
+
+@backend.command("rm")
+@click.argument("addr")
+@_redis_options
+def backend_rm(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
+    """Remove every entry of the pool that names ADDR."""
+    key = _validated(addr)
+    client = _connect(redis_url, state_dir)
+    removed = 0
+    for raw in set(client.lrange(pool, 0, -1)):
+        try:
+            if parse_backend(raw).key == key:
+                removed += int(client.lrem(pool, 0, raw))
+        except InvalidAddress:
+            continue
+    client.publish(Keys(pool).events, "edit")
+    if not removed:
+        raise click.ClickException(f"{key} is not in {pool}")
+    click.echo(f"removed {key} from {pool} ({removed} entr{'y' if removed == 1 else 'ies'})")
+
+
+@backend.command("ls")
+@_redis_options
+def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
+    """List the pool with each entry's state."""
+    client = _connect(redis_url, state_dir)
+    keys = Keys(pool)
+    draining = set(client.smembers(keys.draining))
+    for raw in client.lrange(pool, 0, -1):
+        try:
+            b = parse_backend(raw)
+        except InvalidAddress as exc:
+            click.echo(f"{raw!r:30} INVALID ({exc})")
+            continue
+        state = []
+        if client.exists(keys.ejected(b)):
+            state.append(f"ejected {client.pttl(keys.ejected(b)) / 1000:.0f}s")
+        health = client.get(keys.health(b))
+        if health:
+            state.append(health.decode())
+        if b.key.encode() in draining:
+            state.append("draining")
+        click.echo(f"{b.key:30} {', '.join(state) or 'ok'}")
+
+
+@backend.command("drain")
+@click.argument("addr")
+@_redis_options
+def backend_drain(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
+    """Stop new traffic to ADDR; its in-flight requests finish."""
+    key = _validated(addr)
+    client = _connect(redis_url, state_dir)
+    client.sadd(Keys(pool).draining, key)
+    client.publish(Keys(pool).events, "drain")
+    click.echo(f"draining {key}")
+
+
+@backend.command("undrain")
+@click.argument("addr")
+@_redis_options
+def backend_undrain(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
+    """Send traffic to ADDR again."""
+    key = _validated(addr)
+    client = _connect(redis_url, state_dir)
+    client.srem(Keys(pool).draining, key)
+    client.publish(Keys(pool).events, "drain")
+    click.echo(f"{key} takes traffic again")
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8000", show_default=True)
+@click.option("--state-dir", default=".redlb/demo", show_default=True)
+@click.option("--requests", "count", default=10, show_default=True)
+@click.option("--exit", "exit_after", is_flag=True, help="Stop after the requests (no serving).")
+def demo(listen: str, state_dir: str, count: int, exit_after: bool) -> None:
+    """Embedded Redis, three demo backends, the balancer, and ten requests to watch rotate."""
+    _setup_logging(False)
+    from redlb.demo import run_demo
+
+    run_demo(listen, state_dir, count, exit_after)

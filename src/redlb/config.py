@@ -1,0 +1,85 @@
+"""Every knob in one Config, resolved once; the CLI only builds one of these."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from redlb.address import parse_listen
+
+ROTATIONS = ("lease", "strict")
+
+
+@dataclass(slots=True)
+class Config:
+    # Listeners
+    listen: str = "127.0.0.1:8000"
+    status_listen: str | None = "127.0.0.1:8100"  # loopback only: /-/ready, /-/live, /metrics
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    # Redis
+    redis_url: str | None = None  # None: start an embedded redis-server
+    state_dir: str = ".redlb"
+    pool: str = "servers"
+    rotation: str = "lease"
+    redis_timeout: float = 0.25
+    resync_interval: float = 1.0
+    max_pool_entries: int = 10_000
+
+    # Logging
+    access_log: bool = True
+
+    # Request limits (0 = unlimited for max_body only)
+    max_request_line: int = 8 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    max_body: int = 10 * 1024 * 1024
+
+    # Timeouts, seconds
+    header_timeout: float = 10.0
+    body_min_rate: int = 500  # bytes/s, enforced after body_rate_grace
+    body_rate_grace: float = 10.0
+    keepalive_timeout: float = 15.0
+    connect_timeout: float = 3.0
+    upstream_timeout: float = 60.0
+    drain_timeout: float = 30.0
+
+    # Upstream
+    max_idle_per_backend: int = 128
+    max_conns_per_backend: int = 0  # 0 = unlimited
+
+    # Retries
+    max_connect_attempts: int = 3
+    retry_budget_percent: float = 20.0
+    retry_min_concurrency: int = 3
+
+    # Active health checks (off unless health_path is set)
+    health_path: str | None = None
+    health_interval: float = 2.0
+    health_timeout: float = 1.0
+    health_rise: int = 2
+    health_fall: int = 3
+
+    # Passive ejection
+    eject_consecutive: int = 5
+    eject_base_time: float = 30.0
+    eject_max_time: float = 300.0
+    eject_max_percent: float = 50.0
+
+    def validate(self) -> None:
+        """Raise ValueError with one clear sentence for a bad combination."""
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotation!r}; choose one of {ROTATIONS}")
+        parse_listen(self.listen)
+        if self.status_listen:
+            host, _ = parse_listen(self.status_listen)
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError("the status listener must be on loopback (127.0.0.1 or ::1)")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            raise ValueError("--health-path must start with /")
+        if not 0 <= self.eject_max_percent <= 100:
+            raise ValueError("--eject-max-percent must be within 0..100")
+        if self.max_body < 0:
+            raise ValueError("--max-body must be >= 0")

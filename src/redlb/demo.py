@@ -1,0 +1,129 @@
+"""``redlb demo``: embedded Redis, three demo backends, the balancer, ten requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+import httptools
+import redis
+import uvloop
+
+from redlb.config import Config
+from redlb.proxy.context import ProxyContext
+from redlb.server import _worker
+from redlb.store.embedded import EmbeddedRedis, free_port
+from redlb.store.keys import Keys
+from redlb.store.rotation import Cursor
+
+
+class DemoBackend(asyncio.Protocol):
+    """A tiny keep-alive HTTP server that says who it is."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's own class
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        assert self.transport is not None
+        body = f"Hello from {self.name}\n".encode()
+        keep = self.parser.should_keep_alive()
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%b\r\n%b"
+            % (len(body), b"" if keep else b"Connection: close\r\n", body)
+        )
+        if not keep:
+            self.transport.close()
+
+
+async def _get(host: str, port: int) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    return data.partition(b"\r\n\r\n")[2]
+
+
+def run_demo(listen: str, state_dir: str, count: int, exit_after: bool) -> None:
+    embedded = EmbeddedRedis(state_dir)
+    url = embedded.start()
+    try:
+        uvloop.run(_demo(listen, url, count, exit_after))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        embedded.stop()
+
+
+async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
+    loop = asyncio.get_running_loop()
+    host, _, port_text = listen.rpartition(":")
+    port = int(port_text)
+    with contextlib.closing(__import__("socket").socket()) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            port = free_port(host)
+            print(f"port {port_text} is busy; the demo balancer uses {port} instead", flush=True)
+    servers = []
+    addresses = []
+    for n in range(1, 4):
+        backend_port = free_port()
+        address = f"127.0.0.1:{backend_port}"
+        servers.append(
+            await loop.create_server(lambda a=address, n=n: DemoBackend(f"demo backend {n} ({a})"),
+                                     "127.0.0.1", backend_port)
+        )
+        addresses.append(address)
+    client = redis.Redis.from_url(url)
+    pool = Keys("servers")
+    client.delete(pool.pool, pool.counter)
+    client.rpush(pool.pool, *addresses)
+    client.close()
+    redis_port = url.rsplit(":", 1)[1].split("/")[0]
+    config = Config(
+        listen=f"{host}:{port}", redis_url=url, workers=1, status_listen=None,
+        state_dir=".redlb/demo",
+    )  # fmt: skip
+
+    async def show(ctx: ProxyContext) -> None:
+        for _ in range(250):
+            if ctx.pool.healthy:
+                break
+            await asyncio.sleep(0.02)
+        print(f"\nredlb listens on http://{host}:{port}/ ; sending {count} requests:\n", flush=True)
+        for _ in range(count):
+            await _get(host, port)
+        await asyncio.sleep(0.2)  # let the batched access log flush first
+        print(
+            f"""
+Each line above is one request, and the backends take turns.  Try next:
+  curl http://{host}:{port}/
+  redis-cli -p {redis_port} LRANGE servers 0 -1          # the pool, a plain Redis list
+  redis-cli -p {redis_port} LREM servers 0 {addresses[0]}   # takes effect within a second
+  redlb backend add {addresses[0]} --redis {url}
+Ctrl-C stops the demo.""",
+            flush=True,
+        )
+        if exit_after:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sys.stdout.flush()
+    await _worker(config, url, Cursor(), on_listening=show)
+    for server in servers:
+        server.close()

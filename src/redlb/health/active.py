@@ -1,0 +1,135 @@
+"""Active health checks with one elected prober per backend across all redlb instances.
+
+Each backend has a lease in Redis (``SET NX PX``, renewed only by its owner).  The owner
+probes, applies rise/fall, and writes ``up``/``down`` with a TTL; every instance routes on
+what is written.  A prober that dies stops renewing, its lease expires, another takes over,
+and its stale verdict expires too (a missing verdict routes normally).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+from redlb.address import Backend
+from redlb.config import Config
+from redlb.pool import Pool
+from redlb.store.keys import Keys
+from redlb.store.link import RedisLink
+
+log = logging.getLogger("redlb.health")
+
+# KEYS: lease.  ARGV: instance id, ttl ms.  Returns 1 when this instance holds the lease.
+_LEASE = """
+local owner = redis.call('GET', KEYS[1])
+if owner == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(slots=True)
+class Verdict:
+    """Rise/fall bookkeeping for one backend this instance probes."""
+
+    up: bool = True
+    streak: int = 0  # consecutive results that disagree with ``up``
+
+    def record(self, passed: bool, rise: int, fall: int) -> bool:
+        """Apply one probe result; return True when the state flips."""
+        if passed == self.up:
+            self.streak = 0
+            return False
+        self.streak += 1
+        if self.streak >= (rise if passed else fall):
+            self.up = passed
+            self.streak = 0
+            return True
+        return False
+
+
+class HealthProber:
+    def __init__(
+        self, link: RedisLink, keys: Keys, pool: Pool, config: Config, instance_id: str
+    ) -> None:
+        assert config.health_path is not None
+        self.link = link
+        self.keys = keys
+        self.pool = pool
+        self.config = config
+        self.instance_id = instance_id
+        self.path = config.health_path
+        self.verdicts: dict[Backend, Verdict] = {}
+
+    async def run(self) -> None:
+        interval = self.config.health_interval
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+            if not self.link.up:
+                continue
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("health round failed: %r", exc)
+
+    async def round(self) -> None:
+        client = self.link.client
+        members = list(dict.fromkeys(self.pool.members))
+        ttl_ms = int(self.config.health_interval * 3000)
+        pipe = client.pipeline(transaction=False)
+        for backend in members:
+            pipe.eval(_LEASE, 1, self.keys.probe_lease(backend), self.instance_id, ttl_ms)
+        held = await asyncio.wait_for(pipe.execute(), self.config.redis_timeout)
+        owned = [b for b, mine in zip(members, held, strict=True) if mine == 1]
+        for backend in list(self.verdicts):
+            if backend not in owned:
+                del self.verdicts[backend]  # another instance probes it now
+        if not owned:
+            return
+        results = await asyncio.gather(*(self.probe(b) for b in owned))
+        changed = False
+        pipe = client.pipeline(transaction=False)
+        for backend, passed in zip(owned, results, strict=True):
+            verdict = self.verdicts.setdefault(backend, Verdict())
+            if verdict.record(passed, self.config.health_rise, self.config.health_fall):
+                changed = True
+                log.warning("health check: %s is %s", backend, "UP" if verdict.up else "DOWN")
+            pipe.set(self.keys.health(backend), "up" if verdict.up else "down", px=ttl_ms)
+        if changed:
+            pipe.publish(self.keys.events, "health")
+        await asyncio.wait_for(pipe.execute(), self.config.redis_timeout)
+
+    async def probe(self, backend: Backend) -> bool:
+        """GET the health path; 2xx and 3xx pass."""
+        request = (
+            f"GET {self.path} HTTP/1.1\r\nHost: {backend.key}\r\n"
+            "User-Agent: redlb-health\r\nConnection: close\r\n\r\n"
+        ).encode()
+        writer = None
+        try:
+            async with asyncio.timeout(self.config.health_timeout):
+                reader, writer = await asyncio.open_connection(backend.host, backend.port)
+                writer.write(request)
+                status_line = await reader.readline()
+            parts = status_line.split(b" ", 2)
+            return (
+                len(parts) >= 2
+                and parts[0].startswith(b"HTTP/1.")
+                and parts[1].isdigit()
+                and 200 <= int(parts[1]) < 400
+            )
+        except (OSError, TimeoutError, ValueError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()

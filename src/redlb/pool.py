@@ -1,0 +1,73 @@
+"""Membership and status -> the healthy snapshot that strategies pick from.
+
+Checkers push status here (active health, passive ejection, drain); strategies only ever see
+``Pool.healthy`` and handle an empty one.  Nothing here does I/O: the clock is injected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from redlb.address import Backend
+
+log = logging.getLogger("redlb.pool")
+
+
+class Pool:
+    def __init__(
+        self, max_eject_percent: float = 50.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_eject_percent = max_eject_percent
+        self.clock = clock
+        self.members: tuple[Backend, ...] = ()
+        self.known = False  # True once a pool was read from Redis
+        self.down: frozenset[Backend] = frozenset()  # active health: failing
+        self.draining: frozenset[Backend] = frozenset()
+        self.ejected: dict[Backend, float] = {}  # passive: backend -> until (clock)
+        self.healthy: tuple[Backend, ...] = ()
+        self.version = 0
+
+    def update(
+        self,
+        members: Iterable[Backend] | None = None,
+        down: Iterable[Backend] | None = None,
+        draining: Iterable[Backend] | None = None,
+        ejected: dict[Backend, float] | None = None,
+    ) -> None:
+        """Replace whichever parts are given (ejected: backend -> seconds left), rebuild."""
+        if members is not None:
+            self.members = tuple(members)
+            self.known = True
+        if down is not None:
+            self.down = frozenset(down)
+        if draining is not None:
+            self.draining = frozenset(draining)
+        if ejected is not None:
+            now = self.clock()
+            self.ejected = {b: now + left for b, left in ejected.items() if left > 0}
+        self.rebuild()
+
+    def eject(self, backend: Backend, seconds: float) -> None:
+        self.ejected[backend] = max(self.ejected.get(backend, 0.0), self.clock() + seconds)
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        now = self.clock()
+        self.ejected = {b: until for b, until in self.ejected.items() if until > now}
+        members = self.members
+        unique = set(members)
+        # Never eject more than a share of the pool (Envoy's max_ejection_percent): a wide
+        # failure is more likely ours than every backend's.  Longest-ejected stay out first.
+        allowed = int(len(unique) * self.max_eject_percent / 100.0)
+        if len(unique) >= 2:
+            allowed = max(allowed, 1)
+        ejected_now = sorted(
+            (b for b in self.ejected if b in unique), key=lambda b: (-self.ejected[b], b.key)
+        )
+        out = set(ejected_now[:allowed]) | self.down | self.draining
+        healthy = tuple(b for b in members if b not in out)
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self.version += 1

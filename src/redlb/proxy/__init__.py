@@ -1,0 +1,1 @@
+"""The data path: client connection -> pick -> upstream connection -> response."""

@@ -1,0 +1,398 @@
+"""The client side of the data path: one asyncio.Protocol per client connection.
+
+httptools parses; the callbacks validate and build a RequestHead; exchanges run one at a time
+in arrival order (pipelined requests wait their turn, answered in order).  A malformed request
+is answered by the proxy (400, or the precise 4xx) and the connection is closed: once framing
+is in doubt nothing that follows on the connection can be trusted (RFC 9112 §6.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import httptools
+
+from redlb.proxy import errors
+from redlb.proxy.context import ProxyContext
+from redlb.proxy.errors import Reject
+from redlb.proxy.exchange import Exchange, RequestHead
+from redlb.proxy.rules import (
+    IDEMPOTENT_METHODS,
+    REQUEST_DROP,
+    check_host,
+    check_transfer_encoding,
+    check_version,
+    connection_tokens,
+    normalise_target,
+)
+
+# Reasons to stop reading from the client, as bits: reading resumes when none is left.
+_PAUSE_PIPELINE = 1  # a request is waiting behind the one in flight
+_PAUSE_BUFFER = 2  # body bytes are waiting for an upstream connection
+_PAUSE_UPLOAD = 4  # the backend is not taking the body as fast as it comes
+_PAUSE_REFUSED = 8  # the connection is finished; only the answer remains to be sent
+
+# Parse phases of the connection, for timeouts.
+_IDLE, _HEADERS, _BODY = 0, 1, 2
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, ctx: ProxyContext) -> None:
+        # Global state
+        self.ctx = ctx
+        config = ctx.config
+        self.max_request_line = config.max_request_line
+        self.max_header_bytes = config.max_header_bytes
+        self.max_headers = config.max_headers
+        self.max_body = config.max_body
+        # Per-connection state
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = b""
+        self.queue: deque[Exchange] = deque()
+        self.paused = 0
+        self.write_paused = False
+        self.closing = False
+        self.refusal: Reject | None = None
+        self.phase = _IDLE
+        self.deadline = 0.0
+        self.body_started_at = 0.0
+        # Per-request (parse side) state
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.parsing: Exchange | None = None
+        self.body_received = 0
+
+    # Protocol interface
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's own class
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0].encode() if peer else b"unknown"
+        self.ctx.clients.add(self)
+        self.ctx.stats.client_connections += 1
+        # Connecting and sending nothing is held to the header timeout too (slowloris).
+        self.deadline = time.monotonic() + self.ctx.config.header_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self.refusal is not None or self.closing:
+            return
+        if self.phase == _IDLE:
+            self.phase = _HEADERS
+            self.deadline = time.monotonic() + self.ctx.config.header_timeout
+        try:
+            while True:
+                try:
+                    self.parser.feed_data(data)
+                    break
+                except httptools.HttpParserUpgrade as upgrade:
+                    # A non-CONNECT Upgrade request: on_headers_complete stripped Upgrade and
+                    # made sure there is no body, so parsing simply goes on after it.
+                    data = data[upgrade.args[0] :]
+                    if not data:
+                        break
+        except Reject as reject:
+            self.refuse(reject)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, Reject):
+                self.refuse(cause)
+            else:
+                self.refuse(Reject(400, "malformed request"))
+
+    def eof_received(self) -> bool | None:
+        if self.queue and self.parsing is None:
+            return True  # half-close: still answer what was asked
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.transport = None
+        self.ctx.clients.discard(self)
+        while self.queue:
+            self.queue.popleft().abort()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+        if self.queue:
+            self.queue[0].client_congested(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.deadline = 0.0
+        if self.queue:
+            self.queue[0].client_congested(False)
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
+        self.body_received = 0
+        self.phase = _HEADERS
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.max_request_line:
+            raise Reject(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.parsing is not None:
+            return  # trailer fields of a chunked body: not forwarded
+        self.header_bytes += len(name) + len(value) + 4
+        self.headers.append((name, value))
+        if self.header_bytes > self.max_header_bytes or len(self.headers) > self.max_headers:
+            raise Reject(431, "request header fields too large")
+
+    def on_headers_complete(self) -> None:
+        req = self._request_head()
+        exchange = Exchange(self, req)
+        self.parsing = exchange
+        self.phase = _BODY
+        self.body_started_at = time.monotonic()
+        self.deadline = 0.0
+        self.queue.append(exchange)
+        if len(self.queue) == 1:
+            exchange.start()
+        else:
+            self._pause(_PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        self.body_received += len(body)
+        if self.max_body and self.body_received > self.max_body:
+            raise Reject(413, "request body too large")
+        exchange = self.parsing
+        if exchange is not None:
+            exchange.request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        self.parsing = None
+        self.phase = _IDLE
+        self.deadline = 0.0
+        if exchange is not None and not exchange.done:
+            exchange.request_complete()
+        elif exchange is not None:
+            exchange.request_done = True
+
+    # Building the request to forward
+
+    def _request_head(self) -> RequestHead:
+        parser = self.parser
+        method: bytes = parser.get_method()
+        version: str = parser.get_http_version()
+        major, _, minor = version.partition(".")
+        check_version(int(major), int(minor))
+        http10 = minor == "0"
+        if method == b"CONNECT":
+            raise Reject(405, "CONNECT is not supported")
+
+        host: bytes | None = None
+        hosts = 0
+        te_values: list[bytes] = []
+        connection_values: list[bytes] = []
+        forwarded_for: list[bytes] = []
+        content_length = -1
+        expect_continue = False
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == b"host":
+                hosts += 1
+                host = value
+            elif lowered == b"content-length":
+                content_length = int(value)  # llhttp has checked it is one run of digits
+            elif lowered == b"transfer-encoding":
+                te_values.append(value)
+            elif lowered == b"connection":
+                connection_values.append(value)
+            elif lowered == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif lowered == b"expect":
+                if value.lower() != b"100-continue":
+                    raise Reject(417, "only Expect: 100-continue is supported")
+                expect_continue = not http10
+
+        if hosts > 1:
+            raise Reject(400, "more than one Host header")
+        if host is None:
+            if not http10:
+                raise Reject(400, "missing Host header")
+        else:
+            check_host(host)
+        target, host = normalise_target(method, self.url, host)
+        chunked = bool(te_values)
+        if chunked:
+            check_transfer_encoding(te_values, http10)
+        if self.max_body and content_length > self.max_body:
+            raise Reject(413, "request body too large")
+        has_body = chunked or content_length > 0
+        upgrade = self.parser.should_upgrade()
+        if upgrade and has_body:
+            raise Reject(400, "an Upgrade request with a body is not supported")
+
+        drop = REQUEST_DROP
+        if connection_values:
+            # RFC 9110 §7.6.1: the headers Connection names are hop-by-hop too — except
+            # X-Forwarded-For, which redlb always sets (a client cannot strip it).
+            drop = drop | (connection_tokens(connection_values) - {b"x-forwarded-for"})
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        append = parts.append
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered in drop or lowered == b"host" or lowered == b"x-forwarded-for":
+                continue
+            if b"_" in name:
+                continue  # X_Forwarded_For and X-Forwarded-For mean the same to CGI/WSGI
+            if chunked and lowered == b"content-length":
+                continue
+            append(b"%b: %b\r\n" % (name, value))
+        if host is not None:
+            append(b"Host: %b\r\n" % host)
+            append(b"X-Forwarded-Host: %b\r\n" % host)
+        forwarded_for.append(self.peer)
+        append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded_for))
+        append(b"X-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n" % self.peer)
+        if chunked:
+            append(b"Transfer-Encoding: chunked\r\n")
+        append(b"\r\n")
+        keep_alive = parser.should_keep_alive() and not self.ctx.draining
+        return RequestHead(
+            method=method,
+            target=self.url if len(self.url) <= 200 else self.url[:200] + b"...",
+            head=b"".join(parts),
+            chunked=chunked,
+            content_length=content_length,
+            keep_alive=keep_alive,
+            http10=http10,
+            idempotent=method in IDEMPOTENT_METHODS,
+            expect_continue=expect_continue and has_body,
+        )
+
+    # Exchange interface
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        """End the connection without a clean end of message (truncation stays visible)."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_for_buffer(self) -> None:
+        self._pause(_PAUSE_BUFFER)
+
+    def unpause_for_buffer(self) -> None:
+        self._resume(_PAUSE_BUFFER)
+
+    def pause_for_upload(self, congested: bool) -> None:
+        if congested:
+            self._pause(_PAUSE_UPLOAD)
+        else:
+            self._resume(_PAUSE_UPLOAD)
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        queue = self.queue
+        if not queue or queue[0] is not exchange:
+            return
+        queue.popleft()
+        if self.closing:
+            return
+        if not exchange.keep_client:
+            self._close()
+            return
+        if queue:
+            if len(queue) == 1:
+                self._resume(_PAUSE_PIPELINE)
+            queue[0].start()
+            return
+        if self.refusal is not None:
+            self._send_refusal()
+            return
+        if self.ctx.draining and self.parsing is None:
+            self._close()
+            return
+        if self.phase == _IDLE:
+            self.deadline = time.monotonic() + self.ctx.config.keepalive_timeout
+
+    # Timeouts, driven by the sweeper
+
+    def check_timeouts(self, now: float) -> None:
+        if self.queue:
+            self.queue[0].check_timeout(now)
+        if self.phase == _BODY and self.parsing is not None and not self.parsing.done:
+            elapsed = now - self.body_started_at
+            config = self.ctx.config
+            if (
+                config.body_min_rate
+                and elapsed > config.body_rate_grace
+                and self.body_received < elapsed * config.body_min_rate
+                and not self.paused
+            ):
+                self._timeout_refusal()
+            return
+        if self.deadline and now > self.deadline:
+            if self.phase == _HEADERS:
+                self._timeout_refusal()
+            else:
+                self._close()  # idle keep-alive, or a client that stopped reading
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else after the response in flight."""
+        if not self.queue and self.phase == _IDLE:
+            self._close()
+
+    # Internals
+
+    def refuse(self, reject: Reject) -> None:
+        self.ctx.stats.rejected += 1
+        self.refusal = reject
+        self._pause(_PAUSE_REFUSED)
+        exchange = self.parsing
+        self.parsing = None
+        if exchange is not None and exchange is not (self.queue[0] if self.queue else None):
+            self.queue.remove(exchange)
+        elif exchange is not None:
+            # The request in flight is itself the bad one (e.g. body over the limit).
+            self.queue.popleft()
+            already_answered = exchange.response_started
+            exchange.keep_client = False
+            exchange.abort()
+            if already_answered:
+                self._close()
+                return
+        if not self.queue:
+            self._send_refusal()
+
+    def _timeout_refusal(self) -> None:
+        self.refuse(Reject(408, "request not received in time"))
+
+    def _send_refusal(self) -> None:
+        reject = self.refusal
+        assert reject is not None
+        self.ctx.access_log.refused(reject.status, self.url)
+        self.write(errors.cached_response(reject.status, reject.detail, True))
+        self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.transport is not None and not self.closing:
+            self.transport.resume_reading()

@@ -1,0 +1,64 @@
+"""The proxy's own responses, precomputed as bytes.
+
+Bodies are fixed text: an error page never reflects any part of the request (no XSS, no
+header injection through error pages).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class Reject(Exception):
+    """A request the proxy answers itself; ``close`` ends the client connection after it."""
+
+    def __init__(self, status: int, detail: str, close: bool = True) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.close = close
+
+
+def error_response(status: int, detail: str, close: bool = True) -> bytes:
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {detail}\n".encode()
+    connection = b"close" if close else b"keep-alive"
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode()),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: " + connection + b"\r\n",
+            b"Cache-Control: no-store\r\n\r\n",
+            body,
+        )
+    )
+
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# The upstream-side failures an exchange can end with, as (status, detail).
+NO_BACKEND = (503, "no backend is available")
+NOT_READY = (503, "the backend pool is not known yet")
+BAD_GATEWAY_REFUSED = (502, "the backend refused the connection")
+BAD_GATEWAY_RESET = (502, "the backend closed the connection before answering")
+BAD_GATEWAY_GARBAGE = (502, "the backend's reply was not valid HTTP")
+BAD_GATEWAY_TOO_BIG = (502, "the backend's response headers were too large")
+BAD_GATEWAY_UPGRADE = (502, "the backend switched protocols unasked")
+GATEWAY_TIMEOUT = (504, "the backend did not answer in time")
+CONNECT_TIMEOUT = (504, "connecting to the backend timed out")
+
+
+_CACHE: dict[tuple[int, str, bool], bytes] = {}
+
+
+def cached_response(status: int, detail: str, close: bool) -> bytes:
+    key = (status, detail, close)
+    response = _CACHE.get(key)
+    if response is None:
+        response = _CACHE[key] = error_response(status, detail, close)
+    return response
+
+
+def phrase(status: int) -> bytes:
+    return HTTPStatus(status).phrase.encode()

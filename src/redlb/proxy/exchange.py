@@ -1,0 +1,420 @@
+"""One request, top to bottom: pick a backend, get a connection, stream both ways, release.
+
+Retry rules (RFC 9110 §9.2.2, RFC 9112 §9.3.1):
+1. A connect failure sent nothing, so any method is retried on another backend.
+2. A request already sent is retried only if its method is idempotent, it was kept whole
+   (small enough to replay), and no response byte arrived; and only once.
+3. Every retry needs a token from the retry budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redlb.address import Backend
+from redlb.proxy import errors
+from redlb.proxy.rules import HOP_BY_HOP, connection_tokens
+from redlb.proxy.upstream import BackendConnections, UpstreamConnection
+
+if TYPE_CHECKING:
+    from redlb.proxy.context import ProxyContext
+    from redlb.proxy.downstream import ClientConnection
+
+# Up to this many request bytes are kept for a replay after the keep-alive race.
+REPLAY_LIMIT = 64 * 1024
+# Past this many buffered body bytes (no upstream yet), stop reading from the client.
+BUFFER_LIMIT = 256 * 1024
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A parsed, validated request, ready to forward."""
+
+    method: bytes
+    target: bytes  # as the access log shows it
+    head: bytes  # serialised request line + headers, CRLF CRLF included
+    chunked: bool
+    content_length: int
+    keep_alive: bool
+    http10: bool
+    idempotent: bool
+    expect_continue: bool
+
+
+class Exchange:
+    __slots__ = (
+        "attempts",
+        "backend",
+        "body_bytes",
+        "bytes_out",
+        "client",
+        "connect_task",
+        "ctx",
+        "done",
+        "keep_client",
+        "pending",
+        "pending_bytes",
+        "replay",
+        "replayed",
+        "req",
+        "request_done",
+        "rechunk",
+        "response_started",
+        "retrying",
+        "started",
+        "status",
+        "reason",
+        "tried",
+        "upstream",
+        "upstream_keep_alive",
+    )
+
+    def __init__(self, client: ClientConnection, req: RequestHead) -> None:
+        self.ctx: ProxyContext = client.ctx
+        self.client = client
+        self.req = req
+        # Request side
+        self.pending: list[bytes] = []  # framed body bytes not yet written upstream
+        self.pending_bytes = 0
+        self.replay: list[bytes] | None = []  # every framed body byte, while small enough
+        self.body_bytes = 0
+        self.request_done = False
+        # Upstream side
+        self.backend: Backend | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.tried: list[Backend] = []
+        self.attempts = 0
+        self.replayed = False
+        self.retrying = False
+        # Response side
+        self.response_started = False
+        self.status = 0
+        self.reason = b""
+        self.rechunk = False
+        self.keep_client = req.keep_alive
+        self.upstream_keep_alive = False
+        self.bytes_out = 0
+        self.started = 0.0
+        self.done = False
+
+    # Driven by the client connection
+
+    def start(self) -> None:
+        """This exchange is now at the head of its connection's queue."""
+        self.started = time.monotonic()
+        ctx = self.ctx
+        ctx.active_exchanges += 1
+        ctx.budget.active_requests += 1
+        ctx.stats.requests += 1
+        if self.req.expect_continue and not self.request_done:
+            self.client.write(errors.CONTINUE_100)
+        if ctx.strategy.immediate:
+            self._attempt()
+        else:
+            self.connect_task = ctx.loop.create_task(self._pick_then_attempt())
+
+    def request_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        framed = b"%x\r\n%b\r\n" % (len(data), data) if self.req.chunked else data
+        self._send_body(framed)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self.req.chunked:
+            self._send_body(b"0\r\n\r\n")
+
+    def abort(self) -> None:
+        """The client went away: stop everything, keep no upstream connection half-used."""
+        if self.done:
+            return
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        if self.upstream is not None:
+            self.upstream.detach()
+            self.upstream = None
+        self._finish(log=self.response_started)
+
+    def check_timeout(self, now: float) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.deadline and now > upstream.deadline:
+            upstream.deadline = 0.0
+            self.upstream = None
+            upstream.detach()
+            self.ctx.ejector.failure(upstream.owner.backend)
+            if self.response_started:
+                self.client.abort()
+            else:
+                self._respond_error(errors.GATEWAY_TIMEOUT)
+
+    def client_congested(self, congested: bool) -> None:
+        """The client's socket buffer is full (or drained): pause (resume) the backend."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if congested:
+            upstream.pause_reading()
+            upstream.deadline = 0.0  # a slow reader is not a slow backend
+        else:
+            upstream.resume_reading()
+            upstream.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+
+    # Picking and connecting
+
+    def _candidates(self) -> tuple[Backend, ...]:
+        return self.ctx.pool.healthy
+
+    async def _pick_then_attempt(self) -> None:
+        candidates = self._candidates()
+        if not candidates:
+            self._no_backend()
+            return
+        backend = await self.ctx.strategy.pick_async(candidates)
+        self.connect_task = None
+        if not self.done:
+            self._attempt(backend)
+
+    def _attempt(self, backend: Backend | None = None) -> None:
+        if backend is None:
+            candidates = self._candidates()
+            if not candidates:
+                self._no_backend()
+                return
+            backend = self.ctx.strategy.pick(candidates)
+            if self.tried and backend in self.tried:
+                backend = _another(candidates, self.tried, backend)
+        self.attempts += 1
+        self.backend = backend
+        self.tried.append(backend)
+        conns = self.ctx.connections_to(backend)
+        conn = conns.take_idle(self.req.idempotent, time.monotonic())
+        if conn is not None:
+            self.ctx.stats.upstream_reuses += 1
+            self._attach(conn)
+        else:
+            self.connect_task = self.ctx.loop.create_task(self._connect(conns))
+
+    async def _connect(self, conns: BackendConnections) -> None:
+        ctx = self.ctx
+        backend = conns.backend
+        ctx.stats.upstream_connects += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                ctx.loop.create_connection(
+                    lambda: UpstreamConnection(conns, ctx.upstream_lost), backend.host, backend.port
+                ),
+                ctx.config.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            self.connect_task = None
+            if self.done:
+                return
+            ctx.ejector.failure(backend)
+            timed_out = isinstance(exc, TimeoutError)
+            reason = errors.CONNECT_TIMEOUT if timed_out else errors.BAD_GATEWAY_REFUSED
+            self._retry_or_fail(reason, sent=False)
+            return
+        self.connect_task = None
+        if self.done:
+            conn.close()
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        conn.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+        pending = self.pending
+        if self.replay is not None and self.attempts > 1:
+            pending = self.replay  # a retry sends everything again
+        head = self.req.head
+        if pending:
+            head = b"".join([head, *pending])
+        self.pending = []
+        self.pending_bytes = 0
+        conn.start(self, head, self.req.method == b"HEAD")
+        self.client.unpause_for_buffer()
+
+    def _send_body(self, framed: bytes) -> None:
+        replay = self.replay
+        if replay is not None:
+            replay.append(framed)
+            if self.body_bytes > REPLAY_LIMIT:
+                self.replay = None
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(framed)
+            return
+        self.pending.append(framed)
+        self.pending_bytes += len(framed)
+        if self.pending_bytes > BUFFER_LIMIT:
+            self.client.pause_for_buffer()
+
+    def upstream_congested(self, congested: bool) -> None:
+        self.client.pause_for_upload(congested)
+
+    # Driven by the upstream connection
+
+    def response_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        upstream_keep_alive: bool,
+        version: str,
+    ) -> None:
+        req = self.req
+        self.status = status
+        self.reason = reason
+        self.upstream_keep_alive = upstream_keep_alive
+        self.response_started = True
+        drop = HOP_BY_HOP
+        connection_values = [v for n, v in headers if n.lower() == b"connection"]
+        if connection_values:
+            drop = drop | connection_tokens(connection_values)
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        has_length = False
+        chunked = False
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered in drop:
+                if lowered == b"transfer-encoding":
+                    chunked = True
+                continue
+            if lowered == b"content-length":
+                has_length = True
+            parts.append(b"%b: %b\r\n" % (name, value))
+        if req.method == b"HEAD" or status in NO_BODY_STATUSES:
+            pass
+        elif chunked or not has_length:
+            if req.http10:
+                self.keep_client = False  # close-delimited: HTTP/1.0 knows no chunked
+            else:
+                self.rechunk = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not self.request_done:
+            self.keep_client = False  # the rest of the request body will not be read
+        if self.ctx.draining:
+            self.keep_client = False
+        if not self.keep_client:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif req.http10:
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        self.client.write(b"".join(parts))
+
+    def response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.rechunk:
+            self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.client.write(data)
+        upstream = self.upstream
+        if upstream is not None and upstream.deadline:
+            upstream.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+
+    def response_complete(self, conn: UpstreamConnection) -> None:
+        if self.rechunk:
+            self.client.write(b"0\r\n\r\n")
+        self.upstream = None
+        now = time.monotonic()
+        if self.upstream_keep_alive and self.request_done and not conn.broken:
+            conn.owner.put_idle(conn, now)
+        else:
+            conn.detach()
+        backend = conn.owner.backend
+        if self.status >= 500:
+            self.ctx.ejector.failure(backend)
+        else:
+            self.ctx.ejector.success(backend)
+        self._finish()
+
+    def upstream_lost(self, conn: UpstreamConnection, response_bytes_seen: bool) -> None:
+        self.upstream = None
+        if self.response_started:
+            self.client.abort()  # a truncated body must look truncated: no clean end
+            return
+        self._retry_or_fail(errors.BAD_GATEWAY_RESET, sent=True)
+
+    def upstream_failed(
+        self, conn: UpstreamConnection, reason: tuple[int, str], response_bytes_seen: bool
+    ) -> None:
+        self.upstream = None
+        self.ctx.ejector.failure(conn.owner.backend)
+        if self.response_started:
+            self.client.abort()
+            return
+        self._respond_error(reason)
+
+    # Endings
+
+    def _retry_or_fail(self, reason: tuple[int, str], sent: bool) -> None:
+        ctx = self.ctx
+        may_retry = self.attempts < ctx.config.max_connect_attempts
+        if sent:
+            may_retry = (
+                may_retry and self.req.idempotent and self.replay is not None and not self.replayed
+            )
+        if may_retry and len(ctx.pool.healthy) > 0:
+            if not self.retrying:
+                if not ctx.budget.try_acquire():
+                    ctx.stats.retries_refused += 1
+                    self._respond_error(reason)
+                    return
+                self.retrying = True
+            ctx.stats.retries += 1
+            if sent:
+                self.replayed = True
+            self._attempt()
+            return
+        self._respond_error(reason)
+
+    def _no_backend(self) -> None:
+        reason = errors.NO_BACKEND if self.ctx.pool.known else errors.NOT_READY
+        self._respond_error(reason)
+
+    def _respond_error(self, reason: tuple[int, str]) -> None:
+        status, detail = reason
+        self.status = status
+        self.reason = errors.phrase(status)
+        self.ctx.stats.proxy_errors += 1
+        if not self.request_done or self.ctx.draining:
+            self.keep_client = False
+        self.client.write(errors.cached_response(status, detail, not self.keep_client))
+        self._finish()
+
+    def _finish(self, log: bool = True) -> None:
+        if self.done:
+            return
+        self.done = True
+        ctx = self.ctx
+        ctx.active_exchanges -= 1
+        ctx.budget.active_requests -= 1
+        if self.retrying:
+            ctx.budget.release()
+        if log and ctx.access_log.enabled:
+            ctx.access_log.request(
+                self.req.method,
+                self.req.target,
+                self.status,
+                self.reason,
+                self.backend,
+                time.monotonic() - self.started,
+                self.bytes_out,
+            )
+        self.client.exchange_finished(self)
+
+
+def _another(candidates: tuple[Backend, ...], tried: list[Backend], first: Backend) -> Backend:
+    """The next candidate after ``first`` in pool order that was not tried yet, if any."""
+    start = candidates.index(first) if first in candidates else 0
+    n = len(candidates)
+    for offset in range(1, n + 1):
+        candidate = candidates[(start + offset) % n]
+        if candidate not in tried:
+            return candidate
+    return first

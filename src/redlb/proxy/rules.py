@@ -1,0 +1,110 @@
+"""HTTP/1.1 message rules the proxy enforces, free of I/O (RFC 9110, RFC 9112).
+
+llhttp (through httptools) already refuses most malformed syntax: bad tokens, CTL and NUL in
+values, obs-fold, bare CR, duplicate or non-numeric Content-Length, TE together with CL,
+chunk-size garbage.  What is left for us is the semantics a proxy owns: the version, the
+request target, Host, the Transfer-Encoding coding list, hop-by-hop headers and forwarding.
+"""
+
+from __future__ import annotations
+
+import re
+
+from redlb.proxy.errors import Reject
+
+# Headers that describe one connection, not the message: never forwarded either way.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+    }
+)
+# Only the request side: credentials for this proxy, and what redlb sets itself.
+REQUEST_DROP = HOP_BY_HOP | {
+    b"proxy-authorization",
+    b"expect",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-real-ip",
+}
+IDEMPOTENT_METHODS = frozenset(
+    {b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"}
+)
+
+# RFC 3986 host (reg-name or IP literal) with optional port; '@', '/', space and the like
+# make the Host header unusable for routing and are refused.
+_HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
+
+
+def check_version(major: int, minor: int) -> None:
+    if major == 1 and minor in (0, 1):
+        return
+    if major == 0 and minor == 9:
+        raise Reject(400, "HTTP/0.9 is not supported")
+    raise Reject(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+
+
+def check_host(value: bytes) -> None:
+    if not value or len(value) > 255 or not _HOST.match(value):
+        raise Reject(400, "invalid Host header")
+
+
+def normalise_target(method: bytes, target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
+    """Return the origin-form target to forward and the Host to use.
+
+    Absolute-form is accepted for ``http`` and rewritten to origin-form with the target's
+    authority as Host (RFC 9112 §3.2.2); redlb routes by its own pool, never by what a client
+    names, so no form of target can make it dial an address of the client's choosing.
+    """
+    if b"#" in target:
+        raise Reject(400, "a fragment is not allowed in the request target")
+    if target.startswith(b"/"):
+        return target, host
+    if target == b"*":
+        if method == b"OPTIONS":
+            return target, host
+        raise Reject(400, "asterisk-form is only valid for OPTIONS")
+    lowered = target[:8].lower()
+    if lowered.startswith(b"http://"):
+        rest = target[7:]
+        slash = rest.find(b"/")
+        authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+        if b"@" in authority or not authority:
+            raise Reject(400, "invalid authority in the request target")
+        check_host(authority)
+        if b"?" in authority:
+            raise Reject(400, "invalid authority in the request target")
+        return path, authority
+    if lowered.startswith(b"https://"):
+        raise Reject(400, "redlb does not proxy https:// targets")
+    raise Reject(400, "invalid request target")
+
+
+def check_transfer_encoding(values: list[bytes], http10: bool) -> None:
+    """Accept exactly one ``chunked`` coding; anything else is refused (then close)."""
+    if http10:
+        raise Reject(400, "Transfer-Encoding is not allowed in HTTP/1.0 requests")
+    if len(values) != 1:
+        raise Reject(400, "repeated Transfer-Encoding header")
+    codings = [c.strip().lower() for c in values[0].split(b",")]
+    if codings == [b"chunked"]:
+        return
+    if any(not c for c in codings) or codings.count(b"chunked") > 1:
+        raise Reject(400, "malformed Transfer-Encoding")
+    raise Reject(501, "only the chunked transfer coding is supported")
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens

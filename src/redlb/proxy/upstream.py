@@ -1,0 +1,282 @@
+"""Connections to backends: a keep-alive pool per backend and the response-side protocol.
+
+Rules:
+1. A connection is in exactly one place: idle in its backend's pool, or owned by one exchange.
+2. An idle connection that receives any byte or an EOF is discarded: it was left half-used or
+   the backend is closing it, and reusing it would hand a stale reply to the next client.
+3. A response completes only after feed_data returns, so bytes trailing a response in the
+   same read are seen (and poison the connection) before it can go back to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httptools
+
+from redlb.address import Backend
+from redlb.proxy import errors
+
+if TYPE_CHECKING:
+    from redlb.proxy.exchange import Exchange
+
+MAX_RESPONSE_HEADER_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 200
+# A connection idle longer than this is closed by us first, to stay well clear of the
+# backend's own keep-alive timeout (the reuse race is then rare, and retried when it happens).
+IDLE_EXPIRY = 20.0
+# Non-idempotent requests only reuse a connection that was busy very recently: the keep-alive
+# race cannot be retried for them, so a long-idle connection is not worth the risk.
+FRESH_ENOUGH_FOR_UNSAFE = 2.0
+
+
+class BackendConnections:
+    """The idle keep-alive connections of one backend, most recently used first."""
+
+    __slots__ = ("active", "backend", "idle", "max_idle")
+
+    def __init__(self, backend: Backend, max_idle: int) -> None:
+        self.backend = backend
+        self.idle: list[UpstreamConnection] = []
+        self.max_idle = max_idle
+        self.active = 0
+
+    def take_idle(self, idempotent: bool, now: float) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.broken:
+                continue
+            if not idempotent and now - conn.idle_since > FRESH_ENOUGH_FOR_UNSAFE:
+                conn.close()
+                continue
+            return conn
+        return None
+
+    def put_idle(self, conn: UpstreamConnection, now: float) -> None:
+        if conn.broken or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def expire(self, now: float) -> None:
+        keep = []
+        for conn in self.idle:
+            if conn.broken or now - conn.idle_since > IDLE_EXPIRY:
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle = keep
+
+    def close_all(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to a backend; parses responses and hands them to its exchange."""
+
+    def __init__(self, owner: BackendConnections, on_lost: Callable[[UpstreamConnection], None]) -> None:
+        # Per-connection state
+        self.owner = owner
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.broken = False
+        self.closed = False
+        self.idle_since = 0.0
+        self.requests_served = 0
+        self.write_paused = False
+        self.deadline = 0.0  # set while an exchange waits on this backend
+        # Per-response state
+        self.exchange: Exchange | None = None
+        self.no_body = False
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.in_body = False
+        self.body_started = False
+        self.finished = False
+
+    # Protocol interface
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's own class
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            self.broken = True  # rule 2
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.fail(errors.BAD_GATEWAY_UPGRADE)
+            return
+        except httptools.HttpParserError:
+            self.fail(errors.BAD_GATEWAY_GARBAGE)
+            return
+        except _TooBig:
+            self.fail(errors.BAD_GATEWAY_TOO_BIG)
+            return
+        if self.finished:
+            self._complete()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost does the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.broken = True
+        self.transport = None
+        self.on_lost(self)
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if self.in_body and not self.finished and self._close_delimited():
+            # RFC 9112 §6.3 rule 8: the body ends at connection close.
+            self.finished = True
+            self._complete()
+            return
+        self.exchange = None
+        exchange.upstream_lost(self, self.body_started or self.in_body)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.upstream_congested(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.upstream_congested(False)
+
+    # Exchange interface
+
+    def start(self, exchange: Exchange, head: bytes, no_body: bool) -> None:
+        self.exchange = exchange
+        self.no_body = no_body
+        self.reason = b""
+        self.headers = []
+        self.header_bytes = 0
+        self.in_body = False
+        self.body_started = False
+        self.finished = False
+        self.requests_served += 1
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def detach(self) -> None:
+        """The exchange is done with this connection and it must not be reused."""
+        self.exchange = None
+        self.broken = True
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def fail(self, reason: tuple[int, str]) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self.broken = True
+        self.close()
+        if exchange is not None:
+            exchange.upstream_failed(self, reason, self.body_started or self.in_body)
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        if self.finished:
+            self.broken = True  # a second response nobody asked for (rule 3)
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:
+            return  # trailer fields: not forwarded
+        self.header_bytes += len(name) + len(value) + 4
+        self.headers.append((name, value))
+        if self.header_bytes > MAX_RESPONSE_HEADER_BYTES or len(self.headers) > MAX_RESPONSE_HEADERS:
+            raise _TooBig
+
+    def on_headers_complete(self) -> None:
+        if self.finished:
+            return
+        parser = self.parser
+        status = parser.get_status_code()
+        if status == 101:
+            raise httptools.HttpParserUpgrade(0)
+        if 100 <= status < 200:
+            # Interim responses (100, 103) are consumed here: redlb already answered the
+            # client's Expect itself, and 103 hints are optional (RFC 9110 §15.2).
+            self.reason = b""
+            self.headers = []
+            self.header_bytes = 0
+            return
+        self.in_body = True
+        assert self.exchange is not None
+        self.exchange.response_head(
+            status, self.reason, self.headers, parser.should_keep_alive(), parser.get_http_version()
+        )
+        if self.no_body:
+            # HEAD: llhttp cannot be told there is no body; start a fresh parser for the
+            # next response instead, and count any byte that follows as a protocol error.
+            self.finished = True
+            self.parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, body: bytes) -> None:
+        if self.finished:
+            self.broken = True
+            return
+        self.body_started = True
+        assert self.exchange is not None
+        self.exchange.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.in_body:
+            self.finished = True
+
+    # Internals
+
+    def _close_delimited(self) -> bool:
+        for name, _ in self.headers:
+            lowered = name.lower()
+            if lowered in (b"content-length", b"transfer-encoding"):
+                return False
+        return True
+
+    def _complete(self) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self.deadline = 0.0
+        if exchange is not None:
+            exchange.response_complete(self)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def now() -> float:
+    return time.monotonic()

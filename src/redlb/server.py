@@ -1,0 +1,223 @@
+"""Processes and lifecycle: embedded Redis, workers, listeners, signals, graceful drain.
+
+One worker is one process with one event loop (uvloop).  With ``--workers N`` a supervisor
+forks N workers that each bind the listen address with SO_REUSEPORT, restarts any that
+crash, and on SIGTERM forwards it and waits: each worker stops accepting, finishes what is in
+flight (bounded by ``--drain-timeout``) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import uvloop
+
+from redlb.accesslog import AccessLog
+from redlb.address import parse_listen
+from redlb.balancer.base import Strategy
+from redlb.balancer.leased import LeasedRoundRobin
+from redlb.balancer.strict import StrictRoundRobin
+from redlb.config import Config
+from redlb.health.active import HealthProber
+from redlb.health.passive import Ejector
+from redlb.pool import Pool
+from redlb.proxy.context import ProxyContext
+from redlb.proxy.downstream import ClientConnection
+from redlb.proxy.retry import RetryBudget
+from redlb.status import StatusProtocol, status_routes
+from redlb.store.client import make_client, redact
+from redlb.store.embedded import EmbeddedRedis
+from redlb.store.keys import Keys
+from redlb.store.link import RedisLink
+from redlb.store.rotation import CounterLease, Cursor, StrictCounter
+from redlb.store.sync import PoolSync
+
+log = logging.getLogger("redlb")
+
+SWEEP_INTERVAL = 0.5
+
+
+def serve(config: Config) -> None:
+    """Run redlb until SIGTERM/SIGINT: embedded Redis if needed, then the worker(s)."""
+    embedded = None
+    url = config.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(config.state_dir)
+        url = embedded.start()
+    try:
+        if config.workers == 1:
+            run_worker(config, url, Cursor())
+        else:
+            supervise(config, url)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def supervise(config: Config, url: str) -> None:
+    cursor = Cursor(shared=True)  # one rotation for the workers of this machine
+    stopping = False
+    children: dict[int, int] = {}
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                run_worker(config, url, cursor, worker=slot)
+            except BaseException:
+                log.exception("worker %d crashed", slot)
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in range(config.workers):
+        spawn(slot)
+    log.info("supervising %d workers", config.workers)
+    last_restart = 0.0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, None)
+        if slot is None or stopping:
+            continue
+        log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
+        if time.monotonic() - last_restart < 1.0:
+            time.sleep(1.0)  # a crash loop must not spin
+        last_restart = time.monotonic()
+        spawn(slot)
+
+
+def run_worker(config: Config, url: str, cursor: Cursor, worker: int = 0) -> None:
+    uvloop.run(_worker(config, url, cursor, worker))
+
+
+async def _worker(
+    config: Config,
+    url: str,
+    cursor: Cursor,
+    worker: int = 0,
+    on_listening: Callable[[ProxyContext], Awaitable[None]] | None = None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    keys = Keys(config.pool)
+    link = RedisLink(make_client(url, config.redis_timeout), redact(url))
+    pool = Pool(config.eject_max_percent)
+    strategy: Strategy
+    lease: CounterLease | None = None
+    if config.rotation == "strict":
+        strategy = StrictRoundRobin(StrictCounter(link, keys.counter, config.redis_timeout))
+    else:
+        lease = CounterLease(link, keys.counter, config.redis_timeout, cursor)
+        strategy = LeasedRoundRobin(lease)
+    ctx = ProxyContext(
+        config=config,
+        pool=pool,
+        strategy=strategy,
+        ejector=Ejector(pool, link, keys, config),
+        access_log=AccessLog(config.access_log),
+        loop=loop,
+        budget=RetryBudget(config.retry_budget_percent, config.retry_min_concurrency),
+    )
+
+    async def primed() -> None:
+        if lease is not None and not lease.cursor.values[1]:
+            await lease.refill()
+
+    background = [
+        loop.create_task(PoolSync(link, keys, pool, config, primed).run()),
+        loop.create_task(_sweep(ctx)),
+    ]
+    if config.health_path:
+        prober = HealthProber(link, keys, pool, config, f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}")
+        background.append(loop.create_task(prober.run()))
+
+    host, port = parse_listen(config.listen)
+    server = await loop.create_server(
+        lambda: ClientConnection(ctx),
+        host,
+        port,
+        reuse_port=config.workers > 1,
+        backlog=4096,
+    )
+    status_server = None
+    if config.status_listen:
+        routes = status_routes(ctx, link)
+        s_host, s_port = parse_listen(config.status_listen)
+        status_server = await loop.create_server(
+            lambda: StatusProtocol(routes), s_host, s_port, reuse_port=True
+        )
+    log.info(
+        "worker %d listening on %s (pool %r, rotation %s)%s",
+        worker,
+        config.listen,
+        config.pool,
+        config.rotation,
+        f", status on {config.status_listen}" if config.status_listen else "",
+    )
+
+    if on_listening is not None:
+        background.append(loop.create_task(on_listening(ctx)))
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("worker %d draining: %d requests in flight", worker, ctx.active_exchanges)
+    server.close()
+    ctx.draining = True
+    for client in list(ctx.clients):
+        client.drain()
+    deadline = time.monotonic() + config.drain_timeout
+    while ctx.active_exchanges and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for client in list(ctx.clients):
+        client.abort()
+    for conns in ctx.upstreams.values():
+        conns.close_all()
+    if status_server is not None:
+        status_server.close()
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    ctx.access_log.flush()
+    with contextlib.suppress(Exception):
+        await link.close()
+    log.info("worker %d stopped", worker)
+
+
+async def _sweep(ctx: ProxyContext) -> None:
+    """One timer for every connection: deadlines are checked here, not armed per request."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        now = time.monotonic()
+        for client in list(ctx.clients):
+            client.check_timeouts(now)
+        for conns in ctx.upstreams.values():
+            conns.expire(now)
+        if ctx.pool.ejected:
+            ctx.pool.rebuild()  # ejections end on time even without a resync

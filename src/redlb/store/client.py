@@ -1,0 +1,55 @@
+"""Building the Redis client from a URL, with a timeout on every call.
+
+redis-py waits forever by default (no socket timeout) and retries on its own; redlb sets both
+explicitly so that a slow or dead Redis costs at most one timeout, and only off the request path.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+def make_client(url: str, timeout: float) -> Redis:
+    """``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://h:p,h:p/master[/db]``."""
+    common = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": max(timeout, 0.5),
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+    }
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        parts = urlsplit(url)
+        hosts = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = item.rpartition(":")
+            hosts.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("a sentinel URL needs the master name: redis+sentinel://h:p/name")
+        master = path[0]
+        db = int(path[1]) if len(path) > 1 else 0
+        password = unquote(parts.password) if parts.password else None
+        sentinel = Sentinel(
+            hosts,
+            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": max(timeout, 0.5)},
+            **common,
+        )
+        client: Redis = sentinel.master_for(master, db=db, password=password, **common)
+        return client
+    return Redis.from_url(url, **common)  # type: ignore[no-any-return]
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+    return parts._replace(netloc=netloc).geturl()

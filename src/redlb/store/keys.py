@@ -1,0 +1,74 @@
+"""The Redis schema: every key redlb reads or writes, in one place.
+
+Given a pool key ``P`` (default ``servers``):
+
+``P`` (LIST, owned by the user)
+    Backend entries, ``host:port`` / ``http://host:port`` / ``[::1]:port``.  Edited with plain
+    ``redis-cli LPUSH/RPUSH/LREM/DEL``; redlb only ever reads it (``LRANGE`` with a cap), so
+    rotation never races an edit and a crashed redlb can never lose a server.
+``redlb:{P}:rr`` (STRING, integer)
+    The shared round-robin counter.  Default mode leases blocks with ``INCRBY``; strict mode
+    takes exactly one number per request (batched ``INCRBY``).  Index = counter mod pool size.
+``redlb:{P}:epoch`` (STRING)
+    Written once when redlb first sees this Redis.  If it vanishes together with ``P``, Redis
+    lost its data (restart without persistence, FLUSHALL): keep the last-known pool and say so
+    loudly.  If ``P`` is gone but the epoch is present, the pool really is empty: 503.
+``redlb:{P}:health:{backend}`` (STRING ``up``/``down``, TTL 3 probe intervals)
+    Written by the one elected prober of that backend.  A missing key means "no news", which
+    routes normally: a dead prober must never take a healthy backend out.
+``redlb:{P}:probe:{backend}`` (STRING instance id, TTL)
+    The prober lease: ``SET NX PX``, renewed by its owner only (Lua compare-and-expire).
+``redlb:{P}:ejected:{backend}`` (STRING, TTL = ejection time)
+    Passive ejection, keyed by backend identity (never list position) and always with a TTL.
+``redlb:{P}:ejections:{backend}`` (STRING integer, TTL)
+    How many times the backend was ejected recently; the ejection time doubles with each.
+``redlb:{P}:draining`` (SET)
+    Backends taking no new requests (``redlb backend drain``).
+``redlb:{P}:events`` (pub/sub channel)
+    redlb publishes here after changing any of the above, so every instance re-reads at once.
+``__keyspace@{db}__:{P}`` (keyspace notifications)
+    How plain redis-cli edits of ``P`` reach redlb in milliseconds; a 1 s resync is the
+    fallback when notifications are off or a message is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redlb.address import Backend
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    pool: str
+
+    @property
+    def counter(self) -> str:
+        return f"redlb:{self.pool}:rr"
+
+    @property
+    def epoch(self) -> str:
+        return f"redlb:{self.pool}:epoch"
+
+    @property
+    def draining(self) -> str:
+        return f"redlb:{self.pool}:draining"
+
+    @property
+    def events(self) -> str:
+        return f"redlb:{self.pool}:events"
+
+    def health(self, backend: Backend) -> str:
+        return f"redlb:{self.pool}:health:{backend.key}"
+
+    def probe_lease(self, backend: Backend) -> str:
+        return f"redlb:{self.pool}:probe:{backend.key}"
+
+    def ejected(self, backend: Backend) -> str:
+        return f"redlb:{self.pool}:ejected:{backend.key}"
+
+    def ejections(self, backend: Backend) -> str:
+        return f"redlb:{self.pool}:ejections:{backend.key}"
+
+    def keyspace_channel(self, db: int) -> str:
+        return f"__keyspace@{db}__:{self.pool}"

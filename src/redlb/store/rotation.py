@@ -1,0 +1,158 @@
+"""The shared round-robin counter: leased in blocks (default) or one by one (strict).
+
+Both are ``INCRBY`` on one key: atomic, and nothing is ever popped from the user's list, so
+no server can be lost or resurrected by a crash between two commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import time
+from collections.abc import MutableSequence
+from typing import Any
+
+from redlb.store.link import RedisLink
+
+log = logging.getLogger("redlb.rotation")
+
+# Slots of a cursor: current index, end of current block, next block [start, end), refilling.
+_CUR, _END, _NEXT_START, _NEXT_END, _REFILLING = range(5)
+MIN_BLOCK = 16
+MAX_BLOCK = 16384
+
+
+class Cursor:
+    """Lease state of one process, or shared by the workers of one supervisor (fork)."""
+
+    def __init__(self, shared: bool = False) -> None:
+        self.values: MutableSequence[int]
+        self.lock: Any
+        if shared:
+            self.values = multiprocessing.RawArray("q", 5)
+            self.lock = multiprocessing.Lock()
+        else:
+            self.values = [0, 0, 0, 0, 0]
+            self.lock = contextlib.nullcontext()
+
+
+class CounterLease:
+    def __init__(self, link: RedisLink, key: str, timeout: float, cursor: Cursor) -> None:
+        self.link = link
+        self.key = key
+        self.timeout = timeout
+        self.cursor = cursor
+        self.block = MIN_BLOCK
+        self.last_refill = 0.0
+        self.retry_after = 0.0
+        self.refill_task: asyncio.Task[None] | None = None
+
+    def next_index(self) -> int:
+        values = self.cursor.values
+        with self.cursor.lock:
+            index = values[_CUR]
+            if index >= values[_END] and values[_NEXT_END] > values[_NEXT_START]:
+                index = values[_NEXT_START]
+                values[_END] = values[_NEXT_END]
+                values[_NEXT_START] = values[_NEXT_END] = 0
+            values[_CUR] = index + 1
+            refill = (
+                not values[_NEXT_END]
+                and not values[_REFILLING]
+                and values[_END] - index <= self.block // 2
+            )
+            if refill:
+                values[_REFILLING] = 1
+        if refill:
+            self._schedule_refill()
+        return index
+
+    def _schedule_refill(self) -> None:
+        now = time.monotonic()
+        if not self.link.up or now < self.retry_after:
+            self.cursor.values[_REFILLING] = 0
+            return
+        self.refill_task = asyncio.get_running_loop().create_task(self.refill())
+
+    async def refill(self) -> None:
+        """Lease the next block; adapt its size so leases stay about a second apart."""
+        now = time.monotonic()
+        if self.last_refill:
+            interval = now - self.last_refill
+            if interval < 1.0:
+                self.block = min(self.block * 2, MAX_BLOCK)
+            elif interval > 10.0:
+                self.block = max(self.block // 2, MIN_BLOCK)
+        self.last_refill = now
+        block = self.block
+        values = self.cursor.values
+        try:
+            end = int(await asyncio.wait_for(self.link.client.incrby(self.key, block), self.timeout))
+        except Exception as exc:  # any Redis failure: keep rotating locally, try again later
+            log.debug("leasing a rotation block failed: %r", exc)
+            self.retry_after = time.monotonic() + 1.0
+            with self.cursor.lock:
+                values[_REFILLING] = 0
+            return
+        with self.cursor.lock:
+            if values[_CUR] >= values[_END]:
+                values[_CUR], values[_END] = end - block, end
+            else:
+                values[_NEXT_START], values[_NEXT_END] = end - block, end
+            values[_REFILLING] = 0
+
+
+class StrictCounter:
+    """One shared number per pick; concurrent picks share one ``INCRBY n`` round trip."""
+
+    def __init__(self, link: RedisLink, key: str, timeout: float) -> None:
+        self.link = link
+        self.key = key
+        self.timeout = timeout
+        self.waiters: list[asyncio.Future[int]] = []
+        self.flushing = False
+        self.local = 0
+        self.degraded = False
+
+    def local_index(self) -> int:
+        self.local += 1
+        return self.local - 1
+
+    async def next_index(self) -> int:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self.waiters.append(future)
+        if not self.flushing:
+            self.flushing = True
+            loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self.waiters:
+                batch, self.waiters = self.waiters, []
+                start = await self._take(len(batch))
+                for offset, future in enumerate(batch):
+                    if not future.done():
+                        future.set_result(start + offset)
+        finally:
+            self.flushing = False
+
+    async def _take(self, count: int) -> int:
+        if self.link.up:
+            try:
+                end = await asyncio.wait_for(self.link.client.incrby(self.key, count), self.timeout)
+                if self.degraded:
+                    log.warning("strict rotation is shared through Redis again")
+                    self.degraded = False
+                self.local = int(end)
+                return int(end) - count
+            except Exception as exc:
+                if not self.degraded:
+                    log.error("strict rotation falls back to a local counter: %r", exc)
+                    self.degraded = True
+        start = self.local
+        self.local += count
+        return start
