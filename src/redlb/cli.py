@@ -30,7 +30,9 @@ def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
         "--state-dir", default=".redlb", show_default=True,
         help="Where the embedded Redis keeps its data.",
     )(func)  # fmt: skip
-    func = click.option("--pool", default="servers", show_default=True, help="The Redis list key.")(func)
+    func = click.option("--pool", default="servers", show_default=True, help="The Redis list key.")(
+        func
+    )
     func = click.option(
         "--redis", "redis_url", envvar="REDLB_REDIS", default=None,
         help="redis://, rediss://, unix:// or redis+sentinel://h:p,h:p/master "
@@ -46,31 +48,67 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--listen", default="127.0.0.1:8000", show_default=True, help="host:port to serve on.")
+@click.option(
+    "--listen", default="127.0.0.1:8000", show_default=True, help="host:port to serve on."
+)
 @_redis_options
-@click.option("--rotation", type=click.Choice(["lease", "strict"]), default="lease", show_default=True,
-              help="lease: shared counter leased in blocks, no Redis on the request path; "
-              "strict: exact shared rotation, one counter value per request.")
+@click.option(
+    "--rotation",
+    type=click.Choice(["lease", "strict"]),
+    default="lease",
+    show_default=True,
+    help="lease: shared counter leased in blocks, no Redis on the request path; "
+    "strict: exact shared rotation, one counter value per request.",
+)
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
-@click.option("--status-listen", default="127.0.0.1:8100", show_default=True,
-              help="Loopback host:port for /-/ready, /-/live, /metrics; 'off' to disable.")
+@click.option(
+    "--status-listen",
+    default="127.0.0.1:8100",
+    show_default=True,
+    help="Loopback host:port for /-/ready, /-/live, /metrics; 'off' to disable.",
+)
 @click.option("--no-access-log", is_flag=True, help="Do not log one line per request.")
-@click.option("--max-body", type=int, default=10 * 1024 * 1024, show_default=True,
-              help="Largest request body in bytes (413 beyond); 0 = unlimited.")
+@click.option(
+    "--max-body",
+    type=int,
+    default=10 * 1024 * 1024,
+    show_default=True,
+    help="Largest request body in bytes (413 beyond); 0 = unlimited.",
+)
 @click.option("--max-request-line", type=int, default=8192, show_default=True)
 @click.option("--max-header-bytes", type=int, default=16384, show_default=True)
 @click.option("--max-headers", type=int, default=100, show_default=True)
-@click.option("--header-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds for the whole request header phase (408 after).")
-@click.option("--body-min-rate", type=int, default=500, show_default=True,
-              help="Minimum upload rate in bytes/s after the grace period (0 = off).")
+@click.option(
+    "--header-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds for the whole request header phase (408 after).",
+)
+@click.option(
+    "--body-min-rate",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Minimum upload rate in bytes/s after the grace period (0 = off).",
+)
 @click.option("--body-rate-grace", type=float, default=10.0, show_default=True)
 @click.option("--keepalive-timeout", type=float, default=15.0, show_default=True)
 @click.option("--connect-timeout", type=float, default=3.0, show_default=True)
-@click.option("--upstream-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds a backend may take to answer (and between body reads).")
-@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
-              help="Seconds in-flight requests get to finish after SIGTERM.")
+@click.option(
+    "--upstream-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds a backend may take to answer (and between body reads).",
+)
+@click.option(
+    "--drain-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight requests get to finish after SIGTERM.",
+)
 @click.option("--redis-timeout", type=float, default=0.25, show_default=True)
 @click.option("--resync-interval", type=float, default=1.0, show_default=True)
 @click.option("--health-path", default=None, help="Enable active health checks on this path.")
@@ -78,8 +116,13 @@ def main() -> None:
 @click.option("--health-timeout", type=float, default=1.0, show_default=True)
 @click.option("--health-rise", type=int, default=2, show_default=True)
 @click.option("--health-fall", type=int, default=3, show_default=True)
-@click.option("--eject-consecutive", type=int, default=5, show_default=True,
-              help="Consecutive connect failures/5xx that eject a backend (0 = never).")
+@click.option(
+    "--eject-consecutive",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Consecutive connect failures/5xx that eject a backend (0 = never).",
+)
 @click.option("--eject-base-time", type=float, default=30.0, show_default=True)
 @click.option("--eject-max-percent", type=float, default=50.0, show_default=True)
 @click.option("--retry-budget-percent", type=float, default=20.0, show_default=True)
@@ -158,7 +201,7 @@ def backend_rm(addr: str, redis_url: str | None, pool: str, state_dir: str) -> N
     for raw in set(client.lrange(pool, 0, -1)):
         try:
             if parse_backend(raw).key == key:
-                removed += int(client.lrem(pool, 0, raw))
+                removed += int(client.lrem(pool, 0, raw))  # type: ignore[arg-type]
         except InvalidAddress:
             continue
     client.publish(Keys(pool).events, "edit")
@@ -185,7 +228,7 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
             state.append(f"ejected {client.pttl(keys.ejected(b)) / 1000:.0f}s")
         health = client.get(keys.health(b))
         if health:
-            state.append(health.decode())
+            state.append(health.decode() if isinstance(health, bytes) else str(health))
         if b.key.encode() in draining:
             state.append("draining")
         click.echo(f"{b.key:30} {', '.join(state) or 'ok'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from functools import partial
 
 import httptools
 import redis
@@ -82,9 +83,9 @@ async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
     for n in range(1, 4):
         backend_port = free_port()
         address = f"127.0.0.1:{backend_port}"
+        name = f"demo backend {n} ({address})"
         servers.append(
-            await loop.create_server(lambda a=address, n=n: DemoBackend(f"demo backend {n} ({a})"),
-                                     "127.0.0.1", backend_port)
+            await loop.create_server(partial(DemoBackend, name), "127.0.0.1", backend_port)
         )
         addresses.append(address)
     client = redis.Redis.from_url(url)

@@ -16,7 +16,8 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import uvloop
 
@@ -102,8 +103,8 @@ def supervise(config: Config, url: str) -> None:
             break
         except InterruptedError:
             continue
-        slot = children.pop(pid, None)
-        if slot is None or stopping:
+        slot = children.pop(pid, -1)
+        if slot < 0 or stopping:
             continue
         log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
         if time.monotonic() - last_restart < 1.0:
@@ -121,7 +122,7 @@ async def _worker(
     url: str,
     cursor: Cursor,
     worker: int = 0,
-    on_listening: Callable[[ProxyContext], Awaitable[None]] | None = None,
+    on_listening: Callable[[ProxyContext], Coroutine[Any, Any, None]] | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     keys = Keys(config.pool)
@@ -153,7 +154,9 @@ async def _worker(
         loop.create_task(_sweep(ctx)),
     ]
     if config.health_path:
-        prober = HealthProber(link, keys, pool, config, f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}")
+        prober = HealthProber(
+            link, keys, pool, config, f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        )
         background.append(loop.create_task(prober.run()))
 
     host, port = parse_listen(config.listen)

@@ -40,9 +40,15 @@ class ProxyCollector(Collector):
         pool = self.ctx.pool
         yield GaugeMetricFamily("redlb_redis_up", "1 when Redis answers", value=int(self.link.up))
         yield GaugeMetricFamily("redlb_pool_members", "Valid pool entries", value=len(pool.members))
-        yield GaugeMetricFamily("redlb_pool_healthy", "Backends taking traffic", value=len(pool.healthy))
-        yield GaugeMetricFamily("redlb_active_requests", "Requests in flight", value=self.ctx.active_exchanges)
-        yield GaugeMetricFamily("redlb_open_connections", "Open client connections", value=len(self.ctx.clients))
+        yield GaugeMetricFamily(
+            "redlb_pool_healthy", "Backends taking traffic", value=len(pool.healthy)
+        )
+        yield GaugeMetricFamily(
+            "redlb_active_requests", "Requests in flight", value=self.ctx.active_exchanges
+        )
+        yield GaugeMetricFamily(
+            "redlb_open_connections", "Open client connections", value=len(self.ctx.clients)
+        )
 
 
 class StatusProtocol(asyncio.Protocol):

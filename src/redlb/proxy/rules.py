@@ -33,9 +33,7 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-real-ip",
 }
-IDEMPOTENT_METHODS = frozenset(
-    {b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"}
-)
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # RFC 3986 host (reg-name or IP literal) with optional port; '@', '/', space and the like
 # make the Host header unusable for routing and are refused.
@@ -55,7 +53,9 @@ def check_host(value: bytes) -> None:
         raise Reject(400, "invalid Host header")
 
 
-def normalise_target(method: bytes, target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
+def normalise_target(
+    method: bytes, target: bytes, host: bytes | None
+) -> tuple[bytes, bytes | None]:
     """Return the origin-form target to forward and the Host to use.
 
     Absolute-form is accepted for ``http`` and rewritten to origin-form with the target's

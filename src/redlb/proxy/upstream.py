@@ -81,7 +81,9 @@ class BackendConnections:
 class UpstreamConnection(asyncio.Protocol):
     """One connection to a backend; parses responses and hands them to its exchange."""
 
-    def __init__(self, owner: BackendConnections, on_lost: Callable[[UpstreamConnection], None]) -> None:
+    def __init__(
+        self, owner: BackendConnections, on_lost: Callable[[UpstreamConnection], None]
+    ) -> None:
         # Per-connection state
         self.owner = owner
         self.on_lost = on_lost
@@ -217,7 +219,10 @@ class UpstreamConnection(asyncio.Protocol):
             return  # trailer fields: not forwarded
         self.header_bytes += len(name) + len(value) + 4
         self.headers.append((name, value))
-        if self.header_bytes > MAX_RESPONSE_HEADER_BYTES or len(self.headers) > MAX_RESPONSE_HEADERS:
+        if (
+            self.header_bytes > MAX_RESPONSE_HEADER_BYTES
+            or len(self.headers) > MAX_RESPONSE_HEADERS
+        ):
             raise _TooBig
 
     def on_headers_complete(self) -> None:

@@ -6,6 +6,7 @@ explicitly so that a slow or dead Redis costs at most one timeout, and only off 
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
@@ -18,7 +19,7 @@ SENTINEL_SCHEME = "redis+sentinel"
 
 def make_client(url: str, timeout: float) -> Redis:
     """``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://h:p,h:p/master[/db]``."""
-    common = {
+    common: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": max(timeout, 0.5),
         "retry": Retry(NoBackoff(), 0),
@@ -36,14 +37,17 @@ def make_client(url: str, timeout: float) -> Redis:
         master = path[0]
         db = int(path[1]) if len(path) > 1 else 0
         password = unquote(parts.password) if parts.password else None
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts,
-            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": max(timeout, 0.5)},
+            sentinel_kwargs={
+                "socket_timeout": timeout,
+                "socket_connect_timeout": max(timeout, 0.5),
+            },
             **common,
         )
         client: Redis = sentinel.master_for(master, db=db, password=password, **common)
         return client
-    return Redis.from_url(url, **common)  # type: ignore[no-any-return]
+    return Redis.from_url(url, **common)
 
 
 def redact(url: str) -> str:

@@ -117,4 +117,3 @@ def running_url(state_dir: str | Path) -> str | None:
         return url
     except (redis.RedisError, OSError, ValueError):
         return None
-

@@ -89,7 +89,9 @@ class CounterLease:
         block = self.block
         values = self.cursor.values
         try:
-            end = int(await asyncio.wait_for(self.link.client.incrby(self.key, block), self.timeout))
+            end = int(
+                await asyncio.wait_for(self.link.client.incrby(self.key, block), self.timeout)
+            )
         except Exception as exc:  # any Redis failure: keep rotating locally, try again later
             log.debug("leasing a rotation block failed: %r", exc)
             self.retry_after = time.monotonic() + 1.0
@@ -113,6 +115,7 @@ class StrictCounter:
         self.timeout = timeout
         self.waiters: list[asyncio.Future[int]] = []
         self.flushing = False
+        self.flush_task: asyncio.Task[None] | None = None
         self.local = 0
         self.degraded = False
 
@@ -126,7 +129,7 @@ class StrictCounter:
         self.waiters.append(future)
         if not self.flushing:
             self.flushing = True
-            loop.create_task(self._flush())
+            self.flush_task = loop.create_task(self._flush())
         return await future
 
     async def _flush(self) -> None:

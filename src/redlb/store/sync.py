@@ -87,7 +87,7 @@ class PoolSync:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
                 await self.sync_once()
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _enable_notifications(self, client: Redis) -> None:
         """Turn on list/generic keyspace events if we may; else rely on the resync."""
@@ -95,7 +95,10 @@ class PoolSync:
             current = await asyncio.wait_for(
                 client.config_get("notify-keyspace-events"), self.config.redis_timeout
             )
-            flags = _text(current.get(b"notify-keyspace-events", b""))
+            raw: Any = current
+            flags = _text(
+                raw.get(b"notify-keyspace-events") or raw.get("notify-keyspace-events", "")
+            )
             if "K" in flags and ("A" in flags or ("l" in flags and "g" in flags)):
                 return
             wanted = "".join(sorted(set(flags) | set("Klg")))
@@ -177,13 +180,16 @@ class PoolSync:
         self.warned_entries = seen_bad
         if len(entries) >= self.config.max_pool_entries:
             self._problem(
-                "capped", "the pool has over %d entries; reading only those",
+                "capped",
+                "the pool has over %d entries; reading only those",
                 self.config.max_pool_entries,
             )
         elif members:
             self._problem(None, "")
         else:
-            self._problem("no-valid", "the pool %r has no valid entry: answering 503", self.keys.pool)
+            self._problem(
+                "no-valid", "the pool %r has no valid entry: answering 503", self.keys.pool
+            )
         return members
 
     async def _status(
@@ -213,7 +219,9 @@ class PoolSync:
                 continue
         return result
 
-    def _problem(self, name: str | None, message: str, *args: object, level: int = logging.WARNING) -> None:
+    def _problem(
+        self, name: str | None, message: str, *args: object, level: int = logging.WARNING
+    ) -> None:
         """Log a pool-level condition when it starts, not on every resync."""
         if name == self.problem:
             return
