@@ -175,7 +175,8 @@ class PoolSync:
             except InvalidAddress as exc:
                 seen_bad.add(raw)
                 if raw not in self.warned_entries:
-                    log.warning("skipping pool entry %r: %s", raw[:80], exc)
+                    shown = raw[:80].decode("utf-8", "backslashreplace")
+                    log.warning("skipping pool entry %r: %s", shown, exc)
             # Warn again only if a bad entry goes away and comes back.
         self.warned_entries = seen_bad
         if len(entries) >= self.config.max_pool_entries:

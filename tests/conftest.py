@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support import HttpBackend, LoopThread, Proxy, RedisProcess
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path / "redis").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.stop()
+
+
+@pytest.fixture
+def backends(loop_thread: LoopThread) -> Iterator[list[HttpBackend]]:
+    started = [HttpBackend(loop_thread, f"b{i}").start() for i in range(3)]
+    yield started
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[list[Proxy]]:
+    """Proxies started by a test are registered here and always stopped."""
+    started: list[Proxy] = []
+    yield started
+    for p in started:
+        if p.alive():
+            p.stop(timeout=10)
+
+
+@pytest.fixture
+def start_proxy(proxies: list[Proxy], tmp_path: Path):  # type: ignore[no-untyped-def]
+    def start(redis_url: str | None, *args: str, ready: bool = True, pool: str = "servers") -> Proxy:
+        proxy = Proxy(redis_url, *args, workdir=tmp_path / f"p{len(proxies)}", pool=pool)
+        proxies.append(proxy)
+        return proxy.start(ready=ready)
+
+    return start

@@ -1,0 +1,626 @@
+"""Real processes and sockets for the tests: redis-server, backends, redlb, clients.
+
+Nothing here imitates Redis or HTTP: every Redis is a redis-server process started on a free
+port, every backend a real server on a loopback socket, every redlb a real `redlb serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import httptools
+import redis
+
+from redlb.store.embedded import free_port, redis_server_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# Redis
+
+
+class RedisProcess:
+    """A real redis-server on a free loopback port, with AOF so a restart keeps the data."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra = extra or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, persistent: bool = True) -> RedisProcess:
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            "--save", "", "--appendonly", "yes" if persistent else "no",
+            "--appendfsync", "always", "--logfile", str(self.dir / "redis.log"),
+            *self.extra,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        assert wait_for(self.ping, 10), "redis-server did not start"
+        return self
+
+    def ping(self) -> bool:
+        try:
+            with self.client() as c:
+                return bool(c.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def wipe(self) -> None:
+        for path in self.dir.glob("appendonly*"):
+            if path.is_dir():
+                for inner in path.iterdir():
+                    inner.unlink()
+                path.rmdir()
+            else:
+                path.unlink()
+
+    def cli(self, *args: str) -> str:
+        binary = Path(redis_server_binary()).with_name("redis-cli")
+        out = subprocess.run(
+            [str(binary), "-p", str(self.port), *args], capture_output=True, check=True, timeout=5
+        )
+        return out.stdout.decode()
+
+
+# A loop in a thread, for servers the tests run in-process
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[Any], timeout: float = 10) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+# Backends
+
+
+@dataclass
+class Received:
+    method: bytes
+    url: bytes
+    headers: list[tuple[bytes, bytes]]
+    body_len: int
+    body_sha: str
+    body: bytes  # first 64 KiB
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+
+@dataclass
+class BackendBehaviour:
+    status: int = 200
+    hang: bool = False
+    delay: float = 0.0
+    close_after: bool = False
+
+
+class _Request:
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.sha = hashlib.sha256()
+        self.length = 0
+        self.head = b""
+        self.done = False
+
+
+class HttpBackend:
+    """A real HTTP/1.1 server on a loopback port that records what it receives.
+
+    Paths: ``/big/N`` sends N bytes; ``/chunked/N`` sends N bytes chunked; ``/status/NNN``;
+    ``/echo`` answers with a description of the request; anything else ``ok NAME``.
+    """
+
+    def __init__(self, loop: LoopThread, name: str, port: int | None = None) -> None:
+        self.loop = loop
+        self.name = name
+        self.port = port or free_port()
+        self.received: list[Received] = []
+        self.raw: list[bytes] = []  # every connection's bytes, in arrival order
+        self.connections = 0
+        self.behaviour = BackendBehaviour()
+        self.server: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> HttpBackend:
+        async def go() -> None:
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+        self.loop.run(go())
+        return self
+
+    def stop(self) -> None:
+        async def go() -> None:
+            if self.server is not None:
+                self.server.close()
+                for writer in list(self.writers):
+                    writer.transport.abort()
+                self.server = None
+
+        self.loop.run(go())
+
+    def count(self) -> int:
+        return len(self.received)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.add(writer)
+        index = len(self.raw)
+        self.raw.append(b"")
+        done: list[_Request] = []
+        current = _Request()
+
+        class Callbacks:
+            def on_url(_, url: bytes) -> None:
+                current.url += url
+
+            def on_header(_, name: bytes, value: bytes) -> None:
+                current.headers.append((name, value))
+
+            def on_body(_, body: bytes) -> None:
+                nonlocal current
+                current.sha.update(body)
+                if current.length < 65536:
+                    current.head += body[: 65536 - current.length]
+                current.length += len(body)
+
+            def on_message_complete(_) -> None:
+                nonlocal current
+                done.append(current)
+                current = _Request()
+
+        parser = httptools.HttpRequestParser(Callbacks())
+        try:
+            while True:
+                data = await reader.read(262144)
+                if not data:
+                    break
+                if len(self.raw[index]) < 1 << 20:
+                    self.raw[index] += data[:65536]
+                try:
+                    parser.feed_data(data)
+                except httptools.HttpParserUpgrade:
+                    pass
+                except httptools.HttpParserError:
+                    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    break
+                while done:
+                    req = done.pop(0)
+                    method = parser.get_method()
+                    self.received.append(
+                        Received(method, req.url, req.headers, req.length,
+                                 req.sha.hexdigest(), req.head)
+                    )  # fmt: skip
+                    keep = await self._respond(writer, method, req)
+                    if not keep:
+                        return
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    async def _respond(self, writer: asyncio.StreamWriter, method: bytes, req: _Request) -> bool:
+        b = self.behaviour
+        if b.hang:
+            await asyncio.sleep(3600)
+        if b.delay:
+            await asyncio.sleep(b.delay)
+        path = req.url.split(b"?")[0]
+        close = b"Connection: close\r\n" if b.close_after else b""
+        if path.startswith(b"/big/") or path.startswith(b"/chunked/"):
+            size = int(path.rsplit(b"/", 1)[1])
+            chunked = path.startswith(b"/chunked/")
+            framing = (b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size)
+            writer.write(b"HTTP/1.1 200 OK\r\n%b\r\n%b\r\n" % (framing, close))
+            block = b"x" * 65536
+            sent = 0
+            while sent < size and method != b"HEAD":
+                piece = block[: min(65536, size - sent)]
+                writer.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                sent += len(piece)
+                await writer.drain()
+            if chunked and method != b"HEAD":
+                writer.write(b"0\r\n\r\n")
+        elif path.startswith(b"/status/"):
+            status = int(path[8:11])
+            body = b"" if status in (204, 304) else b"status %d\n" % status
+            length = b"" if status in (204, 304) else b"Content-Length: %d\r\n" % len(body)
+            writer.write(b"HTTP/1.1 %d %b\r\n%b%b\r\n%b" % (status, _phrase(status), length, close, body))
+        else:
+            if path == b"/echo":
+                body = b"%b %b len=%d sha=%b\n" % (method, req.url, req.length, req.sha.hexdigest().encode())
+            else:
+                body = b"ok %b\n" % self.name.encode()
+            writer.write(
+                b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nX-Backend: %b\r\n"
+                b"Content-Length: %d\r\n%b\r\n%b"
+                % (b.status, _phrase(b.status), self.name.encode(), len(body), close,
+                   b"" if method == b"HEAD" else body)
+            )
+        await writer.drain()
+        return not b.close_after
+
+
+def _phrase(status: int) -> bytes:
+    return HTTPStatus(status).phrase.encode()
+
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class ScriptedBackend:
+    """A backend that misbehaves on purpose: each connection runs ``script``."""
+
+    def __init__(self, loop: LoopThread, script: Script) -> None:
+        self.loop = loop
+        self.script = script
+        self.port = free_port()
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ScriptedBackend:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.script(reader, writer, self.connections)
+            except (ConnectionError, OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        async def go() -> None:
+            self.server = await asyncio.start_server(serve, "127.0.0.1", self.port)
+
+        self.loop.run(go())
+        return self
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.append(head)
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                await reader.readexactly(int(line.split(b":")[1]))
+        return head
+
+    def stop(self) -> None:
+        async def go() -> None:
+            if self.server is not None:
+                self.server.close()
+
+        self.loop.run(go())
+
+
+# redlb
+
+
+class Proxy:
+    """A real `redlb serve` process."""
+
+    def __init__(self, redis_url: str | None, *args: str, workdir: Path, pool: str = "servers"):
+        self.port = free_port()
+        self.status_port = free_port()
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.args = list(args)
+        self.redis_url = redis_url
+        self.pool = pool
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"redlb-{self.port}.log"
+        self.out_path = workdir / f"redlb-{self.port}.out"
+
+    def start(self, ready: bool = True) -> Proxy:
+        cmd = [
+            sys.executable, "-m", "redlb", "serve",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--status-listen", f"127.0.0.1:{self.status_port}",
+            "--pool", self.pool, "--state-dir", str(self.workdir / "state"),
+        ]  # fmt: skip
+        if self.redis_url:
+            cmd += ["--redis", self.redis_url]
+        if "--workers" not in self.args:
+            cmd += ["--workers", "1"]
+        cmd += self.args
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=self.out_path.open("ab"),
+            stderr=self.log_path.open("ab"),
+            stdin=subprocess.DEVNULL,
+            cwd=self.workdir,
+        )
+        if ready:
+            assert wait_for(self.ready, 15), f"redlb not ready:\n{self.log()}"
+        else:
+            assert wait_for(self.listening, 15), f"redlb not listening:\n{self.log()}"
+        return self
+
+    def status(self, path: str) -> tuple[int, bytes]:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=2)
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            return resp.status, body
+        except OSError:
+            return 0, b""
+
+    def ready(self) -> bool:
+        return self.status("/-/ready")[0] == 200
+
+    def listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def access_log(self) -> str:
+        return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def get(self, path: str = "/", **kw: Any) -> tuple[int, bytes, http.client.HTTPResponse]:
+        return request(self.port, "GET", path, **kw)
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[int, bytes, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, data, resp
+    finally:
+        conn.close()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 3.0, pause: float = 0.0) -> tuple[bytes, bool]:
+    """Send raw bytes; return everything read and whether the proxy closed the connection."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        if pause:
+            time.sleep(pause)
+        chunks = []
+        closed = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            chunks.append(chunk)
+        return b"".join(chunks), closed
+    finally:
+        sock.close()
+
+
+def statuses(response: bytes) -> list[int]:
+    """Status codes of the final responses in a raw byte stream (1xx skipped)."""
+    codes = []
+    for line in response.split(b"\r\n"):
+        if line.startswith(b"HTTP/1.") and len(line) >= 12 and line[9:12].isdigit():
+            code = int(line[9:12])
+            if code >= 200:
+                codes.append(code)
+    return codes
+
+
+# Load
+
+
+@dataclass
+class LoadResult:
+    sent: int = 0
+    failed: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+class Load:
+    """A bounded client: ``rate`` GETs per second over ``connections`` keep-alive connections.
+
+    Like urllib3 and browsers, a request that fails on a *reused* connection before any
+    response byte is retried once on a new connection (the server may close an idle
+    keep-alive connection at any time); a second failure counts.
+    """
+
+    def __init__(self, port: int, rate: float = 200, connections: int = 4, path: str = "/"):
+        self.port = port
+        self.rate = rate
+        self.connections = connections
+        self.path = path
+        self.result = LoadResult()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(connections)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> LoadResult:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(30)
+        return self.result
+
+    def _run(self) -> None:
+        interval = self.connections / self.rate
+        conn: http.client.HTTPConnection | None = None
+        next_at = time.monotonic()
+        while not self.stopping.is_set():
+            status = 0
+            error = ""
+            for attempt in range(2):
+                fresh = conn is None
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                try:
+                    conn.request("GET", self.path)
+                    resp = conn.getresponse()
+                    resp.read()
+                    status = resp.status
+                    if resp.getheader("connection", "").lower() == "close":
+                        conn.close()
+                        conn = None
+                    break
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                    conn.close()
+                    conn = None
+                    error = repr(e)
+                    if fresh or attempt == 1:
+                        break
+                except (OSError, http.client.HTTPException) as e:
+                    conn.close()
+                    conn = None
+                    error = repr(e)
+                    break
+            with self.lock:
+                self.result.sent += 1
+                self.result.statuses[status] = self.result.statuses.get(status, 0) + 1
+                if status != 200:
+                    self.result.failed += 1
+                    if len(self.result.errors) < 20:
+                        self.result.errors.append(error or f"status {status}")
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self.stopping.wait(delay)
+            else:
+                next_at = time.monotonic()
+        if conn is not None:
+            conn.close()
+
+
+def rss_bytes(pid: int) -> int:
+    import psutil
+
+    return int(sum(p.memory_info().rss for p in [psutil.Process(pid)]))
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def peak_rss(pid: int) -> Any:
+    """Sample a process's RSS every 20 ms while the block runs; yields a dict with 'peak'."""
+    result = {"peak": rss_bytes(pid), "start": rss_bytes(pid)}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                result["peak"] = max(result["peak"], rss_bytes(pid))
+            stop.wait(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()

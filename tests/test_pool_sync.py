@@ -1,0 +1,91 @@
+"""Pool edits with plain redis-cli, garbage entries, wrong types, the empty pool."""
+
+from __future__ import annotations
+
+import time
+
+from support import wait_for
+
+
+def _names(proxy, n: int = 9) -> set[str]:
+    names = set()
+    for _ in range(n):
+        status, body, _ = proxy.get("/")
+        if status == 200:
+            names.add(body.split()[1].decode())
+    return names
+
+
+def test_redis_cli_edits_reach_redlb_within_one_second(redis_server, backends, start_proxy):
+    a, b, c = backends
+    redis_server.cli("RPUSH", "servers", a.address, b.address)
+    proxies = [start_proxy(redis_server.url) for _ in range(2)]
+
+    redis_server.cli("RPUSH", "servers", c.address)
+    t0 = time.monotonic()
+    for proxy in proxies:
+        assert wait_for(lambda p=proxy: "b2" in _names(p, 3), 1.0)
+    assert time.monotonic() - t0 < 2
+
+    redis_server.cli("LREM", "servers", "0", a.address)
+    time.sleep(1.0)
+    for proxy in proxies:
+        assert _names(proxy, 12) == {"b1", "b2"}
+
+    redis_server.cli("DEL", "servers")
+    time.sleep(1.0)
+    status, body, _ = proxies[0].get("/")
+    assert status == 503 and b"no backend" in body
+    assert len(body) < 200
+
+
+def test_edits_seen_by_resync_without_notifications(redis_server, backends, start_proxy):
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    redis_server.cli("CONFIG", "SET", "notify-keyspace-events", "")
+    proxy = start_proxy(redis_server.url)
+    # redlb turned notifications on; turn them off again behind its back.
+    redis_server.cli("CONFIG", "SET", "notify-keyspace-events", "")
+    redis_server.cli("RPUSH", "servers", backends[1].address)
+    assert wait_for(lambda: "b1" in _names(proxy, 4), 2.5)
+
+
+def test_malformed_entries_are_skipped_with_one_warning(redis_server, backends, start_proxy):
+    garbage = ["not a server", "127.0.0.1:99999", "ftp://x:1", "http://", "http://a b:80",
+               "http://10.0.0.1:80\r\nX-Injected: 1", "\xff\xfe:80", "x" * 5000]  # fmt: skip
+    redis_server.cli("RPUSH", "servers", *garbage, backends[0].address)
+    proxy = start_proxy(redis_server.url)
+    for _ in range(6):
+        status, body, _ = proxy.get("/")
+        assert status == 200 and body == b"ok b0\n"
+    time.sleep(2.2)  # two resyncs: still one warning per entry
+    log = proxy.log()
+    assert log.count("skipping pool entry 'not a server'") == 1
+    assert log.count("127.0.0.1:99999") == 1 and "out of range" in log
+    assert "unsupported scheme 'ftp'" in log
+    assert proxy.alive()
+
+
+def test_only_garbage_is_a_503(redis_server, start_proxy):
+    redis_server.cli("RPUSH", "servers", "nonsense", "ftp://x:1")
+    proxy = start_proxy(redis_server.url)
+    assert proxy.get("/")[0] == 503
+
+
+def test_wrong_key_type_keeps_last_known_pool(redis_server, backends, start_proxy):
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = start_proxy(redis_server.url)
+    assert proxy.get("/")[0] == 200
+    redis_server.cli("DEL", "servers")
+    redis_server.cli("SET", "servers", "oops")
+    assert wait_for(lambda: "holds a string, not a list" in proxy.log(), 3)
+    for _ in range(5):
+        assert proxy.get("/")[0] == 200  # still serving what it last knew
+    assert proxy.log().count("not a list") == 1  # logged once, not per resync
+
+
+def test_empty_pool_is_503_with_short_clear_body(redis_server, start_proxy):
+    proxy = start_proxy(redis_server.url)
+    status, body, resp = proxy.get("/")
+    assert status == 503
+    assert body == b"503 Service Unavailable: no backend is available\n"
+    assert resp.getheader("Content-Type").startswith("text/plain")
