@@ -75,8 +75,8 @@ def test_wrong_key_type_keeps_last_known_pool(redis_server, backends, start_prox
     redis_server.cli("RPUSH", "servers", backends[0].address)
     proxy = start_proxy(redis_server.url)
     assert proxy.get("/")[0] == 200
-    redis_server.cli("DEL", "servers")
-    redis_server.cli("SET", "servers", "oops")
+    with redis_server.client().pipeline(transaction=True) as tx:  # one atomic change
+        tx.delete("servers").set("servers", "oops").execute()
     assert wait_for(lambda: "holds a string, not a list" in proxy.log(), 3)
     for _ in range(5):
         assert proxy.get("/")[0] == 200  # still serving what it last knew
