@@ -3,7 +3,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+import hypothesis  # noqa: F401  # imported before any test thread: CPython 3.11's AST
+import pytest  # recursion counter trips if the plugin first imports it at session end
 
 from support import HttpBackend, LoopThread, Proxy, RedisProcess
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -495,13 +496,8 @@ def raw_exchange(port: int, data: bytes, timeout: float = 3.0, pause: float = 0.
 
 def statuses(response: bytes) -> list[int]:
     """Status codes of the final responses in a raw byte stream (1xx skipped)."""
-    codes = []
-    for line in response.split(b"\r\n"):
-        if line.startswith(b"HTTP/1.") and len(line) >= 12 and line[9:12].isdigit():
-            code = int(line[9:12])
-            if code >= 200:
-                codes.append(code)
-    return codes
+    codes = [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", response)]
+    return [code for code in codes if code >= 200]
 
 
 # Load
