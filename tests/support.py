@@ -494,6 +494,25 @@ def raw_exchange(port: int, data: bytes, timeout: float = 3.0, pause: float = 0.
         sock.close()
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """Read one response with a Content-Length body from a socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?i)content-length: *(\d+)", head)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def statuses(response: bytes) -> list[int]:
     """Status codes of the final responses in a raw byte stream (1xx skipped)."""
     codes = [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", response)]

@@ -75,6 +75,8 @@ def main() -> None:
     show_default=True,
     help="Largest request body in bytes (413 beyond); 0 = unlimited.",
 )
+@click.option("--host", "hosts", multiple=True,
+              help="Answer only for this Host (repeatable); others get 421. Default: any.")
 @click.option("--max-request-line", type=int, default=8192, show_default=True)
 @click.option("--max-header-bytes", type=int, default=16384, show_default=True)
 @click.option("--max-headers", type=int, default=100, show_default=True)
@@ -131,11 +133,13 @@ def serve(**options: Any) -> None:
     """Serve HTTP, balancing over the backends in the Redis list."""
     _setup_logging(options.pop("verbose"))
     status = options.pop("status_listen")
+    hosts = options.pop("hosts")
     workers = options.pop("workers")
     config = Config(
         **{k: v for k, v in options.items() if k != "no_access_log"},
         access_log=not options["no_access_log"],
         status_listen=None if status == "off" else status,
+        allowed_hosts=frozenset(h.lower() for h in hosts),
     )
     if workers is not None:
         config.workers = workers

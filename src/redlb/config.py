@@ -34,6 +34,8 @@ class Config:
     max_header_bytes: int = 16 * 1024
     max_headers: int = 100
     max_body: int = 10 * 1024 * 1024
+    # Host names this balancer answers for (lower case, no port); empty = any Host.
+    allowed_hosts: frozenset[str] = frozenset()
 
     # Timeouts, seconds
     header_timeout: float = 10.0

@@ -34,6 +34,12 @@ _PAUSE_BUFFER = 2  # body bytes are waiting for an upstream connection
 _PAUSE_UPLOAD = 4  # the backend is not taking the body as fast as it comes
 _PAUSE_REFUSED = 8  # the connection is finished; only the answer remains to be sent
 
+# Large reads are parsed in slices so that chunk-extension bytes can be counted (LIM-07).
+_FEED_SLICE = 16 * 1024
+# Wire bytes a chunked body may spend on framing (size lines, extensions) beyond its data.
+_CHUNK_OVERHEAD_BASE = 4096
+_CHUNK_OVERHEAD_PER_CHUNK = 64
+
 # Parse phases of the connection, for timeouts.
 _IDLE, _HEADERS, _BODY = 0, 1, 2
 
@@ -65,6 +71,8 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         self.parsing: Exchange | None = None
         self.body_received = 0
+        self.chunks = 0
+        self.chunk_wire = 0  # bytes fed while inside a chunked body
 
     # Protocol interface
 
@@ -84,16 +92,13 @@ class ClientConnection(asyncio.Protocol):
             self.phase = _HEADERS
             self.deadline = time.monotonic() + self.ctx.config.header_timeout
         try:
-            while True:
-                try:
-                    self.parser.feed_data(data)
-                    break
-                except httptools.HttpParserUpgrade as upgrade:
-                    # A non-CONNECT Upgrade request: on_headers_complete stripped Upgrade and
-                    # made sure there is no body, so parsing simply goes on after it.
-                    data = data[upgrade.args[0] :]
-                    if not data:
+            if len(data) <= _FEED_SLICE:
+                self._feed(data)
+            else:
+                for start in range(0, len(data), _FEED_SLICE):
+                    if self.refusal is not None or self.closing:
                         break
+                    self._feed(data[start : start + _FEED_SLICE])
         except Reject as reject:
             self.refuse(reject)
         except httptools.HttpParserError as exc:
@@ -102,6 +107,27 @@ class ClientConnection(asyncio.Protocol):
                 self.refuse(cause)
             else:
                 self.refuse(Reject(400, "malformed request"))
+
+    def _feed(self, data: bytes) -> None:
+        in_chunked_body = self.parsing
+        if in_chunked_body is not None and not in_chunked_body.req.chunked:
+            in_chunked_body = None
+        while True:
+            try:
+                self.parser.feed_data(data)
+                break
+            except httptools.HttpParserUpgrade as upgrade:
+                # A non-CONNECT Upgrade request: on_headers_complete stripped Upgrade and
+                # made sure there is no body, so parsing simply goes on after it.
+                data = data[upgrade.args[0] :]
+                if not data:
+                    break
+        if in_chunked_body is not None and in_chunked_body is self.parsing:
+            # llhttp does not bound chunk extensions (RFC 9112 §7.1.1 says we ought to).
+            self.chunk_wire += len(data)
+            allowed = _CHUNK_OVERHEAD_BASE + _CHUNK_OVERHEAD_PER_CHUNK * self.chunks
+            if self.chunk_wire - self.body_received > allowed:
+                raise Reject(400, "chunk framing too large")
 
     def eof_received(self) -> bool | None:
         if self.queue and self.parsing is None:
@@ -134,6 +160,8 @@ class ClientConnection(asyncio.Protocol):
         self.headers = []
         self.header_bytes = 0
         self.body_received = 0
+        self.chunks = 0
+        self.chunk_wire = 0
         self.phase = _HEADERS
 
     def on_url(self, url: bytes) -> None:
@@ -161,6 +189,9 @@ class ClientConnection(asyncio.Protocol):
             exchange.start()
         else:
             self._pause(_PAUSE_PIPELINE)
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
 
     def on_body(self, body: bytes) -> None:
         self.body_received += len(body)
@@ -225,6 +256,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             check_host(host)
         target, host = normalise_target(method, self.url, host)
+        allowed = self.ctx.config.allowed_hosts
+        if allowed and (host is None or _host_name(host) not in allowed):
+            raise Reject(421, "this balancer does not serve that host", close=False)
         chunked = bool(te_values)
         if chunked:
             check_transfer_encoding(te_values, http10)
@@ -396,3 +430,11 @@ class ClientConnection(asyncio.Protocol):
         self.paused &= ~reason
         if not self.paused and self.transport is not None and not self.closing:
             self.transport.resume_reading()
+
+
+def _host_name(host: bytes) -> str:
+    """``Example.COM:8080`` -> ``example.com``; ``[::1]:80`` -> ``[::1]``."""
+    name = host.decode("ascii", "replace").lower()
+    if name.startswith("["):
+        return name.partition("]")[0] + "]"
+    return name.rpartition(":")[0] if ":" in name else name
