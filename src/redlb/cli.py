@@ -75,8 +75,12 @@ def main() -> None:
     show_default=True,
     help="Largest request body in bytes (413 beyond); 0 = unlimited.",
 )
-@click.option("--host", "hosts", multiple=True,
-              help="Answer only for this Host (repeatable); others get 421. Default: any.")
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="Answer only for this Host (repeatable); others get 421. Default: any.",
+)
 @click.option("--max-request-line", type=int, default=8192, show_default=True)
 @click.option("--max-header-bytes", type=int, default=16384, show_default=True)
 @click.option("--max-headers", type=int, default=100, show_default=True)

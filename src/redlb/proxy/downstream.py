@@ -9,6 +9,7 @@ is in doubt nothing that follows on the connection can be trusted (RFC 9112 §6.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 
@@ -27,6 +28,8 @@ from redlb.proxy.rules import (
     connection_tokens,
     normalise_target,
 )
+
+log = logging.getLogger("redlb.downstream")
 
 # Reasons to stop reading from the client, as bits: reading resumes when none is left.
 _PAUSE_PIPELINE = 1  # a request is waiting behind the one in flight
@@ -106,6 +109,8 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(cause, Reject):
                 self.refuse(cause)
             else:
+                if cause is not None:
+                    log.error("error handling a request", exc_info=cause)
                 self.refuse(Reject(400, "malformed request"))
 
     def _feed(self, data: bytes) -> None:

@@ -4,7 +4,9 @@ Retry rules (RFC 9110 §9.2.2, RFC 9112 §9.3.1):
 1. A connect failure sent nothing, so any method is retried on another backend.
 2. A request already sent is retried only if its method is idempotent, it was kept whole
    (small enough to replay), and no response byte arrived; and only once.
-3. Every retry needs a token from the retry budget.
+3. A 502/503/504 answer or a response timeout sends a replayable idempotent request to
+   another backend, before any byte of that answer reaches the client.
+4. Every retry needs a token from the retry budget.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ REPLAY_LIMIT = 64 * 1024
 # Past this many buffered body bytes (no upstream yet), stop reading from the client.
 BUFFER_LIMIT = 256 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
+# A backend answering these is overloaded or broken; an idempotent request goes elsewhere.
+RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 @dataclass(slots=True)
@@ -149,7 +153,7 @@ class Exchange:
             if self.response_started:
                 self.client.abort()
             else:
-                self._respond_error(errors.GATEWAY_TIMEOUT)
+                self._retry_or_fail(errors.GATEWAY_TIMEOUT, sent=True, elsewhere=True)
 
     def client_congested(self, congested: bool) -> None:
         """The client's socket buffer is full (or drained): pause (resume) the backend."""
@@ -265,7 +269,15 @@ class Exchange:
         headers: list[tuple[bytes, bytes]],
         upstream_keep_alive: bool,
         version: str,
-    ) -> None:
+    ) -> bool:
+        """Forward the response head; False means it is dropped and the request retried."""
+        if status in RETRY_STATUSES and self._can_retry(sent=True, elsewhere=True):
+            upstream = self.upstream
+            self.upstream = None
+            if upstream is not None:
+                self.ctx.ejector.failure(upstream.owner.backend)
+            self._retry(sent=True)
+            return False
         req = self.req
         self.status = status
         self.reason = reason
@@ -306,6 +318,7 @@ class Exchange:
         else:
             parts.append(b"\r\n")
         self.client.write(b"".join(parts))
+        return True
 
     def response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -352,26 +365,38 @@ class Exchange:
 
     # Endings
 
-    def _retry_or_fail(self, reason: tuple[int, str], sent: bool) -> None:
+    def _retry_or_fail(self, reason: tuple[int, str], sent: bool, elsewhere: bool = False) -> None:
+        if self._can_retry(sent, elsewhere):
+            self._retry(sent)
+        else:
+            self._respond_error(reason)
+
+    def _can_retry(self, sent: bool, elsewhere: bool) -> bool:
+        """Whether the retry rules (module docstring) allow one more attempt.
+
+        ``elsewhere``: only worth it on another backend (it answered 5xx or timed out);
+        otherwise a new connection to the same one may do (the keep-alive race).
+        """
         ctx = self.ctx
-        may_retry = self.attempts < ctx.config.max_connect_attempts
+        if self.attempts >= ctx.config.max_connect_attempts:
+            return False
+        healthy = ctx.pool.healthy
+        if not healthy or (elsewhere and all(b in self.tried for b in healthy)):
+            return False
+        if sent and not (self.req.idempotent and self.replay is not None and not self.replayed):
+            return False
+        if not self.retrying:
+            if not ctx.budget.try_acquire():
+                ctx.stats.retries_refused += 1
+                return False
+            self.retrying = True
+        return True
+
+    def _retry(self, sent: bool) -> None:
+        self.ctx.stats.retries += 1
         if sent:
-            may_retry = (
-                may_retry and self.req.idempotent and self.replay is not None and not self.replayed
-            )
-        if may_retry and len(ctx.pool.healthy) > 0:
-            if not self.retrying:
-                if not ctx.budget.try_acquire():
-                    ctx.stats.retries_refused += 1
-                    self._respond_error(reason)
-                    return
-                self.retrying = True
-            ctx.stats.retries += 1
-            if sent:
-                self.replayed = True
-            self._attempt()
-            return
-        self._respond_error(reason)
+            self.replayed = True
+        self._attempt()
 
     def _no_backend(self) -> None:
         reason = errors.NO_BACKEND if self.ctx.pool.known else errors.NOT_READY

@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,6 +23,8 @@ from redlb.proxy import errors
 
 if TYPE_CHECKING:
     from redlb.proxy.exchange import Exchange
+
+log = logging.getLogger("redlb.upstream")
 
 MAX_RESPONSE_HEADER_BYTES = 64 * 1024
 MAX_RESPONSE_HEADERS = 200
@@ -121,11 +124,24 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.fail(errors.BAD_GATEWAY_UPGRADE)
             return
-        except httptools.HttpParserError:
-            self.fail(errors.BAD_GATEWAY_GARBAGE)
-            return
-        except _TooBig:
-            self.fail(errors.BAD_GATEWAY_TOO_BIG)
+        except httptools.HttpParserError as exc:
+            # Exceptions raised in our callbacks arrive wrapped; the original is the context.
+            cause = exc.__context__
+            if isinstance(cause, _Abandoned):
+                # The exchange retries elsewhere; the rest of this response is never read.
+                self.exchange = None
+                self.broken = True
+                self.close()
+            elif isinstance(cause, _TooBig):
+                self.fail(errors.BAD_GATEWAY_TOO_BIG)
+            elif isinstance(cause, httptools.HttpParserUpgrade):
+                self.fail(errors.BAD_GATEWAY_UPGRADE)
+            else:
+                if cause is not None:
+                    log.error(
+                        "error handling a response from %s", self.owner.backend, exc_info=cause
+                    )
+                self.fail(errors.BAD_GATEWAY_GARBAGE)
             return
         if self.finished:
             self._complete()
@@ -241,9 +257,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.in_body = True
         assert self.exchange is not None
-        self.exchange.response_head(
+        accepted = self.exchange.response_head(
             status, self.reason, self.headers, parser.should_keep_alive(), parser.get_http_version()
         )
+        if not accepted:
+            raise _Abandoned
         if self.no_body:
             # HEAD: llhttp cannot be told there is no body; start a fresh parser for the
             # next response instead, and count any byte that follows as a protocol error.
@@ -280,6 +298,10 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class _TooBig(Exception):
+    pass
+
+
+class _Abandoned(Exception):
     pass
 
 
