@@ -44,6 +44,7 @@ from redlb.store.sync import PoolSync
 log = logging.getLogger("redlb")
 
 SWEEP_INTERVAL = 0.5
+STARTUP_GRACE = 2.0
 
 
 def serve(config: Config) -> None:
@@ -159,6 +160,11 @@ async def _worker(
         )
         background.append(loop.create_task(prober.run()))
 
+    # Take connections once the pool is known, so that a (re)started worker on a shared
+    # SO_REUSEPORT port does not answer 503 meanwhile; without Redis, listen anyway.
+    deadline = time.monotonic() + STARTUP_GRACE
+    while not pool.known and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     host, port = parse_listen(config.listen)
     server = await loop.create_server(
         lambda: ClientConnection(ctx),

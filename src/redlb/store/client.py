@@ -46,6 +46,7 @@ def make_client(url: str, timeout: float) -> Redis:
             **common,
         )
         client: Redis = sentinel.master_for(master, db=db, password=password, **common)
+        client.redlb_sentinel = (sentinel, master)  # type: ignore[attr-defined]
         return client
     return Redis.from_url(url, **common)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from redis.asyncio import Redis
@@ -15,6 +16,26 @@ class RedisLink:
         self.where = where
         self.up = False
         self._ever_up = False
+
+    async def check_master(self, timeout: float) -> None:
+        """Under Sentinel, follow a failover even when the old master still answers.
+
+        redis-py re-resolves the master only on a connection error or READONLY; an old
+        master that stays up as a master (or not yet demoted) would keep our writes.
+        Asking a sentinel each resync bounds how long we keep talking to the wrong one.
+        """
+        sentinel_info = getattr(self.client, "redlb_sentinel", None)
+        if sentinel_info is None:
+            return
+        sentinel, name = sentinel_info
+        current = await asyncio.wait_for(sentinel.discover_master(name), timeout)
+        pool = self.client.connection_pool
+        known = getattr(pool, "redlb_master", None)
+        pool.redlb_master = current  # type: ignore[attr-defined]
+        if known is not None and tuple(current) != tuple(known):
+            log.warning("Sentinel failover: the master of %r is now %s:%s", name, *current)
+            await pool.disconnect()
+            raise MasterChanged(f"master moved to {current[0]}:{current[1]}")
 
     def mark_up(self) -> None:
         if not self.up:
@@ -37,3 +58,7 @@ class RedisLink:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class MasterChanged(Exception):
+    """The Sentinel master moved: reconnect and re-read everything."""

@@ -25,7 +25,7 @@ from redlb.address import Backend, InvalidAddress, parse_backend
 from redlb.config import Config
 from redlb.pool import Pool
 from redlb.store.keys import Keys
-from redlb.store.link import RedisLink
+from redlb.store.link import MasterChanged, RedisLink
 
 log = logging.getLogger("redlb.sync")
 
@@ -58,6 +58,8 @@ class PoolSync:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except MasterChanged:
+                continue  # already logged; reconnect to the new master at once
             except Exception as exc:
                 self.link.mark_down(exc)
             else:
@@ -137,6 +139,7 @@ class PoolSync:
         known = members if members is not None else list(self.pool.members)
         down, ejected = await self._status(client, known)
         draining = self._parse_set(draining_raw)
+        await self.link.check_master(timeout)
         self.link.mark_up()
         self.pool.update(members=members, down=down, draining=draining, ejected=ejected)
 
