@@ -43,7 +43,9 @@ def proxies(tmp_path: Path) -> Iterator[list[Proxy]]:
 
 @pytest.fixture
 def start_proxy(proxies: list[Proxy], tmp_path: Path):  # type: ignore[no-untyped-def]
-    def start(redis_url: str | None, *args: str, ready: bool = True, pool: str = "servers") -> Proxy:
+    def start(
+        redis_url: str | None, *args: str, ready: bool = True, pool: str = "servers"
+    ) -> Proxy:
         proxy = Proxy(redis_url, *args, workdir=tmp_path / f"p{len(proxies)}", pool=pool)
         proxies.append(proxy)
         return proxy.start(ready=ready)

@@ -268,7 +268,7 @@ class HttpBackend:
         if path.startswith(b"/big/") or path.startswith(b"/chunked/"):
             size = int(path.rsplit(b"/", 1)[1])
             chunked = path.startswith(b"/chunked/")
-            framing = (b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size)
+            framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
             writer.write(b"HTTP/1.1 200 OK\r\n%b\r\n%b\r\n" % (framing, close))
             block = b"x" * 65536
             sent = 0
@@ -283,17 +283,30 @@ class HttpBackend:
             status = int(path[8:11])
             body = b"" if status in (204, 304) else b"status %d\n" % status
             length = b"" if status in (204, 304) else b"Content-Length: %d\r\n" % len(body)
-            writer.write(b"HTTP/1.1 %d %b\r\n%b%b\r\n%b" % (status, _phrase(status), length, close, body))
+            writer.write(
+                b"HTTP/1.1 %d %b\r\n%b%b\r\n%b" % (status, _phrase(status), length, close, body)
+            )
         else:
             if path == b"/echo":
-                body = b"%b %b len=%d sha=%b\n" % (method, req.url, req.length, req.sha.hexdigest().encode())
+                body = b"%b %b len=%d sha=%b\n" % (
+                    method,
+                    req.url,
+                    req.length,
+                    req.sha.hexdigest().encode(),
+                )
             else:
                 body = b"ok %b\n" % self.name.encode()
             writer.write(
                 b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nX-Backend: %b\r\n"
                 b"Content-Length: %d\r\n%b\r\n%b"
-                % (b.status, _phrase(b.status), self.name.encode(), len(body), close,
-                   b"" if method == b"HEAD" else body)
+                % (
+                    b.status,
+                    _phrase(b.status),
+                    self.name.encode(),
+                    len(body),
+                    close,
+                    b"" if method == b"HEAD" else body,
+                )
             )
         await writer.drain()
         return not b.close_after
@@ -467,7 +480,9 @@ def request(
         conn.close()
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 3.0, pause: float = 0.0) -> tuple[bytes, bool]:
+def raw_exchange(
+    port: int, data: bytes, timeout: float = 3.0, pause: float = 0.0
+) -> tuple[bytes, bool]:
     """Send raw bytes; return everything read and whether the proxy closed the connection."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:

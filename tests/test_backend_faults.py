@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from support import ScriptedBackend, raw_exchange, request, statuses
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -119,7 +120,10 @@ def test_UPS_06_backend_never_answers(scripted):
         ("UPS-09", b"just a body without any status line"),
         ("UPS-10", b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"h" * 256 * 1024 + b"\r\n\r\n"),
         ("UPS-12", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"),
-        ("UPS-15", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nRAW"),
+        (
+            "UPS-15",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nRAW",
+        ),
         ("UPS-17", b"HTTP/1.1 200 OK\r\nX-Fold: a\r\n b\r\nContent-Length: 2\r\n\r\nok"),
         ("UPS-18", b"HTTP/1.1 200 OK\r\nX-Nul: a\x00b\r\nContent-Length: 2\r\n\r\nok"),
     ],
@@ -170,7 +174,9 @@ def test_UPS_14_keepalive_then_fin_twenty_times(scripted):
 def test_UPS_19_interim_responses(scripted):
     async def script(reader, writer, n):
         await backend.read_request(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+        )
         writer.write(_ok(b"final"))
         await writer.drain()
         await asyncio.sleep(0.5)

@@ -8,6 +8,7 @@ import http.client
 import socket
 
 import pytest
+
 from support import (
     HttpBackend,
     ScriptedBackend,
@@ -41,7 +42,9 @@ def test_200mb_download_with_bounded_memory(one):
         conn.close()
     assert got == size
     growth = rss["peak"] - rss["start"]
-    print(f"download 200 MB: proxy RSS start {rss['start'] / MB:.1f} MB, peak {rss['peak'] / MB:.1f} MB")
+    print(
+        f"download 200 MB: proxy RSS start {rss['start'] / MB:.1f} MB, peak {rss['peak'] / MB:.1f} MB"
+    )
     assert growth < 32 * MB, growth
 
 
@@ -65,14 +68,16 @@ def test_200mb_upload_with_bounded_memory(one):
     assert resp.status == 200
     assert answer == b"POST /echo len=%d sha=%b\n" % (size, digest.hexdigest().encode())
     growth = rss["peak"] - rss["start"]
-    print(f"upload 200 MB: proxy RSS start {rss['start'] / MB:.1f} MB, peak {rss['peak'] / MB:.1f} MB")
+    print(
+        f"upload 200 MB: proxy RSS start {rss['start'] / MB:.1f} MB, peak {rss['peak'] / MB:.1f} MB"
+    )
     assert growth < 32 * MB, growth
 
 
 def test_chunked_both_ways(one):
     proxy, backend = one
     body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-    raw = (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    raw = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + body
     out, _ = raw_exchange(proxy.port, raw, timeout=1)
     assert statuses(out) == [200]
     assert backend.received[-1].body == b"hello world"
@@ -125,7 +130,9 @@ def test_pipelined_requests_answered_in_order(one):
 def test_expect_100_continue(one):
     proxy, backend = one
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    sock.sendall(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
     interim = sock.recv(100)
     assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     sock.sendall(b"hello")
@@ -147,7 +154,13 @@ def test_forwarding_headers_and_hop_by_hop(one):
     )  # fmt: skip
     assert status == 200
     got = backend.received[-1]
-    for name in (b"x-hop-secret", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te"):
+    for name in (
+        b"x-hop-secret",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+    ):
         assert not got.header(name), name
     assert got.header(b"x-keep") == [b"yes"]
     assert got.header(b"x-forwarded-for") == [b"1.2.3.4, 127.0.0.1"]
@@ -167,7 +180,9 @@ def test_method_path_query_and_body_verbatim(one):
 
 def test_http10_client_gets_no_chunked(one):
     proxy, backend = one
-    out, closed = raw_exchange(proxy.port, b"GET /chunked/5000 HTTP/1.0\r\nHost: t\r\n\r\n", timeout=2)
+    out, closed = raw_exchange(
+        proxy.port, b"GET /chunked/5000 HTTP/1.0\r\nHost: t\r\n\r\n", timeout=2
+    )
     head, _, body = out.partition(b"\r\n\r\n")
     assert b" 200 " in head and b"transfer-encoding" not in head.lower()
     assert body == b"x" * 5000 and closed

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httptools
 import pytest
+
 from support import (
     HttpBackend,
     LoopThread,
@@ -40,7 +41,9 @@ def post(case: str, headers: bytes, body: bytes = b"", version: bytes = b"HTTP/1
     return b"POST /adv/%b/x %b\r\nHost: %b\r\n%b\r\n%b" % (case.encode(), version, H, headers, body)
 
 
-def get(case: str, headers: bytes = b"", path: bytes = b"/x", version: bytes = b"HTTP/1.1") -> bytes:
+def get(
+    case: str, headers: bytes = b"", path: bytes = b"/x", version: bytes = b"HTTP/1.1"
+) -> bytes:
     return b"GET /adv/%b%b %b\r\nHost: %b\r\n%b\r\n" % (case.encode(), path, version, H, headers)
 
 
@@ -309,7 +312,9 @@ def test_CTL_04_two_requests_one_write(env: Env) -> None:
 
 
 def test_CTL_05_head(env: Env) -> None:
-    out, _ = raw_exchange(env.proxy.port, b"HEAD /adv/CTL-05/x HTTP/1.1\r\nHost: adv.test\r\n\r\n", 1)
+    out, _ = raw_exchange(
+        env.proxy.port, b"HEAD /adv/CTL-05/x HTTP/1.1\r\nHost: adv.test\r\n\r\n", 1
+    )
     assert statuses(out) == [200] and out.endswith(b"\r\n\r\n")
 
 
@@ -350,7 +355,10 @@ def test_SMG_28_missing_last_chunk_is_never_complete(env: Env) -> None:
 
 def test_TGT_04_05_absolute_form_never_dials(env: Env) -> None:
     c = env.canary_port
-    raw = b"GET http://127.0.0.1:%d/adv/TGT-04/OPENPROXY HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (c, c)
+    raw = b"GET http://127.0.0.1:%d/adv/TGT-04/OPENPROXY HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (
+        c,
+        c,
+    )
     raw_exchange(env.proxy.port, raw, timeout=1)
     raw = b"GET http://adv.test/adv/TGT-05/x HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % c
     out, _ = raw_exchange(env.proxy.port, raw, timeout=1)
@@ -424,7 +432,10 @@ def test_HOP_01_03_04_headers(env: Env) -> None:
 
 
 def test_HOP_02_h2c_upgrade_is_not_tunnelled(env: Env) -> None:
-    raw = get("HOP-02", b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n")
+    raw = get(
+        "HOP-02",
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+    )
     out, _ = raw_exchange(env.proxy.port, raw, timeout=1)
     assert 101 not in statuses(out) and b" 101 " not in out
     got = [r for r in env.backend.received if b"HOP-02" in r.url][-1]
@@ -432,14 +443,18 @@ def test_HOP_02_h2c_upgrade_is_not_tunnelled(env: Env) -> None:
 
 
 def test_HOP_05_crlf_in_path_stays_encoded(env: Env) -> None:
-    out, _ = raw_exchange(env.proxy.port, get("HOP-05", path=b"/x%0d%0aX-Injected:%20yes"), timeout=1)
+    out, _ = raw_exchange(
+        env.proxy.port, get("HOP-05", path=b"/x%0d%0aX-Injected:%20yes"), timeout=1
+    )
     assert statuses(out) == [200]
     got = [r for r in env.backend.received if b"HOP-05" in r.url][-1]
     assert not got.header(b"x-injected")
 
 
 def test_HOP_06_underscore_headers_dropped(env: Env) -> None:
-    out, _ = raw_exchange(env.proxy.port, get("HOP-06b", b"X_Forwarded_For: 6.6.6.6\r\n"), timeout=1)
+    out, _ = raw_exchange(
+        env.proxy.port, get("HOP-06b", b"X_Forwarded_For: 6.6.6.6\r\n"), timeout=1
+    )
     got = [r for r in env.backend.received if b"HOP-06b" in r.url][-1]
     assert not got.header(b"x_forwarded_for")
     assert b"6.6.6.6" not in b"".join(got.header(b"x-forwarded-for"))
@@ -453,7 +468,9 @@ def test_HOP_07_error_page_does_not_reflect(env: Env) -> None:
 
 
 def test_HOP_09_http10_no_chunked(env: Env) -> None:
-    out, closed = raw_exchange(env.proxy.port, b"GET /chunked/3000 HTTP/1.0\r\nHost: adv.test\r\n\r\n", 2)
+    out, closed = raw_exchange(
+        env.proxy.port, b"GET /chunked/3000 HTTP/1.0\r\nHost: adv.test\r\n\r\n", 2
+    )
     head, _, body = out.partition(b"\r\n\r\n")
     assert b"chunked" not in head.lower() and body == b"x" * 3000
 

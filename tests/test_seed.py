@@ -45,7 +45,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_backend_commands_edit_the_same_list(redis_server: RedisProcess, backends):
     url = redis_server.url
     assert run_cli("backend", "add", backends[0].address, "--redis", url).returncode == 0
-    assert run_cli("backend", "add", f"http://{backends[1].address}", "--redis", url).returncode == 0
+    assert (
+        run_cli("backend", "add", f"http://{backends[1].address}", "--redis", url).returncode == 0
+    )
     listed = redis_server.cli("LRANGE", "servers", "0", "-1").split()
     assert listed == [backends[0].address, backends[1].address]
 
