@@ -20,7 +20,7 @@ class AccessLog:
     def __init__(self, enabled: bool, fd: int | None = None) -> None:
         self.enabled = enabled
         self.fd = sys.stdout.fileno() if fd is None else fd
-        self.lines: list[str] = []
+        self.lines: list[bytes] = []
         self.flush_scheduled = False
 
     def request(
@@ -34,15 +34,23 @@ class AccessLog:
         body_bytes: int,
     ) -> None:
         self.lines.append(
-            f"{method.decode('latin-1')} {target.decode('latin-1')} => {status} "
-            f"{reason.decode('latin-1')}  {backend or '-'} {seconds * 1000:.1f}ms {body_bytes}B\n"
+            b"%b %b => %d %b  %b %.1fms %dB\n"
+            % (
+                method,
+                target,
+                status,
+                reason,
+                backend.label if backend is not None else b"-",
+                seconds * 1000,
+                body_bytes,
+            )
         )
         self._schedule()
 
     def refused(self, status: int, target: bytes) -> None:
         if self.enabled:
-            shown = target[:80].decode("latin-1") if target.isascii() else "(invalid)"
-            self.lines.append(f"- {shown or '-'} => {status} refused by redlb\n")
+            shown = target[:80] if target.isascii() else b"(invalid)"
+            self.lines.append(b"- %b => %d refused by redlb\n" % (shown or b"-", status))
             self._schedule()
 
     def _schedule(self) -> None:
@@ -56,7 +64,7 @@ class AccessLog:
         self.flush_scheduled = False
         if not self.lines:
             return
-        data = "".join(self.lines).encode("utf-8", "replace")
+        data = b"".join(self.lines)
         self.lines = []
         try:
             while data:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_ENTRY_LENGTH = 300
 _HOSTNAME = re.compile(
@@ -28,10 +28,13 @@ class Backend:
 
     host: str
     port: int
+    key: str = field(init=False, compare=False, repr=False)
+    label: bytes = field(init=False, compare=False, repr=False)  # the key, for the access log
 
-    @property
-    def key(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        key = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "label", key.encode())
 
     def __str__(self) -> str:
         return self.key

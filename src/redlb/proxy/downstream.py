@@ -63,6 +63,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.paused = 0
         self.write_paused = False
+        self.corked: list[bytes] | None = None
         self.closing = False
         self.refusal: Reject | None = None
         self.phase = _IDLE
@@ -315,12 +316,26 @@ class ClientConnection(asyncio.Protocol):
     # Exchange interface
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None:
+        if self.corked is not None:
+            self.corked.append(data)
+        elif self.transport is not None:
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold writes until uncork(): a response head, body and end go out in one send."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        corked = self.corked
+        self.corked = None
+        if corked and self.transport is not None:
+            self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def abort(self) -> None:
         """End the connection without a clean end of message (truncation stays visible)."""
         self.closing = True
+        self.uncork()
         if self.transport is not None:
             self.transport.abort()
 
@@ -421,6 +436,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closing = True
+        self.uncork()
         if self.transport is not None:
             self.transport.close()
 

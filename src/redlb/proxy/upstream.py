@@ -119,6 +119,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.broken = True  # rule 2
             self.close()
             return
+        client = exchange.client
+        client.cork()
+        try:
+            self._feed(data)
+        finally:
+            client.uncork()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:

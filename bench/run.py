@@ -1,0 +1,362 @@
+"""redlb side by side with nginx and HAProxy, in the same run, on the same pinned cores.
+
+Layout (2 cores): every proxy under test runs alone on CPU 0; wrk (1 thread) and the
+backends (one nginx worker answering on three ports) share CPU 1.  Rounds are interleaved
+(each round runs every proxy once) and the table shows medians.  CPU time per request is
+read from /proc for all of a proxy's processes; Redis commands per request from INFO.
+
+    make bench                       # or: .venv/bin/python bench/run.py
+    BENCH_SECONDS=5 BENCH_ROUNDS=3   # per measurement, and rounds (defaults)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+PROXY_CPU = "0"
+LOAD_CPU = "1" if (os.cpu_count() or 1) > 1 else "0"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+SCENARIOS = [
+    # name, path, connections
+    ("ok, 50 conns", "/ok", 50),
+    ("1 KB, 50 conns", "/1k", 50),
+    ("100 KB, 50 conns", "/100k", 50),
+    ("ok, 1000 conns", "/ok", 1000),
+]
+
+
+def ensure_tools() -> None:
+    missing = [t for t in ("wrk", "nginx", "haproxy", "taskset") if shutil.which(t) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(
+            f"bench needs {', '.join(missing)}: run as root, or apt-get install wrk nginx haproxy"
+        )
+    print(f"installing {', '.join(missing)} with apt-get ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk", "nginx", "haproxy", "util-linux"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def pinned(cpu: str, cmd: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(["taskset", "-c", cpu, *cmd], **kw)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of a process and all its live descendants, plus reaped children."""
+    total = 0.0
+    pids = [pid]
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        pids += [int(p) for p in out.split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / TICKS
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def backends_conf(tmp: Path, ports: list[int]) -> Path:
+    servers = "\n".join(
+        f"""server {{ listen 127.0.0.1:{p} reuseport; keepalive_requests 1000000;
+            access_log off;
+            location = /ok {{ return 200 "ok\\n"; }}
+            location = /1k {{ alias {tmp}/1k.bin; }}
+            location = /100k {{ alias {tmp}/100k.bin; }} }}"""
+        for p in ports
+    )
+    (tmp / "1k.bin").write_bytes(b"k" * 1024)
+    (tmp / "100k.bin").write_bytes(b"h" * 100 * 1024)
+    return _nginx_conf(tmp, "backends", f"http {{ default_type text/plain; {servers} }}")
+
+
+def _nginx_conf(tmp: Path, name: str, http: str) -> Path:
+    conf = tmp / f"{name}.conf"
+    conf.write_text(
+        f"""worker_processes 1; daemon off; pid {tmp}/{name}.pid; error_log {tmp}/{name}.err;
+events {{ worker_connections 4096; }}
+{http}
+"""
+    )
+    return conf
+
+
+def nginx_proxy_conf(tmp: Path, port: int, backends: list[int]) -> Path:
+    upstream = " ".join(f"server 127.0.0.1:{p};" for p in backends)
+    return _nginx_conf(
+        tmp, "proxy",
+        f"""http {{ access_log off; upstream pool {{ {upstream} keepalive 64; }}
+  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
+    location / {{ proxy_pass http://pool; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }} }}""",
+    )  # fmt: skip
+
+
+def haproxy_conf(tmp: Path, port: int, backends: list[int]) -> Path:
+    servers = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(
+        f"""global
+    nbthread 1
+    maxconn 8192
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option forwardfor
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    balance roundrobin
+{servers}
+"""
+    )
+    return conf
+
+
+def run_wrk(port: int, path: str, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{SECONDS}s", "--latency",
+         f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, timeout=SECONDS + 30,
+    ).stdout  # fmt: skip
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+
+    def latency(pct: str) -> float:
+        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return {"requests": requests, "rps": rps, "p50_ms": latency("50"), "p99_ms": latency("99"),
+            "errors": errors}  # fmt: skip
+
+
+class Target:
+    def __init__(self, name: str, start, redis_client: redis.Redis | None = None):
+        self.name = name
+        self._start = start
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self.redis = redis_client
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.process = self._start(self.port)
+        wait_port(self.port)
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None
+
+    def measure(self, path: str, connections: int) -> dict[str, float]:
+        assert self.process is not None
+        pid = self.process.pid
+        run_wrk(self.port, path, min(connections, 50))  # warm-up: pools, leases, caches
+        cmds0 = int(self.redis.info("stats")["total_commands_processed"]) if self.redis else 0
+        cpu0 = cpu_seconds(pid)
+        result = run_wrk(self.port, path, connections)
+        cpu = cpu_seconds(pid) - cpu0
+        cmds = (
+            (int(self.redis.info("stats")["total_commands_processed"]) - cmds0) if self.redis else 0
+        )
+        result["cpu_us_per_req"] = cpu / max(result["requests"], 1) * 1e6
+        # INFO itself is one command on each side of the run.
+        result["redis_per_req"] = max(cmds - 1, 0) / max(result["requests"], 1)
+        return result
+
+
+def main() -> None:
+    ensure_tools()
+    from redlb.store.embedded import redis_server_binary
+
+    tmp = Path(tempfile.mkdtemp(prefix="redlb-bench-"))
+    tmp.chmod(0o755)  # nginx workers (www-data) serve the response files from here
+    backend_ports = [free_port() for _ in range(3)]
+    procs: list[subprocess.Popen] = []
+    backends = pinned(
+        LOAD_CPU, ["nginx", "-c", str(backends_conf(tmp, backend_ports)), "-e", str(tmp / "b.err")]
+    )
+    procs.append(backends)
+    redis_port = free_port()
+    redis_proc = pinned(LOAD_CPU, [redis_server_binary(), "--port", str(redis_port), "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
+    procs.append(redis_proc)
+    for p in backend_ports:
+        wait_port(p)
+    wait_port(redis_port)
+    client = redis.Redis(port=redis_port)
+    client.delete("servers")
+    client.rpush("servers", *[f"127.0.0.1:{p}" for p in backend_ports])
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    log = (tmp / "access.log").open("ab")
+
+    def redlb(*extra: str):
+        def start(port: int) -> subprocess.Popen:
+            return pinned(PROXY_CPU, [sys.executable, "-m", "redlb", "serve", "--listen",
+                                      f"127.0.0.1:{port}", "--redis", redis_url, "--workers", "1",
+                                      "--status-listen", "off", *extra],
+                          stdout=log, stderr=subprocess.DEVNULL)  # fmt: skip
+
+        return start
+
+    targets = [
+        Target("nginx", lambda port: pinned(PROXY_CPU, ["nginx", "-c", str(nginx_proxy_conf(tmp, port, backend_ports)), "-e", str(tmp / "p.err")])),
+        Target("haproxy", lambda port: pinned(PROXY_CPU, ["haproxy", "-f", str(haproxy_conf(tmp, port, backend_ports))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)),
+        Target("redlb", redlb(), client),
+        Target("redlb --rotation strict", redlb("--rotation", "strict"), client),
+    ]  # fmt: skip
+    if os.environ.get("BENCH_EXTRA"):  # e.g. "--no-access-log": one more redlb variant
+        extra = os.environ["BENCH_EXTRA"].split()
+        targets.append(Target(f"redlb {' '.join(extra)}", redlb(*extra), client))
+    if os.environ.get("BENCH_TARGETS"):  # e.g. "nginx,redlb"
+        keep = os.environ["BENCH_TARGETS"].split(",")
+        targets = [t for t in targets if t.name in keep or t.name.startswith("redlb --no")]
+    only = os.environ.get("BENCH_ONLY")  # e.g. "ok, 50 conns" for a quick look
+    wanted = [s for s in SCENARIOS if not only or s[0] == only]
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for scenario, path, connections in wanted:
+            rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+            for r in range(ROUNDS):
+                for target in targets:
+                    target.start()
+                    try:
+                        rounds[target.name].append(target.measure(path, connections))
+                    finally:
+                        target.stop()
+                print(f"  {scenario}: round {r + 1}/{ROUNDS} done", file=sys.stderr, flush=True)
+            results[scenario] = {
+                name: {k: statistics.median(m[k] for m in ms) for k in ms[0]}
+                for name, ms in rounds.items()
+            }
+            print_table(scenario, results[scenario])
+    finally:
+        for target in targets:
+            target.stop()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        log.close()
+    machine = {
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "python": sys.version.split()[0],
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+        "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0],
+        "seconds": SECONDS, "rounds": ROUNDS,
+        "layout": f"proxy on CPU {PROXY_CPU}; wrk -t1 and nginx backends on CPU {LOAD_CPU}",
+    }  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(
+        json.dumps({"machine": machine, "results": results}, indent=2)
+    )
+    chart(results)
+    print(f"\nwrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.png'}")
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def print_table(scenario: str, rows: dict[str, dict[str, float]]) -> None:
+    base = rows["nginx"]
+    print(f"\n## {scenario}")
+    print(
+        "| proxy | req/s | p50 ms | p99 ms | errors | CPU µs/req | Redis cmds/req | req/s vs nginx | CPU vs nginx | p99 vs nginx |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']:.0f} | "
+            f"{r['cpu_us_per_req']:.1f} | {r['redis_per_req']:.4f} | {r['rps'] / base['rps']:.2f}x | "
+            f"{r['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}x | {r['p99_ms'] / base['p99_ms']:.2f}x |"
+        )
+    sys.stdout.flush()
+
+
+def chart(results: dict[str, dict[str, dict[str, float]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(results)
+    names = list(results[scenarios[0]])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(scenarios))]
+        axes[0].bar(xs, [results[s][name]["rps"] for s in scenarios], width, label=name)
+        axes[1].bar(xs, [results[s][name]["cpu_us_per_req"] for s in scenarios], width, label=name)
+    for ax, title in zip(axes, ("requests/s (one pinned core)", "CPU µs per request"), strict=True):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scenarios))], scenarios, fontsize=8)
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("redlb vs nginx vs HAProxy — make bench")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "latest.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
