@@ -25,6 +25,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/idle_memory.py
 
 clean:
 	rm -rf $(VENV) .redlb .mypy_cache .ruff_cache .pytest_cache

@@ -159,11 +159,11 @@ backend be
     return conf
 
 
-def run_wrk(port: int, path: str, connections: int) -> dict[str, float]:
+def run_wrk(port: int, path: str, connections: int, seconds: int = SECONDS) -> dict[str, float]:
     out = subprocess.run(
-        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{SECONDS}s", "--latency",
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
          f"http://127.0.0.1:{port}{path}"],
-        capture_output=True, text=True, timeout=SECONDS + 30,
+        capture_output=True, text=True, timeout=seconds + 30,
     ).stdout  # fmt: skip
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -209,7 +209,7 @@ class Target:
     def measure(self, path: str, connections: int) -> dict[str, float]:
         assert self.process is not None
         pid = self.process.pid
-        run_wrk(self.port, path, min(connections, 50))  # warm-up: pools, leases, caches
+        run_wrk(self.port, path, min(connections, 50), 1)  # warm-up: pools, leases, caches
         cmds0 = int(self.redis.info("stats")["total_commands_processed"]) if self.redis else 0
         cpu0 = cpu_seconds(pid)
         result = run_wrk(self.port, path, connections)

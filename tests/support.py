@@ -71,6 +71,24 @@ class RedisProcess:
         assert wait_for(self.ping, 10), "redis-server did not start"
         return self
 
+    def start_unchecked(self) -> RedisProcess:
+        """Start without pinging (for a server that refuses us, e.g. with requirepass)."""
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.dir), "--save", "", *self.extra]  # fmt: skip
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        assert wait_for(lambda: self._accepts(), 10)
+        return self
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def client_with_password(self, password: str) -> redis.Redis:
+        return redis.Redis(port=self.port, password=password, socket_timeout=2)
+
     def ping(self) -> bool:
         try:
             with self.client() as c:

@@ -122,6 +122,38 @@ def test_redis_restarted_empty_keeps_the_pool(redis_server, backends, start_prox
     assert wait_for(lambda: proxy.get("/")[0] == 503, 3)
 
 
+def test_redis_slow_replies_do_not_touch_requests(redis_server, backends, start_proxy):
+    """RDS-04: Redis stalls for 2 s (DEBUG SLEEP); every Redis call has a 250 ms timeout
+    and none is on the request path, so requests go on from the cached pool."""
+    _seed(redis_server, backends[:2])
+    proxy = start_proxy(redis_server.url)
+    with Load(proxy.port) as load:
+        time.sleep(0.5)
+        for _ in range(2):
+            redis_server.client().execute_command("DEBUG", "SLEEP", "2")
+        time.sleep(1)
+    result = load.stop()
+    _report("Redis stalled 2 x 2 s", result)
+    assert result.sent > 600 and result.failed == 0, result.errors
+
+
+def test_wrong_redis_password_is_a_clear_error_with_backoff(tmp_path, start_proxy):
+    """RDS-12: refused credentials are logged clearly, retried with backoff, never ready."""
+    redis = RedisProcess(tmp_path / "auth", extra=["--requirepass", "s3cret"]).start_unchecked()
+    try:
+        proxy = start_proxy(f"redis://:wrong@127.0.0.1:{redis.port}/0", ready=False)
+        time.sleep(4)
+        log = proxy.log()
+        assert "unreachable" in log and "wrong" not in log  # the password is never logged
+        assert "***" in log
+        assert proxy.status("/-/ready")[0] == 503 and proxy.get("/")[0] == 503
+        # Backoff, not a tight loop: a handful of attempts in 4 s.
+        stats = redis.client_with_password("s3cret").info("stats")
+        assert stats["total_connections_received"] < 30, stats["total_connections_received"]
+    finally:
+        redis.kill()
+
+
 def test_redis_down_at_startup(tmp_path, backends, start_proxy):
     redis = RedisProcess(tmp_path / "late")
     proxy = start_proxy(redis.url, ready=False)

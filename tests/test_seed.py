@@ -73,3 +73,13 @@ def test_cli_errors_are_one_line():
     assert bad_flag.returncode != 0 and "Traceback" not in bad_flag.stderr
     assert run_cli("serve", "--help").returncode == 0
     assert run_cli("backend", "add", "--help").returncode == 0
+
+
+def test_two_workers_still_alternate(redis_server: RedisProcess, backends, start_proxy):
+    """Workers of one machine share one rotation cursor: new connections land on any worker
+    (SO_REUSEPORT), yet the backends still take turns exactly."""
+    redis_server.cli("LPUSH", "servers", backends[0].address)
+    redis_server.cli("LPUSH", "servers", backends[1].address)
+    proxy = start_proxy(redis_server.url, "--workers", "2")
+    seen = [proxy.get("/")[1].split()[1].decode() for _ in range(20)]
+    assert all(seen[i] != seen[i + 1] for i in range(19)), seen

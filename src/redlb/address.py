@@ -36,6 +36,9 @@ class Backend:
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "label", key.encode())
 
+    def __hash__(self) -> int:
+        return hash(self.key)  # a str caches its hash: cheap on every pick
+
     def __str__(self) -> str:
         return self.key
 

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -109,6 +110,7 @@ def supervise(config: Config, url: str) -> None:
         if slot < 0 or stopping:
             continue
         log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
+        cursor.recover()
         if time.monotonic() - last_restart < 1.0:
             time.sleep(1.0)  # a crash loop must not spin
         last_restart = time.monotonic()
@@ -120,6 +122,10 @@ def run_worker(config: Config, url: str, cursor: Cursor, worker: int = 0) -> Non
     # long-lived state to scan, so it runs rarely and skips what startup created.
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+    # A proxy holds two sockets per request in flight: take every descriptor allowed.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     uvloop.run(_worker(config, url, cursor, worker))
 
 

@@ -223,9 +223,10 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         method: bytes = parser.get_method()
         version: str = parser.get_http_version()
-        major, _, minor = version.partition(".")
-        check_version(int(major), int(minor))
-        http10 = minor == "0"
+        if version != "1.1":
+            major, _, minor = version.partition(".")
+            check_version(int(major), int(minor))
+        http10 = version == "1.0"
         if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported")
 
@@ -236,8 +237,8 @@ class ClientConnection(asyncio.Protocol):
         forwarded_for: list[bytes] = []
         content_length = -1
         expect_continue = False
-        for name, value in self.headers:
-            lowered = name.lower()
+        lowered_names = [name.lower() for name, _ in self.headers]
+        for lowered, (_, value) in zip(lowered_names, self.headers, strict=True):
             if lowered == b"host":
                 hosts += 1
                 host = value
@@ -282,8 +283,7 @@ class ClientConnection(asyncio.Protocol):
             drop = drop | (connection_tokens(connection_values) - {b"x-forwarded-for"})
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         append = parts.append
-        for name, value in self.headers:
-            lowered = name.lower()
+        for lowered, (name, value) in zip(lowered_names, self.headers, strict=True):
             if lowered in drop or lowered == b"host" or lowered == b"x-forwarded-for":
                 continue
             if b"_" in name:

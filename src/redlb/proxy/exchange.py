@@ -184,7 +184,7 @@ class Exchange:
 
     def _attempt(self, backend: Backend | None = None) -> None:
         if backend is None:
-            candidates = self._candidates()
+            candidates = self.ctx.pool.healthy
             if not candidates:
                 self._no_backend()
                 return
@@ -283,22 +283,25 @@ class Exchange:
         self.reason = reason
         self.upstream_keep_alive = upstream_keep_alive
         self.response_started = True
-        drop = HOP_BY_HOP
-        connection_values = [v for n, v in headers if n.lower() == b"connection"]
-        if connection_values:
-            drop = drop | connection_tokens(connection_values)
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
         has_length = False
         chunked = False
+        connection_values = None
         for name, value in headers:
             lowered = name.lower()
-            if lowered in drop:
+            if lowered in HOP_BY_HOP:
                 if lowered == b"transfer-encoding":
                     chunked = True
+                elif lowered == b"connection":
+                    connection_values = [*(connection_values or ()), value]
                 continue
             if lowered == b"content-length":
                 has_length = True
             parts.append(b"%b: %b\r\n" % (name, value))
+        if connection_values:
+            # Rare: the headers Connection names are hop-by-hop too (RFC 9110 §7.6.1).
+            named = connection_tokens(connection_values)
+            parts[1:] = [p for p in parts[1:] if p.partition(b":")[0].lower() not in named]
         if req.method == b"HEAD" or status in NO_BODY_STATUSES:
             pass
         elif chunked or not has_length:

@@ -7,7 +7,6 @@ no server can be lost or resurrected by a crash between two commands.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import time
@@ -24,8 +23,20 @@ MIN_BLOCK = 16
 MAX_BLOCK = 16384
 
 
+class _NoLock:
+    def acquire(self, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
 class Cursor:
-    """Lease state of one process, or shared by the workers of one supervisor (fork)."""
+    """Lease state of one process, or shared by the workers of one supervisor (fork).
+
+    Shared, it lives in shared memory under a process lock, so the workers of one machine
+    take consecutive indices of one block: requests alternate exactly across workers.
+    """
 
     def __init__(self, shared: bool = False) -> None:
         self.values: MutableSequence[int]
@@ -35,7 +46,14 @@ class Cursor:
             self.lock = multiprocessing.Lock()
         else:
             self.values = [0, 0, 0, 0, 0]
-            self.lock = contextlib.nullcontext()
+            self.lock = _NoLock()
+
+    def recover(self) -> None:
+        """After a worker died: free the lock if it died holding it (held for µs otherwise)."""
+        if self.lock.acquire(timeout=0.2):
+            self.lock.release()
+        else:
+            self.lock.release()
 
 
 class CounterLease:
@@ -48,10 +66,17 @@ class CounterLease:
         self.last_refill = 0.0
         self.retry_after = 0.0
         self.refill_task: asyncio.Task[None] | None = None
+        self.fallback = 0
 
     def next_index(self) -> int:
         values = self.cursor.values
-        with self.cursor.lock:
+        lock = self.cursor.lock
+        # A worker killed while holding the lock must not stall the others: after a short
+        # wait, rotate locally instead (fairness suffers for a moment, nothing blocks).
+        if not lock.acquire(timeout=0.05):
+            self.fallback += 1
+            return self.fallback
+        try:
             index = values[_CUR]
             if index >= values[_END] and values[_NEXT_END] > values[_NEXT_START]:
                 index = values[_NEXT_START]
@@ -65,6 +90,8 @@ class CounterLease:
             )
             if refill:
                 values[_REFILLING] = 1
+        finally:
+            lock.release()
         if refill:
             self._schedule_refill()
         return index
@@ -95,15 +122,19 @@ class CounterLease:
         except Exception as exc:  # any Redis failure: keep rotating locally, try again later
             log.debug("leasing a rotation block failed: %r", exc)
             self.retry_after = time.monotonic() + 1.0
-            with self.cursor.lock:
-                values[_REFILLING] = 0
+            values[_REFILLING] = 0
             return
-        with self.cursor.lock:
+        lock = self.cursor.lock
+        if not lock.acquire(timeout=1.0):
+            return
+        try:
             if values[_CUR] >= values[_END]:
                 values[_CUR], values[_END] = end - block, end
             else:
                 values[_NEXT_START], values[_NEXT_END] = end - block, end
             values[_REFILLING] = 0
+        finally:
+            lock.release()
 
 
 class StrictCounter:
