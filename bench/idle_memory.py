@@ -21,6 +21,7 @@ import redis
 from redlb.store.embedded import redis_server_binary
 
 CONNECTIONS = 10_000
+BATCH = 100  # connections opened (and requests in flight) at a time
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -31,26 +32,29 @@ def free_port() -> int:
 
 
 async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while await reader.readuntil(b"\r\n\r\n"):
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    try:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        writer.close()
 
 
 async def hold(port: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     held = []
-    for start in range(0, CONNECTIONS, 500):
+    for _ in range(0, CONNECTIONS, BATCH):
         batch = await asyncio.gather(
-            *(asyncio.open_connection("127.0.0.1", port) for _ in range(500))
+            *(asyncio.open_connection("127.0.0.1", port) for _ in range(BATCH))
         )
-        for reader, writer in batch:
+        for _, writer in batch:
             writer.write(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")
-        for reader, writer in batch:
+        for reader, _ in batch:
             await reader.readuntil(b"ok\n")
         held.extend(batch)
     return held
 
 
 async def main() -> dict[str, float]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     redis_port, backend_port, port = free_port(), free_port(), free_port()
     server = await asyncio.start_server(backend, "127.0.0.1", backend_port)
@@ -76,7 +80,7 @@ async def main() -> dict[str, float]:
         await asyncio.sleep(0.5)
         before = psutil.Process(proxy.pid).memory_info().rss
         held = await hold(port)
-        await asyncio.sleep(1)
+        await asyncio.sleep(3)  # idle: past redlb's 1 s parser hibernation
         after = psutil.Process(proxy.pid).memory_info().rss
         for _, writer in held:
             writer.close()

@@ -35,7 +35,6 @@ from redlb.pool import Pool
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
 from redlb.proxy.retry import RetryBudget
-from redlb.status import StatusProtocol, status_routes
 from redlb.store.client import make_client, redact
 from redlb.store.embedded import EmbeddedRedis
 from redlb.store.keys import Keys
@@ -186,6 +185,8 @@ async def _worker(
     )
     status_server = None
     if config.status_listen:
+        from redlb.status import StatusProtocol, status_routes  # prometheus only when needed
+
         routes = status_routes(ctx, link)
         s_host, s_port = parse_listen(config.status_listen)
         status_server = await loop.create_server(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 
 import httptools
 
@@ -31,6 +30,8 @@ from redlb.proxy.rules import (
 
 log = logging.getLogger("redlb.downstream")
 
+_NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begin makes a new one
+
 # Reasons to stop reading from the client, as bits: reading resumes when none is left.
 _PAUSE_PIPELINE = 1  # a request is waiting behind the one in flight
 _PAUSE_BUFFER = 2  # body bytes are waiting for an upstream connection
@@ -48,6 +49,35 @@ _IDLE, _HEADERS, _BODY = 0, 1, 2
 
 
 class ClientConnection(asyncio.Protocol):
+    # Slots: ten thousand idle keep-alive connections should cost little memory each.
+    __slots__ = (
+        "body_received",
+        "body_started_at",
+        "chunk_wire",
+        "chunks",
+        "closing",
+        "corked",
+        "ctx",
+        "deadline",
+        "feeding",
+        "header_bytes",
+        "headers",
+        "max_body",
+        "max_header_bytes",
+        "max_headers",
+        "max_request_line",
+        "parser",
+        "parsing",
+        "paused",
+        "peer",
+        "phase",
+        "queue",
+        "refusal",
+        "transport",
+        "url",
+        "write_paused",
+    )
+
     def __init__(self, ctx: ProxyContext) -> None:
         # Global state
         self.ctx = ctx
@@ -58,9 +88,12 @@ class ClientConnection(asyncio.Protocol):
         self.max_body = config.max_body
         # Per-connection state
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # Made on the first byte of a request and dropped when the connection goes idle:
+        # an idle keep-alive connection holds no parser (about 0.6 KB with its callbacks).
+        self.parser: httptools.HttpRequestParser | None = None
+        self.feeding = False
         self.peer = b""
-        self.queue: deque[Exchange] = deque()
+        self.queue: list[Exchange] = []  # pipelined requests; rarely more than one
         self.paused = 0
         self.write_paused = False
         self.corked: list[bytes] | None = None
@@ -71,7 +104,7 @@ class ClientConnection(asyncio.Protocol):
         self.body_started_at = 0.0
         # Per-request (parse side) state
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
         self.header_bytes = 0
         self.parsing: Exchange | None = None
         self.body_received = 0
@@ -115,19 +148,26 @@ class ClientConnection(asyncio.Protocol):
                 self.refuse(Reject(400, "malformed request"))
 
     def _feed(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         in_chunked_body = self.parsing
         if in_chunked_body is not None and not in_chunked_body.req.chunked:
             in_chunked_body = None
-        while True:
-            try:
-                self.parser.feed_data(data)
-                break
-            except httptools.HttpParserUpgrade as upgrade:
-                # A non-CONNECT Upgrade request: on_headers_complete stripped Upgrade and
-                # made sure there is no body, so parsing simply goes on after it.
-                data = data[upgrade.args[0] :]
-                if not data:
+        self.feeding = True
+        try:
+            while True:
+                try:
+                    parser.feed_data(data)
                     break
+                except httptools.HttpParserUpgrade as upgrade:
+                    # A non-CONNECT Upgrade request: on_headers_complete stripped Upgrade and
+                    # made sure there is no body, so parsing simply goes on after it.
+                    data = data[upgrade.args[0] :]
+                    if not data:
+                        break
+        finally:
+            self.feeding = False
         if in_chunked_body is not None and in_chunked_body is self.parsing:
             # llhttp does not bound chunk extensions (RFC 9112 §7.1.1 says we ought to).
             self.chunk_wire += len(data)
@@ -145,7 +185,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         self.ctx.clients.discard(self)
         while self.queue:
-            self.queue.popleft().abort()
+            self.queue.pop(0).abort()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -185,6 +225,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         req = self._request_head()
+        self.headers = _NO_HEADERS  # nothing of the request is kept while it is forwarded
         exchange = Exchange(self, req)
         self.parsing = exchange
         self.phase = _BODY
@@ -221,6 +262,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _request_head(self) -> RequestHead:
         parser = self.parser
+        assert parser is not None
         method: bytes = parser.get_method()
         version: str = parser.get_http_version()
         if version != "1.1":
@@ -272,7 +314,7 @@ class ClientConnection(asyncio.Protocol):
         if self.max_body and content_length > self.max_body:
             raise Reject(413, "request body too large")
         has_body = chunked or content_length > 0
-        upgrade = self.parser.should_upgrade()
+        upgrade = parser.should_upgrade()
         if upgrade and has_body:
             raise Reject(400, "an Upgrade request with a body is not supported")
 
@@ -355,7 +397,7 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if not queue or queue[0] is not exchange:
             return
-        queue.popleft()
+        queue.pop(0)
         if self.closing:
             return
         if not exchange.keep_client:
@@ -374,6 +416,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.phase == _IDLE:
             self.deadline = time.monotonic() + self.ctx.config.keepalive_timeout
+            if not self.feeding:
+                self.parser = None  # between messages: nothing to keep (see __init__)
 
     # Timeouts, driven by the sweeper
 
@@ -414,7 +458,7 @@ class ClientConnection(asyncio.Protocol):
             self.queue.remove(exchange)
         elif exchange is not None:
             # The request in flight is itself the bad one (e.g. body over the limit).
-            self.queue.popleft()
+            self.queue.pop(0)
             already_answered = exchange.response_started
             exchange.keep_client = False
             exchange.abort()

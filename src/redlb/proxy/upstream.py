@@ -84,6 +84,27 @@ class BackendConnections:
 class UpstreamConnection(asyncio.Protocol):
     """One connection to a backend; parses responses and hands them to its exchange."""
 
+    __slots__ = (
+        "body_started",
+        "broken",
+        "closed",
+        "deadline",
+        "exchange",
+        "finished",
+        "header_bytes",
+        "headers",
+        "idle_since",
+        "in_body",
+        "no_body",
+        "on_lost",
+        "owner",
+        "parser",
+        "reason",
+        "requests_served",
+        "transport",
+        "write_paused",
+    )
+
     def __init__(
         self, owner: BackendConnections, on_lost: Callable[[UpstreamConnection], None]
     ) -> None:
