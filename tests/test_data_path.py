@@ -262,3 +262,15 @@ def test_ipv6_backend(redis_server, loop_thread, start_proxy):
     proxy = start_proxy(redis_server.url)
     assert proxy.get("/")[1] == b"ok v6\n"
     backend.stop()
+
+
+def test_half_closed_client_still_gets_its_answer(one):
+    proxy, backend = one
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    sock.sendall(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+    sock.shutdown(socket.SHUT_WR)
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    sock.close()
+    assert statuses(out) == [200]  # answered, then closed (recv returned b"")

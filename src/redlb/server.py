@@ -170,6 +170,16 @@ async def _worker(
         )
         background.append(loop.create_task(prober.run()))
 
+    # The status listener comes first: /-/live answers while the pool is still unknown.
+    status_server = None
+    if config.status_listen:
+        from redlb.status import StatusProtocol, status_routes  # prometheus only when needed
+
+        routes = status_routes(ctx, link)
+        s_host, s_port = parse_listen(config.status_listen)
+        status_server = await loop.create_server(
+            lambda: StatusProtocol(routes), s_host, s_port, reuse_port=True
+        )
     # Take connections once the pool is known, so that a (re)started worker on a shared
     # SO_REUSEPORT port does not answer 503 meanwhile; without Redis, listen anyway.
     deadline = time.monotonic() + STARTUP_GRACE
@@ -183,15 +193,6 @@ async def _worker(
         reuse_port=config.workers > 1,
         backlog=4096,
     )
-    status_server = None
-    if config.status_listen:
-        from redlb.status import StatusProtocol, status_routes  # prometheus only when needed
-
-        routes = status_routes(ctx, link)
-        s_host, s_port = parse_listen(config.status_listen)
-        status_server = await loop.create_server(
-            lambda: StatusProtocol(routes), s_host, s_port, reuse_port=True
-        )
     log.info(
         "worker %d listening on %s (pool %r, rotation %s)%s",
         worker,

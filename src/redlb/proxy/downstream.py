@@ -59,6 +59,7 @@ class ClientConnection(asyncio.Protocol):
         "corked",
         "ctx",
         "deadline",
+        "eof",
         "feeding",
         "header_bytes",
         "headers",
@@ -92,6 +93,7 @@ class ClientConnection(asyncio.Protocol):
         # an idle keep-alive connection holds no parser (about 0.6 KB with its callbacks).
         self.parser: httptools.HttpRequestParser | None = None
         self.feeding = False
+        self.eof = False
         self.peer = b""
         self.queue: list[Exchange] = []  # pipelined requests; rarely more than one
         self.paused = 0
@@ -177,7 +179,8 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.queue and self.parsing is None:
-            return True  # half-close: still answer what was asked
+            self.eof = True  # half-close: answer what was asked, then close
+            return True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -411,7 +414,7 @@ class ClientConnection(asyncio.Protocol):
         if self.refusal is not None:
             self._send_refusal()
             return
-        if self.ctx.draining and self.parsing is None:
+        if (self.ctx.draining or self.eof) and self.parsing is None:
             self._close()
             return
         if self.phase == _IDLE:
