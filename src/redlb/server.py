@@ -193,6 +193,7 @@ async def _worker(
         reuse_port=config.workers > 1,
         backlog=4096,
     )
+    ctx.listening = True
     log.info(
         "worker %d listening on %s (pool %r, rotation %s)%s",
         worker,

@@ -112,6 +112,8 @@ def status_routes(
     def ready() -> tuple[int, bytes, bytes]:
         if ctx.draining:
             return 503, b"text/plain", b"draining\n"
+        if not ctx.listening:
+            return 503, b"text/plain", b"not ready: starting\n"
         if not ctx.pool.known:
             return 503, b"text/plain", b"not ready: no pool read from Redis yet\n"
         return 200, b"text/plain", b"ready\n"

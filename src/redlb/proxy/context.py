@@ -47,6 +47,7 @@ class ProxyContext:
     upstreams: dict[Backend, BackendConnections] = field(default_factory=dict)
     clients: set[ClientConnection] = field(default_factory=set)
     active_exchanges: int = 0
+    listening: bool = False
     draining: bool = False
 
     def connections_to(self, backend: Backend) -> BackendConnections:
