@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -43,9 +42,8 @@ def _closed_port() -> int:
 def test_UPS_01_closed_port(redis_server, start_proxy):
     redis_server.cli("RPUSH", "servers", f"127.0.0.1:{_closed_port()}")
     proxy = start_proxy(redis_server.url)
-    t0 = time.monotonic()
-    status, _, _ = proxy.get("/")
-    assert status in (502, 503) and time.monotonic() - t0 < 5
+    status, _, _ = request(proxy.port, "GET", "/", timeout=5)  # the bar: within 5 s
+    assert status in (502, 503)
 
 
 def test_UPS_02_get_reset_once_is_retried(scripted):
@@ -107,9 +105,8 @@ def test_UPS_06_backend_never_answers(scripted):
         await asyncio.sleep(30)
 
     proxy, backend = scripted(script)
-    t0 = time.monotonic()
-    status, _, _ = request(proxy.port, "GET", "/", timeout=20)
-    assert status == 504 and time.monotonic() - t0 < 3 + 5
+    status, _, _ = request(proxy.port, "GET", "/", timeout=3 + 5)  # upstream timeout + slack
+    assert status == 504
 
 
 @pytest.mark.parametrize(
@@ -226,11 +223,9 @@ def test_UPS_30_connect_failures_are_retried_for_posts(scripted):
 def test_UPS_32_dead_pool_is_a_fast_503_or_502(redis_server, start_proxy):
     redis_server.cli("RPUSH", "servers", *[f"127.0.0.1:{_closed_port()}" for _ in range(3)])
     proxy = start_proxy(redis_server.url)
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda _: proxy.get("/")[0], range(80)))
+    with ThreadPoolExecutor(8) as pool:  # each answer must come within 2 s: no retry storm
+        codes = list(pool.map(lambda _: request(proxy.port, "GET", "/", timeout=2)[0], range(80)))
     assert set(codes) <= {502, 503}
-    assert time.monotonic() - t0 < 10
     # Everything is ejected but the share the pool keeps (50 %): the answers turn into
     # fast refusals instead of 3 connect attempts each.
     _, metrics = proxy.status("/metrics")
@@ -247,9 +242,8 @@ def test_UPS_33_trickled_headers_time_out(scripted):
             await asyncio.sleep(0.5)
 
     proxy, backend = scripted(script)
-    t0 = time.monotonic()
-    status, _, _ = request(proxy.port, "GET", "/", timeout=20)
-    assert status == 504 and time.monotonic() - t0 < 3 + 2
+    status, _, _ = request(proxy.port, "GET", "/", timeout=3 + 2)  # whole header phase bound
+    assert status == 504
 
 
 def test_UPS_34_connection_close_every_time(scripted):

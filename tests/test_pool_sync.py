@@ -22,10 +22,8 @@ def test_redis_cli_edits_reach_redlb_within_one_second(redis_server, backends, s
     proxies = [start_proxy(redis_server.url) for _ in range(2)]
 
     redis_server.cli("RPUSH", "servers", c.address)
-    t0 = time.monotonic()
     for proxy in proxies:
         assert wait_for(lambda p=proxy: "b2" in _names(p, 3), 1.0)
-    assert time.monotonic() - t0 < 2
 
     redis_server.cli("LREM", "servers", "0", a.address)
     time.sleep(1.0)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from support import HttpBackend, Load, RedisProcess, wait_for
+from support import HttpBackend, Load, RedisProcess, request, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -159,15 +159,12 @@ def test_redis_down_at_startup(tmp_path, backends, start_proxy):
     proxy = start_proxy(redis.url, ready=False)
     assert proxy.status("/-/live")[0] == 200
     assert proxy.status("/-/ready")[0] == 503
-    t0 = time.monotonic()
-    status, body, _ = proxy.get("/")
-    assert status == 503 and time.monotonic() - t0 < 1  # fast, not a hang
+    status, body, _ = request(proxy.port, "GET", "/", timeout=1)  # fast, not a hang
+    assert status == 503
     time.sleep(2)
     redis.start()
     redis.cli("RPUSH", "servers", backends[0].address)
-    t_up = time.monotonic()
-    assert wait_for(proxy.ready, 7)
-    assert time.monotonic() - t_up < 5 + 1  # backoff cap + 1 s
+    assert wait_for(proxy.ready, 5 + 1)  # backoff cap + 1 s
     assert proxy.get("/")[0] == 200
     assert proxy.alive()
     redis.kill()

