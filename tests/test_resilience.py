@@ -315,9 +315,14 @@ def test_workers_share_a_listener_and_are_supervised(redis_server, backends, sta
     assert wait_for(lambda: len(parent.children()) == 2, 5)
     victim = parent.children()[0]
     victim.kill()
-    assert wait_for(lambda: len(parent.children()) == 2 and victim.pid not in
-                    [c.pid for c in parent.children()], 10)  # fmt: skip
-    assert "restarting it" in proxy.log()
+    assert wait_for(
+        lambda: (
+            "restarting it" in proxy.log()
+            and len(parent.children()) == 2
+            and victim.pid not in [c.pid for c in parent.children()]
+        ),
+        10,
+    )
     seen = set()
     for _ in range(30):
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)

@@ -476,14 +476,13 @@ def test_HOP_09_http10_no_chunked(env: Env) -> None:
 # 8. Slow and abusive clients (timeouts shortened by flags: header 2 s, keep-alive 3 s)
 
 
-def test_SLOW_01_headers_one_line_per_second(env: Env) -> None:
-    sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10)
-    sock.sendall(b"GET /adv/SLOW-01/x HTTP/1.1\r\n")
+def _trickle_until_cut_off(sock: socket.socket, piece: Callable[[int], bytes]) -> None:
+    """Send a piece every 0.5 s for up to 8 s: the proxy must answer 408 or close first."""
     out = b""
     cut_off = False
-    try:  # one header line every 0.5 s for up to 8 s; the proxy must end it first
+    try:
         for i in range(16):
-            sock.sendall(b"X-Slow-%d: 1\r\n" % i)
+            sock.sendall(piece(i))
             time.sleep(0.5)
     except (BrokenPipeError, ConnectionResetError):
         cut_off = True
@@ -493,6 +492,12 @@ def test_SLOW_01_headers_one_line_per_second(env: Env) -> None:
         cut_off = True
     assert cut_off or statuses(out)[:1] == [408]
     assert statuses(out)[:1] in ([408], [])
+
+
+def test_SLOW_01_headers_one_line_per_second(env: Env) -> None:
+    sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10)
+    sock.sendall(b"GET /adv/SLOW-01/x HTTP/1.1\r\n")
+    _trickle_until_cut_off(sock, lambda i: b"X-Slow-%d: 1\r\n" % i)
     sock.close()
 
 
@@ -506,20 +511,7 @@ def test_SLOW_02_silent_connection_is_closed(env: Env) -> None:
 def test_SLOW_03_body_one_byte_per_second(env: Env) -> None:
     sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10)
     sock.sendall(post("SLOW-03", b"Content-Length: 100000\r\n"))
-    out = b""
-    cut_off = False
-    try:  # one body byte every 0.5 s for up to 8 s; the proxy must end it first
-        for _ in range(16):
-            sock.sendall(b"x")
-            time.sleep(0.5)
-    except (BrokenPipeError, ConnectionResetError):
-        cut_off = True
-    try:
-        out = sock.recv(1000)
-    except ConnectionResetError:
-        cut_off = True
-    assert cut_off or statuses(out)[:1] == [408]
-    assert statuses(out)[:1] in ([408], [])
+    _trickle_until_cut_off(sock, lambda i: b"x")
     sock.close()
 
 

@@ -247,10 +247,7 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
 @_redis_options
 def backend_drain(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Stop new traffic to ADDR; its in-flight requests finish."""
-    key = _validated(addr)
-    client = _connect(redis_url, state_dir)
-    client.sadd(Keys(pool).draining, key)
-    client.publish(Keys(pool).events, "drain")
+    key = _set_draining(addr, redis_url, pool, state_dir, draining=True)
     click.echo(f"draining {key}")
 
 
@@ -259,11 +256,22 @@ def backend_drain(addr: str, redis_url: str | None, pool: str, state_dir: str) -
 @_redis_options
 def backend_undrain(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Send traffic to ADDR again."""
+    key = _set_draining(addr, redis_url, pool, state_dir, draining=False)
+    click.echo(f"{key} takes traffic again")
+
+
+def _set_draining(
+    addr: str, redis_url: str | None, pool: str, state_dir: str, draining: bool
+) -> str:
     key = _validated(addr)
     client = _connect(redis_url, state_dir)
-    client.srem(Keys(pool).draining, key)
-    client.publish(Keys(pool).events, "drain")
-    click.echo(f"{key} takes traffic again")
+    keys = Keys(pool)
+    if draining:
+        client.sadd(keys.draining, key)
+    else:
+        client.srem(keys.draining, key)
+    client.publish(keys.events, "drain")
+    return key
 
 
 @main.command()
