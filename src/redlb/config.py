@@ -48,7 +48,6 @@ class Config:
 
     # Upstream
     max_idle_per_backend: int = 128
-    max_conns_per_backend: int = 0  # 0 = unlimited
 
     # Retries
     max_connect_attempts: int = 3

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import signal
+import socket
 import sys
 from functools import partial
+from pathlib import Path
 
 import httptools
 import redis
@@ -14,7 +19,7 @@ import uvloop
 from redlb.config import Config
 from redlb.proxy.context import ProxyContext
 from redlb.server import _worker
-from redlb.store.embedded import EmbeddedRedis, free_port
+from redlb.store.embedded import EmbeddedRedis, free_port, redis_server_binary
 from redlb.store.keys import Keys
 from redlb.store.rotation import Cursor
 
@@ -72,7 +77,8 @@ async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
     loop = asyncio.get_running_loop()
     host, _, port_text = listen.rpartition(":")
     port = int(port_text)
-    with contextlib.closing(__import__("socket").socket()) as probe:
+    with contextlib.closing(socket.socket()) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
         try:
             probe.bind((host, port))
         except OSError:
@@ -94,6 +100,12 @@ async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
     client.rpush(pool.pool, *addresses)
     client.close()
     redis_port = url.rsplit(":", 1)[1].split("/")[0]
+    # Name the commands as they can be typed here: the venv's, when not on PATH.
+    beside_us = Path(sys.argv[0]).with_name("redis-cli")
+    if not beside_us.exists():
+        beside_us = Path(redis_server_binary()).with_name("redis-cli")
+    cli = shutil.which("redis-cli") or os.path.relpath(beside_us)
+    redlb = shutil.which("redlb") or os.path.relpath(sys.argv[0])
     config = Config(
         listen=f"{host}:{port}", redis_url=url, workers=1, status_listen=None,
         state_dir=".redlb/demo",
@@ -112,16 +124,13 @@ async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
             f"""
 Each line above is one request, and the backends take turns.  Try next:
   curl http://{host}:{port}/
-  redis-cli -p {redis_port} LRANGE servers 0 -1          # the pool, a plain Redis list
-  redis-cli -p {redis_port} LREM servers 0 {addresses[0]}   # takes effect within a second
-  redlb backend add {addresses[0]} --redis {url}
+  {cli} -p {redis_port} LRANGE servers 0 -1      # the pool, a plain Redis list
+  {cli} -p {redis_port} LREM servers 0 {addresses[0]}   # applied within a second
+  {redlb} backend add {addresses[0]} --redis {url}
 Ctrl-C stops the demo.""",
             flush=True,
         )
         if exit_after:
-            import os
-            import signal
-
             os.kill(os.getpid(), signal.SIGTERM)
 
     sys.stdout.flush()

@@ -24,7 +24,6 @@ class Stats:
     """Plain counters, cheap to bump on the hot path; exported by metrics.py at scrape time."""
 
     requests: int = 0
-    responses_by_class: dict[str, int] = field(default_factory=dict)
     proxy_errors: int = 0
     rejected: int = 0
     retries: int = 0

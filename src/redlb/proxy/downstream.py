@@ -76,7 +76,6 @@ class ClientConnection(asyncio.Protocol):
         "refusal",
         "transport",
         "url",
-        "write_paused",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -97,7 +96,6 @@ class ClientConnection(asyncio.Protocol):
         self.peer = b""
         self.queue: list[Exchange] = []  # pipelined requests; rarely more than one
         self.paused = 0
-        self.write_paused = False
         self.corked: list[bytes] | None = None
         self.closing = False
         self.refusal: Reject | None = None
@@ -191,13 +189,11 @@ class ClientConnection(asyncio.Protocol):
             self.queue.pop(0).abort()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         self.deadline = time.monotonic() + self.ctx.config.upstream_timeout
         if self.queue:
             self.queue[0].client_congested(True)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         self.deadline = 0.0
         if self.queue:
             self.queue[0].client_congested(False)
@@ -310,7 +306,7 @@ class ClientConnection(asyncio.Protocol):
         target, host = normalise_target(method, self.url, host)
         allowed = self.ctx.config.allowed_hosts
         if allowed and (host is None or _host_name(host) not in allowed):
-            raise Reject(421, "this balancer does not serve that host", close=False)
+            raise Reject(421, "this balancer does not serve that host")
         chunked = bool(te_values)
         if chunked:
             check_transfer_encoding(te_values, http10)

@@ -10,13 +10,13 @@ from http import HTTPStatus
 
 
 class Reject(Exception):
-    """A request the proxy answers itself; ``close`` ends the client connection after it."""
+    """A request the proxy answers itself, then closes the connection: once a request is
+    refused mid-parse, nothing after it on the connection can be framed with confidence."""
 
-    def __init__(self, status: int, detail: str, close: bool = True) -> None:
+    def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
-        self.close = close
 
 
 def error_response(status: int, detail: str, close: bool = True) -> bytes:

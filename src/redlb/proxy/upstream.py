@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,13 +38,12 @@ FRESH_ENOUGH_FOR_UNSAFE = 2.0
 class BackendConnections:
     """The idle keep-alive connections of one backend, most recently used first."""
 
-    __slots__ = ("active", "backend", "idle", "max_idle")
+    __slots__ = ("backend", "idle", "max_idle")
 
     def __init__(self, backend: Backend, max_idle: int) -> None:
         self.backend = backend
         self.idle: list[UpstreamConnection] = []
         self.max_idle = max_idle
-        self.active = 0
 
     def take_idle(self, idempotent: bool, now: float) -> UpstreamConnection | None:
         idle = self.idle
@@ -100,9 +98,7 @@ class UpstreamConnection(asyncio.Protocol):
         "owner",
         "parser",
         "reason",
-        "requests_served",
         "transport",
-        "write_paused",
     )
 
     def __init__(
@@ -116,8 +112,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.broken = False
         self.closed = False
         self.idle_since = 0.0
-        self.requests_served = 0
-        self.write_paused = False
         self.deadline = 0.0  # set while an exchange waits on this backend
         # Per-response state
         self.exchange: Exchange | None = None
@@ -195,12 +189,10 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.upstream_lost(self, self.body_started or self.in_body)
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         if self.exchange is not None:
             self.exchange.upstream_congested(True)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         if self.exchange is not None:
             self.exchange.upstream_congested(False)
 
@@ -215,7 +207,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.in_body = False
         self.body_started = False
         self.finished = False
-        self.requests_served += 1
         assert self.transport is not None
         self.transport.write(head)
 
@@ -332,7 +323,3 @@ class _TooBig(Exception):
 
 class _Abandoned(Exception):
     pass
-
-
-def now() -> float:
-    return time.monotonic()
