@@ -256,3 +256,37 @@ def test_UPS_34_connection_close_every_time(scripted):
     proxy, backend = scripted(script)
     codes = [proxy.get("/")[0] for _ in range(10)]
     assert codes == [200] * 10 and backend.connections == 10
+
+
+def test_UPS_35_connection_cap_queues_then_503(scripted):
+    """500 concurrent clients, a backend that serves 16 connections at a time: redlb opens
+    at most 16, queues the rest (bounded, with a timeout) and answers each one quickly."""
+    busy = {"now": 0, "max": 0}
+    slots = asyncio.Semaphore(16)
+
+    async def script(reader, writer, n):
+        async with slots:
+            busy["now"] += 1
+            busy["max"] = max(busy["max"], busy["now"])
+            try:
+                while True:
+                    await backend.read_request(reader)
+                    await asyncio.sleep(0.05)
+                    writer.write(_ok())
+                    await writer.drain()
+            finally:
+                busy["now"] -= 1
+
+    proxy, backend = scripted(
+        script, "--max-conns-per-backend", "16", "--queue-timeout", "2", "--eject-consecutive", "0"
+    )
+    with ThreadPoolExecutor(500) as pool:  # each answer within 10 s: queued or refused, no hang
+        codes = list(pool.map(lambda _: request(proxy.port, "GET", "/", timeout=10)[0], range(500)))
+    print(f"\nUPS-35: 500 clients, cap 16: {codes.count(200)} x 200, {codes.count(503)} x 503")
+    assert set(codes) <= {200, 503}, set(codes)
+    assert codes.count(200) >= 100
+    assert busy["max"] <= 16 and backend.connections <= 16
+    from support import open_fds
+
+    assert open_fds(proxy.pid) < 100  # no descriptor left behind
+    assert proxy.get("/")[0] == 200

@@ -109,6 +109,27 @@ def main() -> None:
     help="Seconds a backend may take to answer (and between body reads).",
 )
 @click.option(
+    "--max-conns-per-backend",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Connections per backend (0 = no cap); past it, requests wait in line.",
+)
+@click.option(
+    "--max-queue-per-backend",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Requests that may wait for a backend connection; beyond, 503.",
+)
+@click.option(
+    "--queue-timeout",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Seconds a request may wait for a backend connection (503 after).",
+)
+@click.option(
     "--drain-timeout",
     type=float,
     default=30.0,

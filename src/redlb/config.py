@@ -48,6 +48,10 @@ class Config:
 
     # Upstream
     max_idle_per_backend: int = 128
+    # Envoy's circuit-breaker defaults: 1024 connections and 1024 waiting requests.
+    max_conns_per_backend: int = 1024
+    max_queue_per_backend: int = 1024
+    queue_timeout: float = 3.0
 
     # Retries
     max_connect_attempts: int = 3

@@ -53,7 +53,7 @@ class ProxyContext:
         conns = self.upstreams.get(backend)
         if conns is None:
             conns = self.upstreams[backend] = BackendConnections(
-                backend, self.config.max_idle_per_backend
+                backend, self.config.max_idle_per_backend, self.config.max_conns_per_backend
             )
         return conns
 

@@ -62,6 +62,7 @@ class Exchange:
         "keep_client",
         "pending",
         "pending_bytes",
+        "queued_since",
         "reason",
         "rechunk",
         "replay",
@@ -70,6 +71,7 @@ class Exchange:
         "request_done",
         "response_started",
         "retrying",
+        "slot",
         "started",
         "status",
         "tried",
@@ -91,6 +93,8 @@ class Exchange:
         self.backend: Backend | None = None
         self.upstream: UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
+        self.slot: BackendConnections | None = None  # holds one of the backend's connections
+        self.queued_since = 0.0  # waiting for a connection to this backend since
         self.tried: list[Backend] = []
         self.attempts = 0
         self.replayed = False
@@ -144,6 +148,10 @@ class Exchange:
         self._finish(log=self.response_started)
 
     def check_timeout(self, now: float) -> None:
+        if self.queued_since and now - self.queued_since > self.ctx.config.queue_timeout:
+            self.queued_since = 0.0  # wake() skips it from now on
+            self._respond_error(errors.BACKEND_BUSY)
+            return
         upstream = self.upstream
         if upstream is not None and upstream.deadline and now > upstream.deadline:
             upstream.deadline = 0.0
@@ -194,13 +202,42 @@ class Exchange:
         self.attempts += 1
         self.backend = backend
         self.tried.append(backend)
-        conns = self.ctx.connections_to(backend)
+        self._release_slot()  # a retry gives back the slot of the failed attempt first
+        self.acquire(self.ctx.connections_to(backend))
+
+    def acquire(self, conns: BackendConnections) -> None:
+        """Take a connection to this backend: a pooled one, a new one, or a place in line.
+
+        Backends have a connection cap (HAProxy's maxconn, Envoy's circuit breaker): past
+        it, requests wait in a bounded line for a connection to come back, up to the queue
+        timeout, then get a 503 — never an unbounded queue or a flood of connects.
+        """
+        self.queued_since = 0.0
         conn = conns.take_idle(self.req.idempotent, time.monotonic())
         if conn is not None:
+            conns.busy += 1
+            self.slot = conns
             self.ctx.stats.upstream_reuses += 1
             self._attach(conn)
-        else:
-            self.connect_task = self.ctx.loop.create_task(self._connect(conns))
+            return
+        if conns.full():
+            if len(conns.waiters) >= self.ctx.config.max_queue_per_backend:
+                self._respond_error(errors.BACKEND_BUSY)
+                return
+            conns.waiters.append(self)
+            self.queued_since = time.monotonic()
+            return
+        conns.busy += 1
+        self.slot = conns
+        self.connect_task = self.ctx.loop.create_task(self._connect(conns))
+
+    def _release_slot(self) -> None:
+        conns = self.slot
+        if conns is not None:
+            self.slot = None
+            conns.busy -= 1
+            if conns.waiters:
+                conns.wake()
 
     async def _connect(self, conns: BackendConnections) -> None:
         ctx = self.ctx
@@ -419,6 +456,8 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        self.queued_since = 0.0
+        self._release_slot()
         ctx = self.ctx
         ctx.active_exchanges -= 1
         ctx.budget.active_requests -= 1

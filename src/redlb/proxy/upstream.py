@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -38,12 +39,25 @@ FRESH_ENOUGH_FOR_UNSAFE = 2.0
 class BackendConnections:
     """The idle keep-alive connections of one backend, most recently used first."""
 
-    __slots__ = ("backend", "idle", "max_idle")
+    __slots__ = ("backend", "busy", "idle", "max_conns", "max_idle", "waiters")
 
-    def __init__(self, backend: Backend, max_idle: int) -> None:
+    def __init__(self, backend: Backend, max_idle: int, max_conns: int = 0) -> None:
         self.backend = backend
         self.idle: list[UpstreamConnection] = []
         self.max_idle = max_idle
+        self.max_conns = max_conns  # 0: no cap
+        self.busy = 0  # connections owned by exchanges, or being opened for one
+        self.waiters: deque[Exchange] = deque()
+
+    def full(self) -> bool:
+        return bool(self.max_conns) and self.busy >= self.max_conns
+
+    def wake(self) -> None:
+        """A connection came back: let the longest-waiting live request take it."""
+        while self.waiters and not self.full():
+            exchange = self.waiters.popleft()
+            if exchange.queued_since and not exchange.done:
+                exchange.acquire(self)
 
     def take_idle(self, idempotent: bool, now: float) -> UpstreamConnection | None:
         idle = self.idle
