@@ -47,7 +47,7 @@ class Config:
     drain_timeout: float = 30.0
 
     # Upstream
-    max_idle_per_backend: int = 128
+    max_idle_per_backend: int = 1024  # idle ones expire after 20 s; churn costs more
     # Envoy's circuit-breaker defaults: 1024 connections and 1024 waiting requests.
     max_conns_per_backend: int = 1024
     max_queue_per_backend: int = 1024
