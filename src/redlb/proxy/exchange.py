@@ -149,8 +149,7 @@ class Exchange:
 
     def check_timeout(self, now: float) -> None:
         if self.queued_since and now - self.queued_since > self.ctx.config.queue_timeout:
-            self.queued_since = 0.0  # wake() skips it from now on
-            self._respond_error(errors.BACKEND_BUSY)
+            self._respond_error(errors.BACKEND_BUSY)  # _finish leaves the line
             return
         upstream = self.upstream
         if upstream is not None and upstream.deadline and now > upstream.deadline:
@@ -177,11 +176,8 @@ class Exchange:
 
     # Picking and connecting
 
-    def _candidates(self) -> tuple[Backend, ...]:
-        return self.ctx.pool.healthy
-
     async def _pick_then_attempt(self) -> None:
-        candidates = self._candidates()
+        candidates = self.ctx.pool.healthy
         if not candidates:
             self._no_backend()
             return
@@ -230,6 +226,13 @@ class Exchange:
         conns.busy += 1
         self.slot = conns
         self.connect_task = self.ctx.loop.create_task(self._connect(conns))
+
+    def _leave_queue(self) -> None:
+        self.queued_since = 0.0
+        if self.backend is not None:
+            waiters = self.ctx.connections_to(self.backend).waiters
+            if self in waiters:
+                waiters.remove(self)
 
     def _release_slot(self) -> None:
         conns = self.slot
@@ -456,7 +459,8 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        self.queued_since = 0.0
+        if self.queued_since:
+            self._leave_queue()
         self._release_slot()
         ctx = self.ctx
         ctx.active_exchanges -= 1
