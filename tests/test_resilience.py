@@ -65,6 +65,16 @@ def test_backend_answering_503_is_ejected_and_shared(redis_server, backends, sta
     assert bad.count() == before
 
 
+def test_5xx_can_be_left_out_of_ejection(redis_server, backends, start_proxy):
+    _seed(redis_server, backends)
+    proxy = start_proxy(redis_server.url, "--no-eject-on-5xx")
+    backends[2].behaviour.status = 503
+    codes = [proxy.get("/")[0] for _ in range(40)]
+    assert codes == [200] * 40  # each GET that met the 503 was retried elsewhere
+    assert backends[2].count() >= 10  # ... and the backend kept its share: not ejected
+    assert not redis_server.client().exists(f"redlb:servers:ejected:{backends[2].address}")
+
+
 def test_backend_that_hangs(redis_server, backends, start_proxy):
     _seed(redis_server, backends)
     proxy = start_proxy(redis_server.url, "--upstream-timeout", "1")

@@ -150,6 +150,12 @@ def main() -> None:
     show_default=True,
     help="Consecutive connect failures/5xx that eject a backend (0 = never).",
 )
+@click.option(
+    "--eject-on-5xx/--no-eject-on-5xx",
+    default=True,
+    show_default=True,
+    help="Whether 5xx answers count toward ejection (connect failures always do).",
+)
 @click.option("--eject-base-time", type=float, default=30.0, show_default=True)
 @click.option("--eject-max-percent", type=float, default=50.0, show_default=True)
 @click.option("--retry-budget-percent", type=float, default=20.0, show_default=True)

@@ -67,6 +67,7 @@ class Config:
 
     # Passive ejection
     eject_consecutive: int = 5
+    eject_on_5xx: bool = True  # False: only connect failures and timeouts count
     eject_base_time: float = 30.0
     eject_max_time: float = 300.0
     eject_max_percent: float = 50.0

@@ -37,13 +37,18 @@ class Ejector:
         self.link = link
         self.keys = keys
         self.threshold = config.eject_consecutive
+        self.count_5xx = config.eject_on_5xx
         self.base = config.eject_base_time
         self.max_time = config.eject_max_time
         self.timeout = config.redis_timeout
         self.failures: dict[Backend, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def success(self, backend: Backend) -> None:
+    def answered(self, backend: Backend, status: int) -> None:
+        """A response came back: a 5xx counts as a failure (unless configured not to)."""
+        if status >= 500 and self.count_5xx:
+            self.failure(backend)
+            return
         failures = self.failures
         if failures:
             failures.pop(backend, None)

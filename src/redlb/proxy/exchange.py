@@ -315,7 +315,7 @@ class Exchange:
             upstream = self.upstream
             self.upstream = None
             if upstream is not None:
-                self.ctx.ejector.failure(upstream.owner.backend)
+                self.ctx.ejector.answered(upstream.owner.backend, status)
             self._retry(sent=True)
             return False
         req = self.req
@@ -382,11 +382,7 @@ class Exchange:
             conn.owner.put_idle(conn, now)
         else:
             conn.detach()
-        backend = conn.owner.backend
-        if self.status >= 500:
-            self.ctx.ejector.failure(backend)
-        else:
-            self.ctx.ejector.success(backend)
+        self.ctx.ejector.answered(conn.owner.backend, self.status)
         self._finish()
 
     def upstream_lost(self, conn: UpstreamConnection, response_bytes_seen: bool) -> None:
