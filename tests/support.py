@@ -646,7 +646,7 @@ class Load:
 def rss_bytes(pid: int) -> int:
     import psutil
 
-    return int(sum(p.memory_info().rss for p in [psutil.Process(pid)]))
+    return int(psutil.Process(pid).memory_info().rss)
 
 
 def open_fds(pid: int) -> int:

@@ -28,6 +28,11 @@ def one(redis_server, backends, start_proxy):
     return start_proxy(redis_server.url, "--max-body", "0"), backends[0]
 
 
+def _rss_growth(label: str, rss: dict[str, int]) -> int:
+    print(f"{label}: proxy RSS start {rss['start'] / MB:.1f} MB, peak {rss['peak'] / MB:.1f} MB")
+    return rss["peak"] - rss["start"]
+
+
 def test_200mb_download_with_bounded_memory(one):
     proxy, backend = one
     size = 200 * MB
@@ -41,11 +46,7 @@ def test_200mb_download_with_bounded_memory(one):
             got += len(chunk)
         conn.close()
     assert got == size
-    growth = rss["peak"] - rss["start"]
-    print(
-        f"download 200 MB: proxy RSS start {rss['start'] / MB:.1f} MB, peak {rss['peak'] / MB:.1f} MB"
-    )
-    assert growth < 32 * MB, growth
+    assert _rss_growth("download 200 MB", rss) < 32 * MB
 
 
 def test_200mb_upload_with_bounded_memory(one):
@@ -67,11 +68,7 @@ def test_200mb_upload_with_bounded_memory(one):
         conn.close()
     assert resp.status == 200
     assert answer == b"POST /echo len=%d sha=%b\n" % (size, digest.hexdigest().encode())
-    growth = rss["peak"] - rss["start"]
-    print(
-        f"upload 200 MB: proxy RSS start {rss['start'] / MB:.1f} MB, peak {rss['peak'] / MB:.1f} MB"
-    )
-    assert growth < 32 * MB, growth
+    assert _rss_growth("upload 200 MB", rss) < 32 * MB
 
 
 def test_chunked_both_ways(one):

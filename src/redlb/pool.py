@@ -27,7 +27,6 @@ class Pool:
         self.draining: frozenset[Backend] = frozenset()
         self.ejected: dict[Backend, float] = {}  # passive: backend -> until (clock)
         self.healthy: tuple[Backend, ...] = ()
-        self.version = 0
 
     def update(
         self,
@@ -68,6 +67,4 @@ class Pool:
         )
         out = set(ejected_now[:allowed]) | self.down | self.draining
         healthy = tuple(b for b in members if b not in out)
-        if healthy != self.healthy:
-            self.healthy = healthy
-            self.version += 1
+        self.healthy = healthy

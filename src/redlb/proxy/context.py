@@ -13,7 +13,7 @@ from redlb.config import Config
 from redlb.health.passive import Ejector
 from redlb.pool import Pool
 from redlb.proxy.retry import RetryBudget
-from redlb.proxy.upstream import BackendConnections, UpstreamConnection
+from redlb.proxy.upstream import BackendConnections
 
 if TYPE_CHECKING:
     from redlb.proxy.downstream import ClientConnection
@@ -56,9 +56,3 @@ class ProxyContext:
                 backend, self.config.max_idle_per_backend, self.config.max_conns_per_backend
             )
         return conns
-
-    def upstream_lost(self, conn: UpstreamConnection) -> None:
-        """Drop a closed connection from its backend's idle list."""
-        idle = conn.owner.idle
-        if conn in idle:
-            idle.remove(conn)

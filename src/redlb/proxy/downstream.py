@@ -63,10 +63,6 @@ class ClientConnection(asyncio.Protocol):
         "feeding",
         "header_bytes",
         "headers",
-        "max_body",
-        "max_header_bytes",
-        "max_headers",
-        "max_request_line",
         "parser",
         "parsing",
         "paused",
@@ -81,11 +77,6 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, ctx: ProxyContext) -> None:
         # Global state
         self.ctx = ctx
-        config = ctx.config
-        self.max_request_line = config.max_request_line
-        self.max_header_bytes = config.max_header_bytes
-        self.max_headers = config.max_headers
-        self.max_body = config.max_body
         # Per-connection state
         self.transport: asyncio.Transport | None = None
         # Made on the first byte of a request and dropped when the connection goes idle:
@@ -211,7 +202,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.max_request_line:
+        if len(self.url) > self.ctx.config.max_request_line:
             raise Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -219,7 +210,8 @@ class ClientConnection(asyncio.Protocol):
             return  # trailer fields of a chunked body: not forwarded
         self.header_bytes += len(name) + len(value) + 4
         self.headers.append((name, value))
-        if self.header_bytes > self.max_header_bytes or len(self.headers) > self.max_headers:
+        config = self.ctx.config
+        if self.header_bytes > config.max_header_bytes or len(self.headers) > config.max_headers:
             raise Reject(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
@@ -241,7 +233,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_received += len(body)
-        if self.max_body and self.body_received > self.max_body:
+        max_body = self.ctx.config.max_body
+        if max_body and self.body_received > max_body:
             raise Reject(413, "request body too large")
         exchange = self.parsing
         if exchange is not None:
@@ -310,7 +303,8 @@ class ClientConnection(asyncio.Protocol):
         chunked = bool(te_values)
         if chunked:
             check_transfer_encoding(te_values, http10)
-        if self.max_body and content_length > self.max_body:
+        max_body = self.ctx.config.max_body
+        if max_body and content_length > max_body:
             raise Reject(413, "request body too large")
         has_body = chunked or content_length > 0
         upgrade = parser.should_upgrade()
@@ -347,7 +341,6 @@ class ClientConnection(asyncio.Protocol):
             target=self.url if len(self.url) <= 200 else self.url[:200] + b"...",
             head=b"".join(parts),
             chunked=chunked,
-            content_length=content_length,
             keep_alive=keep_alive,
             http10=http10,
             idempotent=method in IDEMPOTENT_METHODS,

@@ -42,7 +42,6 @@ class RequestHead:
     target: bytes  # as the access log shows it
     head: bytes  # serialised request line + headers, CRLF CRLF included
     chunked: bool
-    content_length: int
     keep_alive: bool
     http10: bool
     idempotent: bool
@@ -249,7 +248,7 @@ class Exchange:
         try:
             _, conn = await asyncio.wait_for(
                 ctx.loop.create_connection(
-                    lambda: UpstreamConnection(conns, ctx.upstream_lost), backend.host, backend.port
+                    lambda: UpstreamConnection(conns), backend.host, backend.port
                 ),
                 ctx.config.connect_timeout,
             )
@@ -385,16 +384,14 @@ class Exchange:
         self.ctx.ejector.answered(conn.owner.backend, self.status)
         self._finish()
 
-    def upstream_lost(self, conn: UpstreamConnection, response_bytes_seen: bool) -> None:
+    def upstream_lost(self) -> None:
         self.upstream = None
         if self.response_started:
             self.client.abort()  # a truncated body must look truncated: no clean end
             return
         self._retry_or_fail(errors.BAD_GATEWAY_RESET, sent=True)
 
-    def upstream_failed(
-        self, conn: UpstreamConnection, reason: tuple[int, str], response_bytes_seen: bool
-    ) -> None:
+    def upstream_failed(self, conn: UpstreamConnection, reason: tuple[int, str]) -> None:
         self.upstream = None
         self.ctx.ejector.failure(conn.owner.backend)
         if self.response_started:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
@@ -108,19 +107,15 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "in_body",
         "no_body",
-        "on_lost",
         "owner",
         "parser",
         "reason",
         "transport",
     )
 
-    def __init__(
-        self, owner: BackendConnections, on_lost: Callable[[UpstreamConnection], None]
-    ) -> None:
+    def __init__(self, owner: BackendConnections) -> None:
         # Per-connection state
         self.owner = owner
-        self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.broken = False
@@ -190,7 +185,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.broken = True
         self.transport = None
-        self.on_lost(self)
+        if self in self.owner.idle:
+            self.owner.idle.remove(self)
         exchange = self.exchange
         if exchange is None:
             return
@@ -200,7 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete()
             return
         self.exchange = None
-        exchange.upstream_lost(self, self.body_started or self.in_body)
+        exchange.upstream_lost()
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -253,7 +249,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.broken = True
         self.close()
         if exchange is not None:
-            exchange.upstream_failed(self, reason, self.body_started or self.in_body)
+            exchange.upstream_failed(self, reason)
 
     # Parser callbacks
 
