@@ -167,6 +167,26 @@ def test_forwarding_headers_and_hop_by_hop(one):
     assert got.header(b"host") == [b"front.test"]
 
 
+def test_connection_cannot_strip_framing_or_forwarding(one):
+    """Fields named in Connection are dropped, but never the framing redlb relies on."""
+    proxy, backend = one
+    out, _ = raw_exchange(
+        proxy.port,
+        b"POST /a HTTP/1.1\r\nHost: t\r\n"
+        b"Connection: keep-alive, Content-Length, Host, X-Forwarded-For, X-Real-IP\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+        b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n",
+        timeout=1,
+    )
+    assert out.count(b"HTTP/1.1 200 ") == 2
+    post, get = backend.received[-2:]
+    assert (post.method, post.url, post.body) == (b"POST", b"/a", b"hello")
+    assert post.header(b"content-length") == [b"5"] and post.header(b"host") == [b"t"]
+    assert post.header(b"x-forwarded-for") == [b"127.0.0.1"]
+    assert post.header(b"x-real-ip") == [b"127.0.0.1"]
+    assert (get.method, get.url) == (b"GET", b"/b")
+
+
 def test_method_path_query_and_body_verbatim(one):
     proxy, backend = one
     status, data, _ = request(proxy.port, "PATCH", "/a%20b/c?x=1&y=%2F", body=b"payload")

@@ -45,7 +45,10 @@ class AccessLog:
                 body_bytes,
             )
         )
-        self._schedule()
+        if len(self.lines) >= FLUSH_LINES:
+            self.flush()
+        elif not self.flush_scheduled:
+            self._schedule()
 
     def refused(self, status: int, target: bytes) -> None:
         if self.enabled:

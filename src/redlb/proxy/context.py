@@ -43,16 +43,17 @@ class ProxyContext:
     loop: asyncio.AbstractEventLoop
     budget: RetryBudget = field(default_factory=RetryBudget)
     stats: Stats = field(default_factory=Stats)
-    upstreams: dict[Backend, BackendConnections] = field(default_factory=dict)
+    # Keyed by Backend.key: a str hashes in C, and pool refreshes make new Backend objects.
+    upstreams: dict[str, BackendConnections] = field(default_factory=dict)
     clients: set[ClientConnection] = field(default_factory=set)
     active_exchanges: int = 0
     listening: bool = False
     draining: bool = False
 
     def connections_to(self, backend: Backend) -> BackendConnections:
-        conns = self.upstreams.get(backend)
+        conns = self.upstreams.get(backend.key)
         if conns is None:
-            conns = self.upstreams[backend] = BackendConnections(
+            conns = self.upstreams[backend.key] = BackendConnections(
                 backend, self.config.max_idle_per_backend, self.config.max_conns_per_backend
             )
         return conns

@@ -44,6 +44,9 @@ _FEED_SLICE = 16 * 1024
 _CHUNK_OVERHEAD_BASE = 4096
 _CHUNK_OVERHEAD_PER_CHUNK = 64
 
+# Fields never forwarded as received: hop-by-hop ones, and those redlb writes itself.
+_SET_BY_REDLB = REQUEST_DROP | {b"host", b"content-length", b"x-forwarded-for"}
+
 # Parse phases of the connection, for timeouts.
 _IDLE, _HEADERS, _BODY = 0, 1, 2
 
@@ -79,8 +82,9 @@ class ClientConnection(asyncio.Protocol):
         self.ctx = ctx
         # Per-connection state
         self.transport: asyncio.Transport | None = None
-        # Made on the first byte of a request and dropped when the connection goes idle:
-        # an idle keep-alive connection holds no parser (about 0.6 KB with its callbacks).
+        # Made on the first byte of a request and dropped by the sweeper between messages:
+        # an idle keep-alive connection holds no parser (about 0.6 KB with its callbacks),
+        # while a busy one keeps its parser from one request to the next.
         self.parser: httptools.HttpRequestParser | None = None
         self.feeding = False
         self.eof = False
@@ -271,8 +275,14 @@ class ClientConnection(asyncio.Protocol):
         forwarded_for: list[bytes] = []
         content_length = -1
         expect_continue = False
-        lowered_names = [name.lower() for name, _ in self.headers]
-        for lowered, (_, value) in zip(lowered_names, self.headers, strict=True):
+        parts = [b""]  # the request line goes first, once the target is known
+        append = parts.append
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered not in _SET_BY_REDLB:
+                if b"_" not in name:  # X_Forwarded_For and X-Forwarded-For mean the same to CGI
+                    append(b"%b: %b\r\n" % (name, value))
+                continue
             if lowered == b"host":
                 hosts += 1
                 host = value
@@ -311,30 +321,23 @@ class ClientConnection(asyncio.Protocol):
         if upgrade and has_body:
             raise Reject(400, "an Upgrade request with a body is not supported")
 
-        drop = REQUEST_DROP
         if connection_values:
-            # RFC 9110 §7.6.1: the headers Connection names are hop-by-hop too — except
-            # X-Forwarded-For, which redlb always sets (a client cannot strip it).
-            drop = drop | (connection_tokens(connection_values) - {b"x-forwarded-for"})
-        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-        append = parts.append
-        for lowered, (name, value) in zip(lowered_names, self.headers, strict=True):
-            if lowered in drop or lowered == b"host" or lowered == b"x-forwarded-for":
-                continue
-            if b"_" in name:
-                continue  # X_Forwarded_For and X-Forwarded-For mean the same to CGI/WSGI
-            if chunked and lowered == b"content-length":
-                continue
-            append(b"%b: %b\r\n" % (name, value))
-        if host is not None:
-            append(b"Host: %b\r\n" % host)
-            append(b"X-Forwarded-Host: %b\r\n" % host)
-        forwarded_for.append(self.peer)
-        append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded_for))
-        append(b"X-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n" % self.peer)
+            # RFC 9110 §7.6.1: the fields Connection names are hop-by-hop too.  What redlb
+            # sets itself (framing, Host, X-Forwarded-*) is added after this, so a client
+            # cannot strip it this way.
+            named = connection_tokens(connection_values)
+            parts = [p for p in parts if p.partition(b":")[0].lower() not in named]
+            append = parts.append
+        parts[0] = b"%b %b HTTP/1.1\r\n" % (method, target)
         if chunked:
             append(b"Transfer-Encoding: chunked\r\n")
-        append(b"\r\n")
+        elif content_length >= 0:
+            append(b"Content-Length: %d\r\n" % content_length)
+        if host is not None:
+            append(b"Host: %b\r\nX-Forwarded-Host: %b\r\n" % (host, host))
+        forwarded_for.append(self.peer)
+        append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded_for))
+        append(b"X-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n\r\n" % self.peer)
         keep_alive = parser.should_keep_alive() and not self.ctx.draining
         return RequestHead(
             method=method,
@@ -408,8 +411,6 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.phase == _IDLE:
             self.deadline = time.monotonic() + self.ctx.config.keepalive_timeout
-            if not self.feeding:
-                self.parser = None  # between messages: nothing to keep (see __init__)
 
     # Timeouts, driven by the sweeper
 
@@ -432,6 +433,8 @@ class ClientConnection(asyncio.Protocol):
                 self._timeout_refusal()
             else:
                 self._close()  # idle keep-alive, or a client that stopped reading
+        elif self.phase == _IDLE and not self.queue and not self.feeding:
+            self.parser = None  # between messages: nothing to keep (see __init__)
 
     def drain(self) -> None:
         """Graceful shutdown: close now if idle, else after the response in flight."""

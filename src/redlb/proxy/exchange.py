@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from redlb.address import Backend
 from redlb.proxy import errors
-from redlb.proxy.rules import HOP_BY_HOP, connection_tokens
+from redlb.proxy.rules import connection_tokens
 from redlb.proxy.upstream import BackendConnections, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -197,7 +197,8 @@ class Exchange:
         self.attempts += 1
         self.backend = backend
         self.tried.append(backend)
-        self._release_slot()  # a retry gives back the slot of the failed attempt first
+        if self.slot is not None:
+            self._release_slot()  # a retry gives back the slot of the failed attempt first
         self.acquire(self.ctx.connections_to(backend))
 
     def acquire(self, conns: BackendConnections) -> None:
@@ -279,7 +280,8 @@ class Exchange:
         self.pending = []
         self.pending_bytes = 0
         conn.start(self, head, self.req.method == b"HEAD")
-        self.client.unpause_for_buffer()
+        if self.client.paused:
+            self.client.unpause_for_buffer()
 
     def _send_body(self, framed: bytes) -> None:
         replay = self.replay
@@ -301,49 +303,29 @@ class Exchange:
 
     # Driven by the upstream connection
 
-    def response_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        upstream_keep_alive: bool,
-        version: str,
-    ) -> bool:
+    def response_head(self, status: int, upstream_keep_alive: bool) -> bool:
         """Forward the response head; False means it is dropped and the request retried."""
+        upstream = self.upstream
+        assert upstream is not None
         if status in RETRY_STATUSES and self._can_retry(sent=True, elsewhere=True):
-            upstream = self.upstream
             self.upstream = None
-            if upstream is not None:
-                self.ctx.ejector.answered(upstream.owner.backend, status)
+            self.ctx.ejector.answered(upstream.owner.backend, status)
             self._retry(sent=True)
             return False
         req = self.req
         self.status = status
-        self.reason = reason
+        self.reason = upstream.reason
         self.upstream_keep_alive = upstream_keep_alive
         self.response_started = True
-        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-        has_length = False
-        chunked = False
-        connection_values = None
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered in HOP_BY_HOP:
-                if lowered == b"transfer-encoding":
-                    chunked = True
-                elif lowered == b"connection":
-                    connection_values = [*(connection_values or ()), value]
-                continue
-            if lowered == b"content-length":
-                has_length = True
-            parts.append(b"%b: %b\r\n" % (name, value))
-        if connection_values:
-            # Rare: the headers Connection names are hop-by-hop too (RFC 9110 §7.6.1).
-            named = connection_tokens(connection_values)
-            parts[1:] = [p for p in parts[1:] if p.partition(b":")[0].lower() not in named]
+        lines = upstream.lines
+        if upstream.connection:
+            # Rare: the fields Connection names are hop-by-hop too (RFC 9110 §7.6.1).
+            named = connection_tokens(upstream.connection)
+            lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, upstream.reason), *lines]
         if req.method == b"HEAD" or status in NO_BODY_STATUSES:
             pass
-        elif chunked or not has_length:
+        elif upstream.chunked or not upstream.has_length:
             if req.http10:
                 self.keep_client = False  # close-delimited: HTTP/1.0 knows no chunked
             else:

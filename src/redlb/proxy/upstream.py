@@ -19,6 +19,7 @@ import httptools
 
 from redlb.address import Backend
 from redlb.proxy import errors
+from redlb.proxy.rules import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from redlb.proxy.exchange import Exchange
@@ -98,14 +99,18 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "body_started",
         "broken",
+        "chunked",
         "closed",
+        "connection",
         "deadline",
         "exchange",
         "finished",
-        "header_bytes",
-        "headers",
+        "has_length",
+        "head_bytes",
+        "hop_by_hop",
         "idle_since",
         "in_body",
+        "lines",
         "no_body",
         "owner",
         "parser",
@@ -126,8 +131,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.no_body = False
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
+        # The head, sorted as it is parsed: end-to-end fields already serialised for the
+        # client, hop-by-hop ones counted, and only the framing facts kept from those.
+        self.lines: list[bytes] = []
+        self.hop_by_hop = 0
+        self.connection: list[bytes] = []  # Connection values naming more than keep-alive
+        self.has_length = False
+        self.chunked = False
+        self.head_bytes = 0  # wire bytes read while the head is incomplete
         self.in_body = False
         self.body_started = False
         self.finished = False
@@ -151,6 +162,8 @@ class UpstreamConnection(asyncio.Protocol):
             client.uncork()
 
     def _feed(self, data: bytes) -> None:
+        if not self.in_body:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -177,6 +190,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.finished:
             self._complete()
+        elif not self.in_body and self.head_bytes > MAX_RESPONSE_HEADER_BYTES:
+            # Counted per read, not per field: a head is bounded to within one read.
+            self.fail(errors.BAD_GATEWAY_TOO_BIG)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost does the rest
@@ -190,7 +206,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None:
             return
-        if self.in_body and not self.finished and self._close_delimited():
+        if self.in_body and not self.finished and not (self.has_length or self.chunked):
             # RFC 9112 §6.3 rule 8: the body ends at connection close.
             self.finished = True
             self._complete()
@@ -211,9 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, exchange: Exchange, head: bytes, no_body: bool) -> None:
         self.exchange = exchange
         self.no_body = no_body
-        self.reason = b""
-        self.headers = []
-        self.header_bytes = 0
+        self._new_head()
         self.in_body = False
         self.body_started = False
         self.finished = False
@@ -263,13 +277,19 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_body:
             return  # trailer fields: not forwarded
-        self.header_bytes += len(name) + len(value) + 4
-        self.headers.append((name, value))
-        if (
-            self.header_bytes > MAX_RESPONSE_HEADER_BYTES
-            or len(self.headers) > MAX_RESPONSE_HEADERS
-        ):
-            raise _TooBig
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP:
+            # RFC 9110 §7.6.1: never forwarded; only the framing and the names that
+            # Connection adds to the hop-by-hop set matter.
+            self.hop_by_hop += 1
+            if lowered == b"transfer-encoding":
+                self.chunked = True
+            elif lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                self.connection.append(value)
+            return
+        if lowered == b"content-length":
+            self.has_length = True
+        self.lines.append(b"%b: %b\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
         if self.finished:
@@ -281,15 +301,13 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:
             # Interim responses (100, 103) are consumed here: redlb already answered the
             # client's Expect itself, and 103 hints are optional (RFC 9110 §15.2).
-            self.reason = b""
-            self.headers = []
-            self.header_bytes = 0
+            self._new_head()
             return
+        if len(self.lines) + self.hop_by_hop > MAX_RESPONSE_HEADERS:
+            raise _TooBig
         self.in_body = True
         assert self.exchange is not None
-        accepted = self.exchange.response_head(
-            status, self.reason, self.headers, parser.should_keep_alive(), parser.get_http_version()
-        )
+        accepted = self.exchange.response_head(status, parser.should_keep_alive())
         if not accepted:
             raise _Abandoned
         if self.no_body:
@@ -312,12 +330,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     # Internals
 
-    def _close_delimited(self) -> bool:
-        for name, _ in self.headers:
-            lowered = name.lower()
-            if lowered in (b"content-length", b"transfer-encoding"):
-                return False
-        return True
+    def _new_head(self) -> None:
+        self.reason = b""
+        self.lines = []
+        self.hop_by_hop = 0
+        if self.connection:
+            self.connection = []
+        self.has_length = False
+        self.chunked = False
+        self.head_bytes = 0
 
     def _complete(self) -> None:
         exchange = self.exchange
@@ -325,6 +346,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = 0.0
         if exchange is not None:
             exchange.response_complete(self)
+
+
+# Connection values that name no other field: the common case, nothing more to drop.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
 class _TooBig(Exception):
