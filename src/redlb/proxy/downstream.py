@@ -56,6 +56,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "body_received",
         "body_started_at",
+        "checked_host",
         "chunk_wire",
         "chunks",
         "closing",
@@ -63,7 +64,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "deadline",
         "eof",
-        "feeding",
+        "forwarded",
         "header_bytes",
         "headers",
         "parser",
@@ -86,9 +87,9 @@ class ClientConnection(asyncio.Protocol):
         # an idle keep-alive connection holds no parser (about 0.6 KB with its callbacks),
         # while a busy one keeps its parser from one request to the next.
         self.parser: httptools.HttpRequestParser | None = None
-        self.feeding = False
         self.eof = False
         self.peer = b""
+        self.forwarded = b""  # the closing fields of every request head, made once
         self.queue: list[Exchange] = []  # pipelined requests; rarely more than one
         self.paused = 0
         self.corked: list[bytes] | None = None
@@ -97,6 +98,7 @@ class ClientConnection(asyncio.Protocol):
         self.phase = _IDLE
         self.deadline = 0.0
         self.body_started_at = 0.0
+        self.checked_host = b""  # clients repeat their Host: it is validated once
         # Per-request (parse side) state
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
@@ -112,6 +114,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's own class
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
+        self.forwarded = _forwarded_fields(self.peer, self.peer)
         self.ctx.clients.add(self)
         self.ctx.stats.client_connections += 1
         # Connecting and sending nothing is held to the header timeout too (slowloris).
@@ -149,20 +152,16 @@ class ClientConnection(asyncio.Protocol):
         in_chunked_body = self.parsing
         if in_chunked_body is not None and not in_chunked_body.req.chunked:
             in_chunked_body = None
-        self.feeding = True
-        try:
-            while True:
-                try:
-                    parser.feed_data(data)
+        while True:
+            try:
+                parser.feed_data(data)
+                break
+            except httptools.HttpParserUpgrade as upgrade:
+                # A non-CONNECT Upgrade request: on_headers_complete stripped Upgrade and
+                # made sure there is no body, so parsing simply goes on after it.
+                data = data[upgrade.args[0] :]
+                if not data:
                     break
-                except httptools.HttpParserUpgrade as upgrade:
-                    # A non-CONNECT Upgrade request: on_headers_complete stripped Upgrade and
-                    # made sure there is no body, so parsing simply goes on after it.
-                    data = data[upgrade.args[0] :]
-                    if not data:
-                        break
-        finally:
-            self.feeding = False
         if in_chunked_body is not None and in_chunked_body is self.parsing:
             # llhttp does not bound chunk extensions (RFC 9112 §7.1.1 says we ought to).
             self.chunk_wire += len(data)
@@ -304,8 +303,9 @@ class ClientConnection(asyncio.Protocol):
         if host is None:
             if not http10:
                 raise Reject(400, "missing Host header")
-        else:
+        elif host != self.checked_host:
             check_host(host)
+            self.checked_host = host
         target, host = normalise_target(method, self.url, host)
         allowed = self.ctx.config.allowed_hosts
         if allowed and (host is None or _host_name(host) not in allowed):
@@ -335,9 +335,11 @@ class ClientConnection(asyncio.Protocol):
             append(b"Content-Length: %d\r\n" % content_length)
         if host is not None:
             append(b"Host: %b\r\nX-Forwarded-Host: %b\r\n" % (host, host))
-        forwarded_for.append(self.peer)
-        append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded_for))
-        append(b"X-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n\r\n" % self.peer)
+        if forwarded_for:
+            forwarded_for.append(self.peer)
+            append(_forwarded_fields(b", ".join(forwarded_for), self.peer))
+        else:
+            append(self.forwarded)
         keep_alive = parser.should_keep_alive() and not self.ctx.draining
         return RequestHead(
             method=method,
@@ -433,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
                 self._timeout_refusal()
             else:
                 self._close()  # idle keep-alive, or a client that stopped reading
-        elif self.phase == _IDLE and not self.queue and not self.feeding:
+        elif self.phase == _IDLE and not self.queue:
             self.parser = None  # between messages: nothing to keep (see __init__)
 
     def drain(self) -> None:
@@ -490,6 +492,13 @@ class ClientConnection(asyncio.Protocol):
         self.paused &= ~reason
         if not self.paused and self.transport is not None and not self.closing:
             self.transport.resume_reading()
+
+
+def _forwarded_fields(forwarded_for: bytes, peer: bytes) -> bytes:
+    return b"X-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n\r\n" % (
+        forwarded_for,
+        peer,
+    )
 
 
 def _host_name(host: bytes) -> str:

@@ -209,7 +209,7 @@ class Exchange:
         timeout, then get a 503 — never an unbounded queue or a flood of connects.
         """
         self.queued_since = 0.0
-        conn = conns.take_idle(self.req.idempotent, time.monotonic())
+        conn = conns.take_idle(self.req.idempotent)
         if conn is not None:
             conns.busy += 1
             self.slot = conns

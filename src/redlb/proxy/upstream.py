@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -59,13 +60,13 @@ class BackendConnections:
             if exchange.queued_since and not exchange.done:
                 exchange.acquire(self)
 
-    def take_idle(self, idempotent: bool, now: float) -> UpstreamConnection | None:
+    def take_idle(self, idempotent: bool) -> UpstreamConnection | None:
         idle = self.idle
         while idle:
             conn = idle.pop()
             if conn.broken:
                 continue
-            if not idempotent and now - conn.idle_since > FRESH_ENOUGH_FOR_UNSAFE:
+            if not idempotent and time.monotonic() - conn.idle_since > FRESH_ENOUGH_FOR_UNSAFE:
                 conn.close()
                 continue
             return conn
@@ -154,45 +155,41 @@ class UpstreamConnection(asyncio.Protocol):
             self.broken = True  # rule 2
             self.close()
             return
-        client = exchange.client
-        client.cork()
-        try:
-            self._feed(data)
-        finally:
-            client.uncork()
-
-    def _feed(self, data: bytes) -> None:
         if not self.in_body:
             self.head_bytes += len(data)
+        client = exchange.client
+        client.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.fail(errors.BAD_GATEWAY_UPGRADE)
-            return
         except httptools.HttpParserError as exc:
-            # Exceptions raised in our callbacks arrive wrapped; the original is the context.
-            cause = exc.__context__
-            if isinstance(cause, _Abandoned):
-                # The exchange retries elsewhere; the rest of this response is never read.
-                self.exchange = None
-                self.broken = True
-                self.close()
-            elif isinstance(cause, _TooBig):
+            self._parse_failed(exc)
+        else:
+            if self.finished:
+                self._complete()
+            elif not self.in_body and self.head_bytes > MAX_RESPONSE_HEADER_BYTES:
+                # Counted per read, not per field: a head is bounded to within one read.
                 self.fail(errors.BAD_GATEWAY_TOO_BIG)
-            elif isinstance(cause, httptools.HttpParserUpgrade):
-                self.fail(errors.BAD_GATEWAY_UPGRADE)
-            else:
-                if cause is not None:
-                    log.error(
-                        "error handling a response from %s", self.owner.backend, exc_info=cause
-                    )
-                self.fail(errors.BAD_GATEWAY_GARBAGE)
-            return
-        if self.finished:
-            self._complete()
-        elif not self.in_body and self.head_bytes > MAX_RESPONSE_HEADER_BYTES:
-            # Counted per read, not per field: a head is bounded to within one read.
+        finally:
+            client.uncork()
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        # Exceptions raised in our callbacks arrive wrapped; the original is the context.
+        cause = exc.__context__
+        if isinstance(cause, _Abandoned):
+            # The exchange retries elsewhere; the rest of this response is never read.
+            self.exchange = None
+            self.broken = True
+            self.close()
+        elif isinstance(cause, _TooBig):
             self.fail(errors.BAD_GATEWAY_TOO_BIG)
+        elif isinstance(cause, httptools.HttpParserUpgrade):
+            self.fail(errors.BAD_GATEWAY_UPGRADE)
+        else:
+            if cause is not None:
+                log.error("error handling a response from %s", self.owner.backend, exc_info=cause)
+            self.fail(errors.BAD_GATEWAY_GARBAGE)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost does the rest
