@@ -116,6 +116,10 @@ def test_UPS_06_backend_never_answers(scripted):
         ("UPS-08", b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n"),
         ("UPS-09", b"just a body without any status line"),
         ("UPS-10", b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"h" * 256 * 1024 + b"\r\n\r\n"),
+        (
+            "UPS-10 fields",
+            b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 300 + b"Content-Length: 0\r\n\r\n",
+        ),
         ("UPS-12", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"),
         (
             "UPS-15",
