@@ -7,6 +7,7 @@ read from /proc for all of a proxy's processes; Redis commands per request from 
 
     make bench                       # or: .venv/bin/python bench/run.py
     BENCH_SECONDS=5 BENCH_ROUNDS=3   # per measurement, and rounds (defaults)
+    BENCH_TARGETS=nginx,redlb,relay  # a subset; "relay" adds bench/relay.py, the uvloop floor
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ def pinned(cpu: str, cmd: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(["taskset", "-c", cpu, *cmd], **kw)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of a process and all its live descendants, plus reaped children."""
-    total = 0.0
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its live descendants, plus reaped children."""
+    user = system = 0.0
     pids = [pid]
     try:
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
@@ -91,10 +92,11 @@ def cpu_seconds(pid: int) -> float:
     for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(x) for x in fields[11:15]) / TICKS
+            user += (int(fields[11]) + int(fields[13])) / TICKS
+            system += (int(fields[12]) + int(fields[14])) / TICKS
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return total
+    return user, system
 
 
 def backends_conf(tmp: Path, ports: list[int]) -> Path:
@@ -211,13 +213,16 @@ class Target:
         pid = self.process.pid
         run_wrk(self.port, path, min(connections, 50), 1)  # warm-up: pools, leases, caches
         cmds0 = int(self.redis.info("stats")["total_commands_processed"]) if self.redis else 0
-        cpu0 = cpu_seconds(pid)
+        user0, system0 = cpu_seconds(pid)
         result = run_wrk(self.port, path, connections)
-        cpu = cpu_seconds(pid) - cpu0
+        user1, system1 = cpu_seconds(pid)
         cmds = (
             (int(self.redis.info("stats")["total_commands_processed"]) - cmds0) if self.redis else 0
         )
-        result["cpu_us_per_req"] = cpu / max(result["requests"], 1) * 1e6
+        per_request = 1e6 / max(result["requests"], 1)
+        result["cpu_us_per_req"] = (user1 - user0 + system1 - system0) * per_request
+        result["user_us_per_req"] = (user1 - user0) * per_request
+        result["system_us_per_req"] = (system1 - system0) * per_request
         # INFO itself is one command on each side of the run.
         result["redis_per_req"] = max(cmds - 1, 0) / max(result["requests"], 1)
         return result
@@ -266,6 +271,11 @@ def main() -> None:
     if os.environ.get("BENCH_EXTRA"):  # e.g. "--no-access-log": one more redlb variant
         extra = os.environ["BENCH_EXTRA"].split()
         targets.append(Target(f"redlb {' '.join(extra)}", redlb(*extra), client))
+    if "relay" in os.environ.get("BENCH_TARGETS", ""):  # the uvloop floor: no HTTP at all
+        relay = [sys.executable, str(ROOT / "bench" / "relay.py")]
+        backends_arg = ",".join(map(str, backend_ports))
+        targets.append(Target("relay", lambda port: pinned(PROXY_CPU, [*relay, str(port), backends_arg],
+                                                           stderr=subprocess.DEVNULL)))  # fmt: skip
     if os.environ.get("BENCH_TARGETS"):  # e.g. "nginx,redlb"
         keep = os.environ["BENCH_TARGETS"].split(",")
         targets = [t for t in targets if t.name in keep or t.name.startswith("redlb --no")]

@@ -47,6 +47,10 @@ _CHUNK_OVERHEAD_PER_CHUNK = 64
 # Fields never forwarded as received: hop-by-hop ones, and those redlb writes itself.
 _SET_BY_REDLB = REQUEST_DROP | {b"host", b"content-length", b"x-forwarded-for"}
 
+# Busy connections keep their parser between requests while there are at most this many
+# connections; past it, a parser is dropped as soon as its connection goes idle.
+_KEEP_PARSERS_UP_TO = 2000
+
 # Parse phases of the connection, for timeouts.
 _IDLE, _HEADERS, _BODY = 0, 1, 2
 
@@ -413,6 +417,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.phase == _IDLE:
             self.deadline = time.monotonic() + self.ctx.config.keepalive_timeout
+            if len(self.ctx.clients) > _KEEP_PARSERS_UP_TO:
+                self.parser = None  # so many connections that memory comes first
 
     # Timeouts, driven by the sweeper
 
