@@ -24,7 +24,7 @@ from redlb.proxy.rules import (
     check_host,
     check_transfer_encoding,
     check_version,
-    connection_tokens,
+    drop_connection_named,
     normalise_target,
 )
 
@@ -87,9 +87,9 @@ class ClientConnection(asyncio.Protocol):
         self.ctx = ctx
         # Per-connection state
         self.transport: asyncio.Transport | None = None
-        # Made on the first byte of a request and dropped by the sweeper between messages:
-        # an idle keep-alive connection holds no parser (about 0.6 KB with its callbacks),
-        # while a busy one keeps its parser from one request to the next.
+        # Made on the first byte of a request and dropped by the sweeper between messages
+        # (or at once past _KEEP_PARSERS_UP_TO connections): an idle keep-alive connection
+        # holds no parser (about 0.6 KB with its callbacks), a busy one keeps its own.
         self.parser: httptools.HttpRequestParser | None = None
         self.eof = False
         self.peer = b""
@@ -329,8 +329,7 @@ class ClientConnection(asyncio.Protocol):
             # RFC 9110 §7.6.1: the fields Connection names are hop-by-hop too.  What redlb
             # sets itself (framing, Host, X-Forwarded-*) is added after this, so a client
             # cannot strip it this way.
-            named = connection_tokens(connection_values)
-            parts = [p for p in parts if p.partition(b":")[0].lower() not in named]
+            parts = drop_connection_named(parts, connection_values)
             append = parts.append
         parts[0] = b"%b %b HTTP/1.1\r\n" % (method, target)
         if chunked:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from redlb.address import Backend
 from redlb.proxy import errors
-from redlb.proxy.rules import connection_tokens
+from redlb.proxy.rules import drop_connection_named
 from redlb.proxy.upstream import BackendConnections, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -320,8 +320,7 @@ class Exchange:
         lines = upstream.lines
         if upstream.connection:
             # Rare: the fields Connection names are hop-by-hop too (RFC 9110 §7.6.1).
-            named = connection_tokens(upstream.connection)
-            lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
+            lines = drop_connection_named(lines, upstream.connection)
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, upstream.reason), *lines]
         if req.method == b"HEAD" or status in NO_BODY_STATUSES:
             pass

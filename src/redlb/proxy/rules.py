@@ -108,3 +108,9 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
             if token:
                 tokens.add(token)
     return tokens
+
+
+def drop_connection_named(lines: list[bytes], connection_values: list[bytes]) -> list[bytes]:
+    """Serialised field lines minus those Connection names: hop-by-hop too (RFC 9110 §7.6.1)."""
+    named = connection_tokens(connection_values)
+    return [line for line in lines if line.partition(b":")[0].lower() not in named]
