@@ -1,7 +1,8 @@
 """The access log: one line per request, written in batches to stdout.
 
-Each line begins as the seed printed it, ``GET / => 200 OK``, then the backend, the duration
-and the response body bytes.  Nothing is formatted when the log is off.
+Each line begins as the seed printed it, ``GET / => 200 OK``, then the backend, the duration,
+the response body bytes and, once routes are configured, ``route=MATCH`` (or
+``route=no route``).  Nothing is formatted when the log is off.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class AccessLog:
         backend: Backend | None,
         seconds: float,
         body_bytes: int,
+        route: bytes = b"",  # b"" while no routes are configured: the line stays as it was
     ) -> None:
         self.lines.append(
-            b"%b %b => %d %b  %b %.1fms %dB\n"
+            b"%b %b => %d %b  %b %.1fms %dB%b\n"
             % (
                 method,
                 target,
@@ -43,6 +45,7 @@ class AccessLog:
                 backend.label if backend is not None else b"-",
                 seconds * 1000,
                 body_bytes,
+                b" route=" + route if route else b"",
             )
         )
         if len(self.lines) >= FLUSH_LINES:

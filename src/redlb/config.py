@@ -25,6 +25,7 @@ class Config:
     redis_timeout: float = 0.25
     resync_interval: float = 1.0
     max_pool_entries: int = 10_000
+    hipache: bool = False  # route by Hipache's frontend:HOST lists instead of redlb:routes
 
     # Logging
     access_log: bool = True

@@ -113,7 +113,7 @@ async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
 
     async def show(ctx: ProxyContext) -> None:
         for _ in range(250):
-            if ctx.pool.healthy:
+            if ctx.pools[config.pool].pool.healthy:
                 break
             await asyncio.sleep(0.02)
         print(f"\nredlb listens on http://{host}:{port}/ ; sending {count} requests:\n", flush=True)

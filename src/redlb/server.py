@@ -25,22 +25,16 @@ import uvloop
 
 from redlb.accesslog import AccessLog
 from redlb.address import parse_listen
-from redlb.balancer.base import Strategy
-from redlb.balancer.leased import LeasedRoundRobin
-from redlb.balancer.strict import StrictRoundRobin
 from redlb.config import Config
-from redlb.health.active import HealthProber
-from redlb.health.passive import Ejector
-from redlb.pool import Pool
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
-from redlb.proxy.retry import RetryBudget
+from redlb.proxy.poolstate import PoolState
+from redlb.routing import RoutingTable
 from redlb.store.client import make_client, redact
 from redlb.store.embedded import EmbeddedRedis
-from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
-from redlb.store.rotation import CounterLease, Cursor, StrictCounter
-from redlb.store.sync import PoolSync
+from redlb.store.rotation import Cursor
+from redlb.store.routes import RouteSync
 
 log = logging.getLogger("redlb")
 
@@ -136,39 +130,32 @@ async def _worker(
     on_listening: Callable[[ProxyContext], Coroutine[Any, Any, None]] | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
-    keys = Keys(config.pool)
     link = RedisLink(make_client(url, config.redis_timeout), redact(url))
-    pool = Pool(config.eject_max_percent)
-    strategy: Strategy
-    lease: CounterLease | None = None
-    if config.rotation == "strict":
-        strategy = StrictRoundRobin(StrictCounter(link, keys.counter, config.redis_timeout))
-    else:
-        lease = CounterLease(link, keys.counter, config.redis_timeout, cursor)
-        strategy = LeasedRoundRobin(lease)
+    instance_id = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+
+    def make_state(name: str) -> PoolState:
+        # The --pool rotation is shared by this machine's workers; routed pools lease per worker.
+        return PoolState(name, config, link, cursor if name == config.pool else Cursor(),
+                         instance_id)  # fmt: skip
+
+    default = make_state(config.pool)
     ctx = ProxyContext(
         config=config,
-        pool=pool,
-        strategy=strategy,
-        ejector=Ejector(pool, link, keys, config),
+        table=RoutingTable.default(default, config.pool),
+        pools={config.pool: default},
         access_log=AccessLog(config.access_log),
         loop=loop,
-        budget=RetryBudget(config.retry_budget_percent, config.retry_min_concurrency),
     )
 
     async def primed() -> None:
+        lease = ctx.pools[config.pool].lease if config.pool in ctx.pools else None
         if lease is not None and not lease.cursor.values[1]:
             await lease.refill()
 
     background = [
-        loop.create_task(PoolSync(link, keys, pool, config, primed).run()),
+        loop.create_task(RouteSync(link, ctx, make_state, primed).run()),
         loop.create_task(_sweep(ctx)),
     ]
-    if config.health_path:
-        prober = HealthProber(
-            link, keys, pool, config, f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
-        )
-        background.append(loop.create_task(prober.run()))
 
     # The status listener comes first: /-/live answers while the pool is still unknown.
     status_server = None
@@ -183,7 +170,7 @@ async def _worker(
     # Take connections once the pool is known, so that a (re)started worker on a shared
     # SO_REUSEPORT port does not answer 503 meanwhile; without Redis, listen anyway.
     deadline = time.monotonic() + STARTUP_GRACE
-    while not pool.known and time.monotonic() < deadline:
+    while not ctx.known and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     host, port = parse_listen(config.listen)
     server = await loop.create_server(
@@ -195,10 +182,10 @@ async def _worker(
     )
     ctx.listening = True
     log.info(
-        "worker %d listening on %s (pool %r, rotation %s)%s",
+        "worker %d listening on %s (%s, rotation %s)%s",
         worker,
         config.listen,
-        config.pool,
+        f"pool {config.pool!r}" if ctx.table.single else f"{len(ctx.table.routes)} routes",
         config.rotation,
         f", status on {config.status_listen}" if config.status_listen else "",
     )
@@ -220,8 +207,8 @@ async def _worker(
         await asyncio.sleep(0.05)
     for client in list(ctx.clients):
         client.abort()
-    for conns in ctx.upstreams.values():
-        conns.close_all()
+    for state in ctx.pools.values():
+        state.close()
     if status_server is not None:
         status_server.close()
     for task in background:
@@ -240,7 +227,5 @@ async def _sweep(ctx: ProxyContext) -> None:
         now = time.monotonic()
         for client in list(ctx.clients):
             client.check_timeouts(now)
-        for conns in ctx.upstreams.values():
-            conns.expire(now)
-        if ctx.pool.ejected:
-            ctx.pool.rebuild()  # ejections end on time even without a resync
+        for state in ctx.pools.values():
+            state.expire(now)

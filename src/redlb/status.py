@@ -37,18 +37,46 @@ class ProxyCollector(Collector):
             ("redlb_client_connections", stats.client_connections, "Client connections"),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-        pool = self.ctx.pool
+        pools = list(self.ctx.pools.values())
+        members = sum(len(state.pool.members) for state in pools)
+        healthy = sum(len(state.pool.healthy) for state in pools)
         yield GaugeMetricFamily("redlb_redis_up", "1 when Redis answers", value=int(self.link.up))
-        yield GaugeMetricFamily("redlb_pool_members", "Valid pool entries", value=len(pool.members))
-        yield GaugeMetricFamily(
-            "redlb_pool_healthy", "Backends taking traffic", value=len(pool.healthy)
-        )
+        yield GaugeMetricFamily("redlb_pool_members", "Valid pool entries", value=members)
+        yield GaugeMetricFamily("redlb_pool_healthy", "Backends taking traffic", value=healthy)
+        yield from _per_route(self.ctx)
         yield GaugeMetricFamily(
             "redlb_active_requests", "Requests in flight", value=self.ctx.active_exchanges
         )
         yield GaugeMetricFamily(
             "redlb_open_connections", "Open client connections", value=len(self.ctx.clients)
         )
+
+
+def _per_route(ctx: ProxyContext) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Once routes are configured: each route with its pool's size, health and requests."""
+    table = ctx.table
+    if table.single is not None:
+        return
+    labels = ["route", "pool"]
+    members = GaugeMetricFamily(
+        "redlb_route_members", "Valid entries of the route's pool", labels=labels
+    )
+    healthy = GaugeMetricFamily(
+        "redlb_route_healthy", "Backends of the route's pool taking traffic", labels=labels
+    )
+    requests = CounterMetricFamily(
+        "redlb_pool_requests", "Requests routed to the pool", labels=["pool"]
+    )
+    for route in table.routes:
+        state = route.target
+        names = [route.label.decode(), state.name]
+        members.add_metric(names, len(state.pool.members))
+        healthy.add_metric(names, len(state.pool.healthy))
+    for name, state in ctx.pools.items():
+        requests.add_metric([name], state.requests)
+    yield members
+    yield healthy
+    yield requests
 
 
 class StatusProtocol(asyncio.Protocol):
@@ -114,7 +142,7 @@ def status_routes(
             return 503, b"text/plain", b"draining\n"
         if not ctx.listening:
             return 503, b"text/plain", b"not ready: starting\n"
-        if not ctx.pool.known:
+        if not ctx.known:
             return 503, b"text/plain", b"not ready: no pool read from Redis yet\n"
         return 200, b"text/plain", b"ready\n"
 

@@ -1,4 +1,4 @@
-"""What every connection of one worker shares: config, pool, strategy, upstreams, counters."""
+"""What every connection of one worker shares: config, routing table, pools, counters."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from redlb.accesslog import AccessLog
-from redlb.address import Backend
-from redlb.balancer.base import Strategy
 from redlb.config import Config
-from redlb.health.passive import Ejector
-from redlb.pool import Pool
-from redlb.proxy.retry import RetryBudget
-from redlb.proxy.upstream import BackendConnections
+from redlb.proxy.poolstate import PoolState
+from redlb.routing import RoutingTable
 
 if TYPE_CHECKING:
     from redlb.proxy.downstream import ClientConnection
@@ -36,24 +32,14 @@ class Stats:
 @dataclass(slots=True)
 class ProxyContext:
     config: Config
-    pool: Pool
-    strategy: Strategy
-    ejector: Ejector
+    # Which pool for a request: replaced whole by store/routes.py, never edited in place.
+    table: RoutingTable[PoolState]
+    pools: dict[str, PoolState]  # the pools the table routes to, by name
     access_log: AccessLog
     loop: asyncio.AbstractEventLoop
-    budget: RetryBudget = field(default_factory=RetryBudget)
     stats: Stats = field(default_factory=Stats)
-    # Keyed by Backend.key: a str hashes in C, and pool refreshes make new Backend objects.
-    upstreams: dict[str, BackendConnections] = field(default_factory=dict)
     clients: set[ClientConnection] = field(default_factory=set)
     active_exchanges: int = 0
+    known: bool = False  # routes and pools read from Redis at least once
     listening: bool = False
     draining: bool = False
-
-    def connections_to(self, backend: Backend) -> BackendConnections:
-        conns = self.upstreams.get(backend.key)
-        if conns is None:
-            conns = self.upstreams[backend.key] = BackendConnections(
-                backend, self.config.max_idle_per_backend, self.config.max_conns_per_backend
-            )
-        return conns

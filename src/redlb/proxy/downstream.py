@@ -27,6 +27,7 @@ from redlb.proxy.rules import (
     drop_connection_named,
     normalise_target,
 )
+from redlb.routing import BadPath
 
 log = logging.getLogger("redlb.downstream")
 
@@ -240,10 +241,10 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_received += len(body)
-        max_body = self.ctx.config.max_body
+        exchange = self.parsing
+        max_body = exchange.req.max_body if exchange is not None else self.ctx.config.max_body
         if max_body and self.body_received > max_body:
             raise Reject(413, "request body too large")
-        exchange = self.parsing
         if exchange is not None:
             exchange.request_body(body)
 
@@ -314,10 +315,17 @@ class ClientConnection(asyncio.Protocol):
         allowed = self.ctx.config.allowed_hosts
         if allowed and (host is None or _host_name(host) not in allowed):
             raise Reject(421, "this balancer does not serve that host")
+        table = self.ctx.table
+        route = table.single
+        if route is None:  # routes are configured: the forwarded target is the normalised one
+            try:
+                route, target = table.resolve(host, target)
+            except BadPath as exc:
+                raise Reject(400, str(exc)) from None
         chunked = bool(te_values)
         if chunked:
             check_transfer_encoding(te_values, http10)
-        max_body = self.ctx.config.max_body
+        max_body = route.target.config.max_body if route is not None else self.ctx.config.max_body
         if max_body and content_length > max_body:
             raise Reject(413, "request body too large")
         has_body = chunked or content_length > 0
@@ -336,7 +344,11 @@ class ClientConnection(asyncio.Protocol):
             append(b"Transfer-Encoding: chunked\r\n")
         elif content_length >= 0:
             append(b"Content-Length: %d\r\n" % content_length)
-        if host is not None:
+        if route is not None and route.host_header is not None:
+            append(b"Host: %b\r\n" % route.host_header)
+            if host is not None:
+                append(b"X-Forwarded-Host: %b\r\n" % host)
+        elif host is not None:
             append(b"Host: %b\r\nX-Forwarded-Host: %b\r\n" % (host, host))
         if forwarded_for:
             forwarded_for.append(self.peer)
@@ -353,6 +365,8 @@ class ClientConnection(asyncio.Protocol):
             http10=http10,
             idempotent=method in IDEMPOTENT_METHODS,
             expect_continue=expect_continue and has_body,
+            route=route,
+            max_body=max_body,
         )
 
     # Exchange interface

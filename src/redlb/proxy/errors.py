@@ -39,6 +39,7 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # The upstream-side failures an exchange can end with, as (status, detail).
 NO_BACKEND = (503, "no backend is available")
+NO_ROUTE = (404, "no route for this host and path")
 BACKEND_BUSY = (503, "the backend is at its connection limit")
 NOT_READY = (503, "the backend pool is not known yet")
 BAD_GATEWAY_REFUSED = (502, "the backend refused the connection")

@@ -24,6 +24,8 @@ from redlb.proxy.upstream import BackendConnections, UpstreamConnection
 if TYPE_CHECKING:
     from redlb.proxy.context import ProxyContext
     from redlb.proxy.downstream import ClientConnection
+    from redlb.proxy.poolstate import PoolState
+    from redlb.routing import Route
 
 # Up to this many request bytes are kept for a replay after the keep-alive race.
 REPLAY_LIMIT = 64 * 1024
@@ -46,6 +48,8 @@ class RequestHead:
     http10: bool
     idempotent: bool
     expect_continue: bool
+    route: Route[PoolState] | None = None  # None: routes are configured and none matched
+    max_body: int = 0  # the route's pool's limit (0 = unlimited)
 
 
 class Exchange:
@@ -74,6 +78,7 @@ class Exchange:
         "started",
         "status",
         "tried",
+        "up",
         "upstream",
         "upstream_keep_alive",
     )
@@ -82,6 +87,9 @@ class Exchange:
         self.ctx: ProxyContext = client.ctx
         self.client = client
         self.req = req
+        route = req.route
+        if route is not None:
+            self.up: PoolState = route.target  # the pool this request goes to
         # Request side
         self.pending: list[bytes] = []  # framed body bytes not yet written upstream
         self.pending_bytes = 0
@@ -116,11 +124,16 @@ class Exchange:
         self.started = time.monotonic()
         ctx = self.ctx
         ctx.active_exchanges += 1
-        ctx.budget.active_requests += 1
         ctx.stats.requests += 1
+        if self.req.route is None:
+            self._respond_error(errors.NO_ROUTE)
+            return
+        up = self.up
+        up.budget.active_requests += 1
+        up.requests += 1
         if self.req.expect_continue and not self.request_done:
             self.client.write(errors.CONTINUE_100)
-        if ctx.strategy.immediate:
+        if up.strategy.immediate:
             self._attempt()
         else:
             self.connect_task = ctx.loop.create_task(self._pick_then_attempt())
@@ -147,7 +160,7 @@ class Exchange:
         self._finish(log=self.response_started)
 
     def check_timeout(self, now: float) -> None:
-        if self.queued_since and now - self.queued_since > self.ctx.config.queue_timeout:
+        if self.queued_since and now - self.queued_since > self.up.config.queue_timeout:
             self._respond_error(errors.BACKEND_BUSY)  # _finish leaves the line
             return
         upstream = self.upstream
@@ -155,7 +168,7 @@ class Exchange:
             upstream.deadline = 0.0
             self.upstream = None
             upstream.detach()
-            self.ctx.ejector.failure(upstream.owner.backend)
+            self.up.ejector.failure(upstream.owner.backend)
             if self.response_started:
                 self.client.abort()
             else:
@@ -171,27 +184,27 @@ class Exchange:
             upstream.deadline = 0.0  # a slow reader is not a slow backend
         else:
             upstream.resume_reading()
-            upstream.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+            upstream.deadline = time.monotonic() + self.up.config.upstream_timeout
 
     # Picking and connecting
 
     async def _pick_then_attempt(self) -> None:
-        candidates = self.ctx.pool.healthy
+        candidates = self.up.pool.healthy
         if not candidates:
             self._no_backend()
             return
-        backend = await self.ctx.strategy.pick_async(candidates)
+        backend = await self.up.strategy.pick_async(candidates)
         self.connect_task = None
         if not self.done:
             self._attempt(backend)
 
     def _attempt(self, backend: Backend | None = None) -> None:
         if backend is None:
-            candidates = self.ctx.pool.healthy
+            candidates = self.up.pool.healthy
             if not candidates:
                 self._no_backend()
                 return
-            backend = self.ctx.strategy.pick(candidates)
+            backend = self.up.strategy.pick(candidates)
             if self.tried and backend in self.tried:
                 backend = _another(candidates, self.tried, backend)
         self.attempts += 1
@@ -199,7 +212,7 @@ class Exchange:
         self.tried.append(backend)
         if self.slot is not None:
             self._release_slot()  # a retry gives back the slot of the failed attempt first
-        self.acquire(self.ctx.connections_to(backend))
+        self.acquire(self.up.connections_to(backend))
 
     def acquire(self, conns: BackendConnections) -> None:
         """Take a connection to this backend: a pooled one, a new one, or a place in line.
@@ -217,7 +230,7 @@ class Exchange:
             self._attach(conn)
             return
         if conns.full():
-            if len(conns.waiters) >= self.ctx.config.max_queue_per_backend:
+            if len(conns.waiters) >= self.up.config.max_queue_per_backend:
                 self._respond_error(errors.BACKEND_BUSY)
                 return
             conns.waiters.append(self)
@@ -230,7 +243,7 @@ class Exchange:
     def _leave_queue(self) -> None:
         self.queued_since = 0.0
         if self.backend is not None:
-            waiters = self.ctx.connections_to(self.backend).waiters
+            waiters = self.up.connections_to(self.backend).waiters
             if self in waiters:
                 waiters.remove(self)
 
@@ -251,13 +264,13 @@ class Exchange:
                 ctx.loop.create_connection(
                     lambda: UpstreamConnection(conns), backend.host, backend.port
                 ),
-                ctx.config.connect_timeout,
+                self.up.config.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
             self.connect_task = None
             if self.done:
                 return
-            ctx.ejector.failure(backend)
+            self.up.ejector.failure(backend)
             timed_out = isinstance(exc, TimeoutError)
             reason = errors.CONNECT_TIMEOUT if timed_out else errors.BAD_GATEWAY_REFUSED
             self._retry_or_fail(reason, sent=False)
@@ -270,7 +283,7 @@ class Exchange:
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        conn.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+        conn.deadline = time.monotonic() + self.up.config.upstream_timeout
         pending = self.pending
         if self.replay is not None and self.attempts > 1:
             pending = self.replay  # a retry sends everything again
@@ -309,7 +322,7 @@ class Exchange:
         assert upstream is not None
         if status in RETRY_STATUSES and self._can_retry(sent=True, elsewhere=True):
             self.upstream = None
-            self.ctx.ejector.answered(upstream.owner.backend, status)
+            self.up.ejector.answered(upstream.owner.backend, status)
             self._retry(sent=True)
             return False
         req = self.req
@@ -351,7 +364,7 @@ class Exchange:
             self.client.write(data)
         upstream = self.upstream
         if upstream is not None and upstream.deadline:
-            upstream.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+            upstream.deadline = time.monotonic() + self.up.config.upstream_timeout
 
     def response_complete(self, conn: UpstreamConnection) -> None:
         if self.rechunk:
@@ -362,7 +375,7 @@ class Exchange:
             conn.owner.put_idle(conn, now)
         else:
             conn.detach()
-        self.ctx.ejector.answered(conn.owner.backend, self.status)
+        self.up.ejector.answered(conn.owner.backend, self.status)
         self._finish()
 
     def upstream_lost(self) -> None:
@@ -374,7 +387,7 @@ class Exchange:
 
     def upstream_failed(self, conn: UpstreamConnection, reason: tuple[int, str]) -> None:
         self.upstream = None
-        self.ctx.ejector.failure(conn.owner.backend)
+        self.up.ejector.failure(conn.owner.backend)
         if self.response_started:
             self.client.abort()
             return
@@ -395,15 +408,16 @@ class Exchange:
         otherwise a new connection to the same one may do (the keep-alive race).
         """
         ctx = self.ctx
-        if self.attempts >= ctx.config.max_connect_attempts:
+        up = self.up
+        if self.attempts >= up.config.max_connect_attempts:
             return False
-        healthy = ctx.pool.healthy
+        healthy = up.pool.healthy
         if not healthy or (elsewhere and all(b in self.tried for b in healthy)):
             return False
         if sent and not (self.req.idempotent and self.replay is not None and not self.replayed):
             return False
         if not self.retrying:
-            if not ctx.budget.try_acquire():
+            if not up.budget.try_acquire():
                 ctx.stats.retries_refused += 1
                 return False
             self.retrying = True
@@ -416,7 +430,7 @@ class Exchange:
         self._attempt()
 
     def _no_backend(self) -> None:
-        reason = errors.NO_BACKEND if self.ctx.pool.known else errors.NOT_READY
+        reason = errors.NO_BACKEND if self.up.pool.known else errors.NOT_READY
         self._respond_error(reason)
 
     def _respond_error(self, reason: tuple[int, str]) -> None:
@@ -438,9 +452,11 @@ class Exchange:
         self._release_slot()
         ctx = self.ctx
         ctx.active_exchanges -= 1
-        ctx.budget.active_requests -= 1
-        if self.retrying:
-            ctx.budget.release()
+        route = self.req.route
+        if route is not None:
+            self.up.budget.active_requests -= 1
+            if self.retrying:
+                self.up.budget.release()
         if log and ctx.access_log.enabled:
             ctx.access_log.request(
                 self.req.method,
@@ -450,6 +466,7 @@ class Exchange:
                 self.backend,
                 time.monotonic() - self.started,
                 self.bytes_out,
+                route.label if route is not None else b"no route",
             )
         self.client.exchange_finished(self)
 

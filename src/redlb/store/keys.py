@@ -29,6 +29,24 @@ Given a pool key ``P`` (default ``servers``):
 ``__keyspace@{db}__:{P}`` (keyspace notifications)
     How plain redis-cli edits of ``P`` reach redlb in milliseconds; a 1 s resync is the
     fallback when notifications are off or a message is lost.
+``redlb:{P}:settings`` (HASH, owned by the user)
+    Per-pool settings over the ``serve`` flags (``redlb pool set``): ``rotation``,
+    ``health_path``, ``health_interval``, ``connect_timeout``, ``upstream_timeout``,
+    ``retry_attempts``, ``retry_budget``, ``max_conns``, ``max_body``.  A bad value is skipped
+    with one warning naming the key.
+
+Routing (one hash for the whole fleet):
+
+``redlb:routes`` (HASH, owned by the user)
+    field = MATCH, value = ``POOL [strip-prefix] [host=NAME]``.  MATCH is ``host/path``,
+    ``*.suffix/path`` (any depth of subdomain) or ``/path`` (any host); ``redis-cli HSET
+    redlb:routes api.example.com/ api`` sends that host to the pool (list) ``api``.  While the
+    hash is empty or missing, everything goes to ``--pool`` (``servers``) as before.
+``redlb:routes:events`` (pub/sub channel)
+    ``redlb route`` publishes here after an edit; redis-cli edits arrive as keyspace events.
+    One pub/sub connection per process listens to this, the routes hash and every routed pool.
+``frontend:{HOST}`` (LIST, Hipache's schema, read with ``serve --hipache``)
+    First element an identifier, then backend URLs; ``frontend:*.example.com`` for wildcards.
 """
 
 from __future__ import annotations
@@ -36,6 +54,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from redlb.address import Backend
+
+ROUTES = "redlb:routes"
+ROUTES_EVENTS = "redlb:routes:events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +78,10 @@ class Keys:
     @property
     def events(self) -> str:
         return f"redlb:{self.pool}:events"
+
+    @property
+    def settings(self) -> str:
+        return f"redlb:{self.pool}:settings"
 
     def health(self, backend: Backend) -> str:
         return f"redlb:{self.pool}:health:{backend.key}"

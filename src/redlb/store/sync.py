@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
 from redlb.address import Backend, InvalidAddress, parse_backend
@@ -75,9 +76,7 @@ class PoolSync:
         db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
         pubsub = client.pubsub()
         try:
-            await asyncio.wait_for(
-                pubsub.subscribe(self.keys.keyspace_channel(db), self.keys.events), timeout
-            )
+            await asyncio.wait_for(self.subscribe(pubsub, db), timeout)
             await self.sync_once()
             if self.on_connected is not None:
                 await self.on_connected()
@@ -86,10 +85,18 @@ class PoolSync:
                     ignore_subscribe_messages=True, timeout=self.config.resync_interval
                 )
                 while message is not None:  # coalesce a burst of edits into one read
+                    self.note(message)
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
                 await self.sync_once()
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def subscribe(self, pubsub: PubSub, db: int) -> None:
+        """What to listen to (store/routes.py listens to every routed pool on this one)."""
+        await pubsub.subscribe(self.keys.keyspace_channel(db), self.keys.events)
+
+    def note(self, message: dict[str, Any]) -> None:
+        """A message arrived; the next sync_once runs after the burst (routes.py reads it)."""
 
     async def _enable_notifications(self, client: Redis) -> None:
         """Turn on list/generic keyspace events if we may; else rely on the resync."""
@@ -101,9 +108,10 @@ class PoolSync:
             flags = _text(
                 raw.get(b"notify-keyspace-events") or raw.get("notify-keyspace-events", "")
             )
-            if "K" in flags and ("A" in flags or ("l" in flags and "g" in flags)):
+            # l, g: the pool lists; h: the routes and settings hashes.
+            if "K" in flags and ("A" in flags or all(c in flags for c in "lgh")):
                 return
-            wanted = "".join(sorted(set(flags) | set("Klg")))
+            wanted = "".join(sorted(set(flags) | set("Klgh")))
             await asyncio.wait_for(
                 client.config_set("notify-keyspace-events", wanted), self.config.redis_timeout
             )

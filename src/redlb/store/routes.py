@@ -1,0 +1,295 @@
+"""Routes, pools and pool settings from Redis -> the routing table the data path asks.
+
+Rules:
+1. One pub/sub connection per process listens to everything: the routes hash, its events
+   channel, and the list, events channel and settings hash of every routed pool.  A message
+   re-reads only what it names; a full resync runs every ``resync_interval`` regardless.
+2. A new table is complete before it is swapped in (one assignment): every pool it routes to
+   has been read, so a request sees the old table or the new one, never a route without its
+   pool.  Big tables are parsed in slices with the event loop free in between.
+3. Bad data never stops the rest: a malformed route or a bad setting is skipped with one
+   warning (again only if it goes away and comes back); a pool that is empty or missing
+   answers 503.
+4. No route configured: the table is the seed's single pool (``--pool``), untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio.client import PubSub
+
+from redlb.address import Backend
+from redlb.routing import BadRoute, RouteSpec, RoutingTable, parse_route
+from redlb.routing.hipache import SCAN_PATTERN, frontend_route
+from redlb.routing.settings import parse_settings, resolve
+from redlb.store.keys import ROUTES, ROUTES_EVENTS
+from redlb.store.link import RedisLink
+from redlb.store.sync import PoolSync, _text
+
+if TYPE_CHECKING:
+    from redlb.proxy.context import ProxyContext
+    from redlb.proxy.poolstate import PoolState
+
+log = logging.getLogger("redlb.routes")
+
+SLICE = 500  # routes parsed, or pools read, between two yields to the event loop
+MAX_ROUTES = 100_000
+
+
+class RouteSync(PoolSync):
+    def __init__(
+        self,
+        link: RedisLink,
+        ctx: ProxyContext,
+        make_state: Callable[[str], PoolState],
+        on_connected: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        default = ctx.table.routes[0].target
+        super().__init__(link, default.keys, default.pool, ctx.config, on_connected)
+        self.ctx = ctx
+        self.make_state = make_state
+        self.hipache = ctx.config.hipache
+        self.states: dict[str, PoolState] = dict(ctx.pools)
+        self.specs: list[RouteSpec] = []
+        self.raw_routes: Any = None  # what was last read, to skip identical rebuilds
+        self.parsed: dict[tuple[bytes, bytes], RouteSpec | str] = {}
+        self.warned_routes: set[tuple[bytes, bytes]] = set()
+        self.warned_settings: dict[str, set[str]] = {}
+        self.raw_settings: dict[str, Any] = {}
+        # What the messages since the last sync named.
+        self.routes_dirty = True
+        self.dirty_pools: set[str] = set()
+        self.last_full = 0.0
+        # Subscriptions
+        self.pubsub: PubSub | None = None
+        self.db = 0
+        self.subscribed: set[str] = set()
+        self.channel_pool: dict[bytes, str] = {}
+
+    # Subscriptions (PoolSync's session calls these)
+
+    async def subscribe(self, pubsub: PubSub, db: int) -> None:
+        self.pubsub = pubsub
+        self.db = db
+        self.subscribed = set()
+        if self.hipache:
+            await pubsub.psubscribe(f"__keyspace@{db}__:{SCAN_PATTERN}")
+        await self._resubscribe()
+
+    def _channels(self) -> dict[str, str | None]:
+        """channel -> the pool it concerns (None: the routes)."""
+        db = self.db
+        channels: dict[str, str | None] = {
+            f"__keyspace@{db}__:{ROUTES}": None,
+            ROUTES_EVENTS: None,
+        }
+        for name, state in self.states.items():
+            keys = state.keys
+            channels[keys.keyspace_channel(db)] = name
+            channels[keys.events] = name
+            channels[f"__keyspace@{db}__:{keys.settings}"] = name
+        return channels
+
+    async def _resubscribe(self) -> None:
+        pubsub = self.pubsub
+        if pubsub is None:
+            return
+        channels = self._channels()
+        self.channel_pool = {k.encode(): v for k, v in channels.items() if v is not None}
+        wanted = set(channels)
+        new = wanted - self.subscribed
+        gone = self.subscribed - wanted
+        if new:
+            await pubsub.subscribe(*new)
+        if gone:
+            await pubsub.unsubscribe(*gone)
+        self.subscribed = wanted
+
+    def note(self, message: dict[str, Any]) -> None:
+        channel = message.get("channel")
+        pool = self.channel_pool.get(channel) if isinstance(channel, bytes) else None
+        if pool is None or message.get("type") == "pmessage":
+            self.routes_dirty = True  # the routes, or (Hipache) any frontend list
+        else:
+            self.dirty_pools.add(pool)
+
+    # Reading
+
+    async def sync_once(self) -> None:
+        now = time.monotonic()
+        full = now - self.last_full >= self.config.resync_interval
+        if not (full or self.routes_dirty or self.dirty_pools):
+            return  # a subscribe confirmation, not an edit
+        if full:
+            self.last_full = now
+        routes_changed = False
+        if full or self.routes_dirty:
+            self.routes_dirty = False
+            specs = await self._read_routes()
+            if specs is not None:
+                self.specs = specs
+                routes_changed = True
+        wanted = self._wanted_pools()
+        fresh = [name for name in wanted if name not in self.states]
+        for name in fresh:
+            self.states[name] = self.make_state(name)
+        dirty, self.dirty_pools = self.dirty_pools, set()
+        to_read = list(wanted) if full else [n for n in wanted if n in dirty or n in fresh]
+        for start in range(0, len(to_read), SLICE):
+            await self._read_pools([self.states[n] for n in to_read[start : start + SLICE]])
+        await self.link.check_master(self.config.redis_timeout)
+        self.link.mark_up()
+        if routes_changed or fresh or not self.ctx.known:
+            await self._swap(wanted)
+        self.ctx.known = True
+
+    def _wanted_pools(self) -> list[str]:
+        if not self.specs and not self.hipache:
+            return [self.config.pool]
+        return list(dict.fromkeys(spec.pool for spec in self.specs))
+
+    async def _read_routes(self) -> list[RouteSpec] | None:
+        """The routes as now in Redis, or None when they did not change."""
+        client = self.link.client
+        timeout = self.config.redis_timeout
+        if self.hipache:
+            keys = sorted(
+                [k async for k in client.scan_iter(match=SCAN_PATTERN, count=1000)][:MAX_ROUTES]
+            )
+            raw: Any = keys
+        else:
+            raw = await asyncio.wait_for(client.hgetall(ROUTES), timeout + 1e-5 * len(self.parsed))
+        if raw == self.raw_routes:
+            return None
+        self.raw_routes = raw
+        items: Iterable[tuple[bytes, bytes]] = (
+            ((k, b"") for k in raw) if self.hipache else raw.items()
+        )
+        specs: list[RouteSpec] = []
+        parsed: dict[tuple[bytes, bytes], RouteSpec | str] = {}
+        bad: set[tuple[bytes, bytes]] = set()
+        for count, item in enumerate(items, 1):
+            spec = self.parsed.get(item)
+            if spec is None:
+                spec = self._parse(*item)
+            parsed[item] = spec
+            if isinstance(spec, str):
+                bad.add(item)
+                if item not in self.warned_routes:
+                    log.warning("skipping route %s", spec)
+            else:
+                specs.append(spec)
+            if count % SLICE == 0:
+                await asyncio.sleep(0)
+        self.parsed = parsed
+        self.warned_routes = bad
+        return specs
+
+    def _parse(self, field: bytes, value: bytes) -> RouteSpec | str:
+        shown = field[:80].decode("utf-8", "backslashreplace")
+        try:
+            if self.hipache:
+                return frontend_route(field.decode("utf-8"))
+            return parse_route(field.decode("utf-8"), value.decode("utf-8"))
+        except UnicodeDecodeError:
+            return f"{shown!r}: not UTF-8"
+        except BadRoute as exc:
+            return f"{shown!r}: {exc}"
+
+    async def _read_pools(self, states: list[PoolState]) -> None:
+        """List, epoch, drain set and settings of each pool, then health and ejections."""
+        client = self.link.client
+        timeout = self.config.redis_timeout + 0.002 * len(states)
+        cap = self.config.max_pool_entries
+        start_of = {spec.pool: spec.list_start for spec in self.specs}
+        pipe = client.pipeline(transaction=False)
+        for state in states:
+            keys = state.keys
+            first = start_of.get(state.name, 0)
+            pipe.type(keys.pool)
+            pipe.lrange(keys.pool, first, first + cap - 1)
+            pipe.exists(keys.epoch)
+            pipe.smembers(keys.draining)
+            pipe.hgetall(keys.settings)
+        replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout)
+        read: list[tuple[PoolState, list[Backend] | None, Any]] = []
+        epochs: list[str] = []
+        for i, state in enumerate(states):
+            kind_raw, entries, epoch, draining_raw, settings_raw = replies[5 * i : 5 * i + 5]
+            if isinstance(kind_raw, Exception):
+                raise kind_raw
+            members = state.sync._members(_text(kind_raw), entries, bool(epoch))
+            if members is not None and not epoch:
+                epochs.append(state.keys.epoch)
+            self._apply_settings(state, settings_raw)
+            read.append((state, members, draining_raw))
+        pipe = client.pipeline(transaction=False)
+        for key in epochs:
+            pipe.set(key, "1", nx=True)
+        plan: list[tuple[PoolState, list[Backend] | None, Any, list[Backend]]] = []
+        for state, members, draining_raw in read:
+            known = members if members is not None else list(state.pool.members)
+            unique = list(dict.fromkeys(known))
+            if unique:
+                pipe.mget([state.keys.health(b) for b in unique])
+                for backend in unique:
+                    pipe.pttl(state.keys.ejected(backend))
+            plan.append((state, members, draining_raw, unique))
+        status = await asyncio.wait_for(pipe.execute(), timeout) if len(pipe) else []
+        at = len(epochs)
+        for state, members, draining_raw, unique in plan:
+            down: list[Backend] = []
+            ejected: dict[Backend, float] = {}
+            if unique:
+                health = status[at]
+                ttls = status[at + 1 : at + 1 + len(unique)]
+                at += 1 + len(unique)
+                down = [b for b, s in zip(unique, health, strict=True) if s == b"down"]
+                ejected = {b: ms / 1000.0 for b, ms in zip(unique, ttls, strict=True) if ms > 0}
+            state.pool.update(
+                members=members,
+                down=down,
+                draining=state.sync._parse_set(draining_raw),
+                ejected=ejected,
+            )
+
+    def _apply_settings(self, state: PoolState, raw: Any) -> None:
+        if isinstance(raw, Exception):
+            log.error("cannot read %s: %s", state.keys.settings, raw)
+            return
+        if raw == self.raw_settings.get(state.name):
+            return
+        self.raw_settings[state.name] = raw
+        text = {_text(k): v.decode("utf-8", "replace") for k, v in raw.items()}
+        overrides, problems = parse_settings(text)
+        warned = self.warned_settings.get(state.name, set())
+        for problem in problems:
+            if problem not in warned:
+                log.warning("pool %r: skipping %s", state.name, problem)
+        self.warned_settings[state.name] = set(problems)
+        state.reconfigure(resolve(self.config, overrides))
+
+    async def _swap(self, wanted: list[str]) -> None:
+        ctx = self.ctx
+        targets = {name: self.states[name] for name in wanted}
+        if not self.specs and not self.hipache:
+            table = RoutingTable.default(targets[self.config.pool], self.config.pool)
+        else:
+            table = RoutingTable.build(self.specs, targets, ctx.table.version + 1)
+        for state in targets.values():
+            state.start_prober()
+        ctx.table = table  # the one assignment every request sees either side of
+        ctx.pools = targets
+        for name in [n for n in self.states if n not in targets]:
+            self.states.pop(name).retire()
+            self.raw_settings.pop(name, None)
+            self.warned_settings.pop(name, None)
+        if not table.single:
+            log.info("routing table %d: %d routes over %d pools", table.version,
+                     len(table.routes), len(targets))  # fmt: skip
+        await self._resubscribe()
