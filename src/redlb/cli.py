@@ -62,6 +62,11 @@ def main() -> None:
 )
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
 @click.option(
+    "--hipache",
+    is_flag=True,
+    help="Route by Hipache's frontend:HOST lists (identifier, then backend URLs).",
+)
+@click.option(
     "--status-listen",
     default="127.0.0.1:8100",
     show_default=True,
@@ -312,3 +317,10 @@ def demo(listen: str, state_dir: str, count: int, exit_after: bool) -> None:
     from redlb.demo import run_demo
 
     run_demo(listen, state_dir, count, exit_after)
+
+
+# The route and pool commands live in their own module; registered here, once main exists.
+from redlb.cli_routes import pool_group, route  # noqa: E402
+
+main.add_command(route)
+main.add_command(pool_group)
