@@ -126,7 +126,8 @@ class Exchange:
         ctx.active_exchanges += 1
         ctx.stats.requests += 1
         if self.req.route is None:
-            self._respond_error(errors.NO_ROUTE)
+            if self.request_done:  # else request_complete answers, keeping the connection
+                self._respond_error(errors.NO_ROUTE)
             return
         up = self.up
         up.budget.active_requests += 1
@@ -139,12 +140,17 @@ class Exchange:
             self.connect_task = ctx.loop.create_task(self._pick_then_attempt())
 
     def request_body(self, data: bytes) -> None:
+        if self.req.route is None:
+            return  # no route: the body is read and dropped, then 404
         self.body_bytes += len(data)
         framed = b"%x\r\n%b\r\n" % (len(data), data) if self.req.chunked else data
         self._send_body(framed)
 
     def request_complete(self) -> None:
         self.request_done = True
+        if self.req.route is None and self.started:
+            self._respond_error(errors.NO_ROUTE)
+            return
         if self.req.chunked:
             self._send_body(b"0\r\n\r\n")
 
