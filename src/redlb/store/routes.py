@@ -30,6 +30,7 @@ from redlb.routing.settings import parse_settings, resolve
 from redlb.store.keys import ROUTES, ROUTES_EVENTS
 from redlb.store.link import RedisLink
 from redlb.store.sync import PoolSync, _text
+from redlb.store.weights import parse_up_since, parse_weights, queue_up_since
 
 if TYPE_CHECKING:
     from redlb.proxy.context import ProxyContext
@@ -61,6 +62,7 @@ class RouteSync(PoolSync):
         self.warned_routes: set[tuple[bytes, bytes]] = set()
         self.warned_settings: dict[str, set[str]] = {}
         self.raw_settings: dict[str, Any] = {}
+        self.warned_weights: dict[str, set[str]] = {}
         # What the messages since the last sync named.
         self.routes_dirty = True
         self.dirty_pools: set[str] = set()
@@ -93,6 +95,7 @@ class RouteSync(PoolSync):
             channels[keys.keyspace_channel(db)] = name
             channels[keys.events] = name
             channels[f"__keyspace@{db}__:{keys.settings}"] = name
+            channels[f"__keyspace@{db}__:{keys.weights}"] = name
         return channels
 
     async def _resubscribe(self) -> None:
@@ -216,17 +219,21 @@ class RouteSync(PoolSync):
             pipe.exists(keys.epoch)
             pipe.smembers(keys.draining)
             pipe.hgetall(keys.settings)
+            pipe.hgetall(keys.weights)
         replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout)
         read: list[tuple[PoolState, list[Backend] | None, Any]] = []
         epochs: list[str] = []
         for i, state in enumerate(states):
-            kind_raw, entries, epoch, draining_raw, settings_raw = replies[5 * i : 5 * i + 5]
+            kind_raw, entries, epoch, draining_raw, settings_raw, weights_raw = replies[
+                6 * i : 6 * i + 6
+            ]
             if isinstance(kind_raw, Exception):
                 raise kind_raw
             members = state.sync._members(_text(kind_raw), entries, bool(epoch))
             if members is not None and not epoch:
                 epochs.append(state.keys.epoch)
             self._apply_settings(state, settings_raw)
+            self._apply_weights(state, weights_raw)
             read.append((state, members, draining_raw))
         pipe = client.pipeline(transaction=False)
         for key in epochs:
@@ -240,6 +247,10 @@ class RouteSync(PoolSync):
                 for backend in unique:
                     pipe.pttl(state.keys.ejected(backend))
             plan.append((state, members, draining_raw, unique))
+        ramps: list[tuple[PoolState, int]] = []
+        for state, *_ in plan:
+            if state.pool.slow_start > 0:
+                ramps.append((state, queue_up_since(pipe, state.keys, state.pool)))
         status = await asyncio.wait_for(pipe.execute(), timeout) if len(pipe) else []
         at = len(epochs)
         for state, members, draining_raw, unique in plan:
@@ -257,6 +268,22 @@ class RouteSync(PoolSync):
                 draining=state.sync._parse_set(draining_raw),
                 ejected=ejected,
             )
+        for state, queued in ramps:
+            at += queued
+            state.pool.update(up_since=parse_up_since(status[at - 1]))
+
+    def _apply_weights(self, state: PoolState, raw: Any) -> None:
+        if isinstance(raw, Exception):
+            log.error("cannot read %s: %s", state.keys.weights, raw)
+            return
+        weights, problems = parse_weights(raw)
+        warned = self.warned_weights.get(state.name, set())
+        for problem in problems:
+            if problem not in warned:
+                log.warning("pool %r: skipping %s", state.name, problem)
+        self.warned_weights[state.name] = set(problems)
+        if weights != state.pool.weights:
+            state.pool.weights = weights  # the update below rebuilds the snapshot
 
     def _apply_settings(self, state: PoolState, raw: Any) -> None:
         if isinstance(raw, Exception):
@@ -289,6 +316,7 @@ class RouteSync(PoolSync):
             self.states.pop(name).retire()
             self.raw_settings.pop(name, None)
             self.warned_settings.pop(name, None)
+            self.warned_weights.pop(name, None)
         if not table.single:
             log.info("routing table %d: %d routes over %d pools", table.version,
                      len(table.routes), len(targets))  # fmt: skip

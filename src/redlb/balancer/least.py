@@ -1,0 +1,48 @@
+"""Least outstanding requests, fleet-wide, by the power of two choices (P2C).
+
+Two distinct candidates are drawn at random and the one with fewer requests in flight wins
+(divided by weight: Envoy's weighted least request).  In flight means this instance's exact
+count plus every other instance's last published count (balancer/load.py), so ten instances
+do not all pile onto the one backend that each of them alone thinks idle.  P2C rather than
+a full scan: O(1) per pick, and stale counts do not make every instance herd onto the same
+"least loaded" backend at once (Mitzenmacher; Envoy's and Traefik's default).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from redlb.address import Backend
+from redlb.balancer.base import Strategy, weights_of
+from redlb.balancer.load import LoadView
+
+
+class LeastOutstanding(Strategy):
+    name = "least_outstanding"
+    counts = True
+    fleet = True
+
+    def __init__(self, load: LoadView, rand: Callable[[], float] | None = None) -> None:
+        self.load = load
+        self.rand = rand or random.Random().random
+
+    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        rand = self.rand
+        i = int(rand() * n)
+        j = int(rand() * (n - 1))
+        if j >= i:
+            j += 1
+        a, b = candidates[i], candidates[j]
+        load = self.load
+        local, others = load.local, load.others
+        ka, kb = a.key, b.key
+        cost_a = local.get(ka, 0) + others.get(ka, 0) + 1
+        cost_b = local.get(kb, 0) + others.get(kb, 0) + 1
+        weights = weights_of(candidates)
+        if weights:
+            return a if cost_a * weights[j] <= cost_b * weights[i] else b
+        return a if cost_a <= cost_b else b
