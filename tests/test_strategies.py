@@ -140,6 +140,7 @@ def test_peak_ewma_avoids_a_slow_backend_at_once_and_forgives_it_slowly() -> Non
     load.finished(slow, 0.01)  # one fast answer: the average decays, it does not jump down
     assert load.ewma(slow) > 0.15
     now[0] = 100.0
+    assert load.ewma(slow) < 0.001  # no news for long: tried again
     load.started(slow)
     load.finished(slow, 0.01)
     assert load.ewma(slow) < 0.02

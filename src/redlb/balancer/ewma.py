@@ -32,9 +32,7 @@ class PeakEwma(Strategy):
 
     def _cost(self, backend: Backend) -> float:
         load = self.load
-        latency = load.latency
-        ewma = latency.get(backend.key, UNMEASURED) if latency is not None else UNMEASURED
-        return max(ewma, UNMEASURED) * (load.outstanding(backend) + 1)
+        return max(load.ewma(backend, UNMEASURED), UNMEASURED) * (load.outstanding(backend) + 1)
 
     def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
         n = len(candidates)

@@ -5,7 +5,9 @@ Two distinct candidates are drawn at random and the one with fewer requests in f
 count plus every other instance's last published count (balancer/load.py), so ten instances
 do not all pile onto the one backend that each of them alone thinks idle.  P2C rather than
 a full scan: O(1) per pick, and stale counts do not make every instance herd onto the same
-"least loaded" backend at once (Mitzenmacher; Envoy's and Traefik's default).
+"least loaded" backend at once (Mitzenmacher; Envoy's and Traefik's default).  Pools of up
+to ``SCAN_UP_TO`` backends are scanned whole (from a random start): there P2C's pair leaves
+out the best backend a third of the time or more, and a scan costs as little.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable, Sequence
 from redlb.address import Backend
 from redlb.balancer.base import Strategy, weights_of
 from redlb.balancer.load import LoadView
+
+SCAN_UP_TO = 4
 
 
 class LeastOutstanding(Strategy):
@@ -31,18 +35,34 @@ class LeastOutstanding(Strategy):
         n = len(candidates)
         if n == 1:
             return candidates[0]
+        load = self.load
+        local, others = load.local, load.others
+        weights = weights_of(candidates)
         rand = self.rand
+        if n <= SCAN_UP_TO:
+            start = int(rand() * n)
+            best = candidates[start]
+            best_cost = (local.get(best.key, 0) + others.get(best.key, 0) + 1) / (
+                weights[start] if weights else 1
+            )
+            for offset in range(1, n):
+                index = (start + offset) % n
+                backend = candidates[index]
+                key_ = backend.key
+                cost = (local.get(key_, 0) + others.get(key_, 0) + 1) / (
+                    weights[index] if weights else 1
+                )
+                if cost < best_cost:
+                    best, best_cost = backend, cost
+            return best
         i = int(rand() * n)
         j = int(rand() * (n - 1))
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]
-        load = self.load
-        local, others = load.local, load.others
         ka, kb = a.key, b.key
         cost_a = local.get(ka, 0) + others.get(ka, 0) + 1
         cost_b = local.get(kb, 0) + others.get(kb, 0) + 1
-        weights = weights_of(candidates)
         if weights:
             return a if cost_a * weights[j] <= cost_b * weights[i] else b
         return a if cost_a <= cost_b else b

@@ -7,7 +7,8 @@ for its own requests, at most one publish interval old for the fleet's.
 
 Peak EWMA (Finagle, Linkerd): a latency average that jumps up to any slower sample at once
 and decays back with time constant ``decay`` seconds, so a backend that turns slow is
-avoided on its first slow answer and tried again gradually once it recovers.
+avoided on its first slow answer.  As in Finagle, a backend without news decays toward
+zero too, so one avoided for being slow is tried again after a while and can recover.
 """
 
 from __future__ import annotations
@@ -82,13 +83,20 @@ class LoadView:
         assert latency is not None
         now = self.clock()
         old = latency.get(key)
-        if old is None or elapsed > old:
+        weight = math.exp(-(now - self.sampled_at.get(key, now)) / self.decay)
+        if old is None or elapsed > old * weight:
             latency[key] = elapsed  # the peak: slower news counts at once
         else:
-            weight = math.exp(-(now - self.sampled_at.get(key, now)) / self.decay)
             latency[key] = old * weight + elapsed * (1.0 - weight)
         self.sampled_at[key] = now
 
-    def ewma(self, backend: Backend) -> float:
+    def ewma(self, backend: Backend, default: float = 0.0) -> float:
+        """The peak EWMA now: the last value, decayed by the time since it was sampled."""
         latency = self.latency
-        return latency.get(backend.key, 0.0) if latency is not None else 0.0
+        if latency is None:
+            return default
+        key = backend.key
+        value = latency.get(key)
+        if value is None:
+            return default
+        return value * math.exp(-(self.clock() - self.sampled_at[key]) / self.decay)

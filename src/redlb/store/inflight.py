@@ -23,7 +23,7 @@ from redlb.store.link import RedisLink
 
 log = logging.getLogger("redlb.inflight")
 
-INTERVAL = 0.1
+INTERVAL = 0.025
 TTL_MS = 2000
 INDEX_EVERY = 1.0
 FORGET_AFTER_MS = 60_000

@@ -1,0 +1,70 @@
+"""Strategies end to end: real redis-server, real backends, three real `redlb serve`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from support import CountingBackend, closed_loop, request, wait_for
+
+SECONDS = 8.0
+
+
+def redlb(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "redlb", *args, "--redis", redis_url],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def slow_and_fast(redis_server, loop_thread):
+    """Two backends answering in 20 ms, one in 200 ms (the slow one is last)."""
+    started = [
+        CountingBackend(loop_thread, "fast0", 0.02).start(),
+        CountingBackend(loop_thread, "fast1", 0.02).start(),
+        CountingBackend(loop_thread, "slow", 0.2).start(),
+    ]
+    for backend in started:
+        redis_server.cli("RPUSH", "servers", backend.address)
+    yield started
+    for backend in started:
+        backend.stop()
+
+
+def slow_share(redis_server, start_proxy, backends, strategy: str) -> tuple[float, float, int]:
+    """(slow backend's mean in flight, fleet's mean in flight / 3, requests answered).
+
+    Three instances, one closed-loop client each: every instance alone sees all backends
+    idle at each pick, which is where a per-instance strategy piles onto the slow one.
+    """
+    proxies = [start_proxy(redis_server.url, "--strategy", strategy, "--no-access-log")
+               for _ in range(3)]  # fmt: skip
+    closed_loop([p.port for p in proxies], 1, 1.0)  # warm up: connections, published counts
+    for backend in backends:
+        backend.reset()
+    statuses = closed_loop([p.port for p in proxies], 1, SECONDS)
+    averages = [b.average() for b in backends]
+    for proxy in proxies:
+        proxy.stop(timeout=10)
+    assert set(statuses) == {200}, statuses
+    return averages[-1], sum(averages) / 3, sum(statuses.values())
+
+
+def test_fleet_view_keeps_requests_off_the_slow_backend(redis_server, slow_and_fast, start_proxy):
+    runs = {
+        name: slow_share(redis_server, start_proxy, slow_and_fast, name)
+        for name in ("least_conn", "least_outstanding", "peak_ewma")
+    }
+    print("\nslow backend: mean in flight / fair share (fleet's in flight / 3) / requests")
+    for name, (slow, fair, count) in runs.items():
+        print(f"  {name:18} {slow:.2f} / {fair:.2f} / {count}")
+    local, fleet, ewma = runs["least_conn"], runs["least_outstanding"], runs["peak_ewma"]
+    assert fleet[0] < local[0]  # the fleet's counts keep some requests off the slow one
+    assert fleet[2] > local[2]  # so the same clients get more done
+    assert ewma[0] <= ewma[1]  # latency-aware: no more than its fair share
