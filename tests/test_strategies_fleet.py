@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-import time
-from collections import Counter
 
 import pytest
 
-from support import CountingBackend, closed_loop, request, wait_for
+from support import CountingBackend, closed_loop
 
 SECONDS = 8.0
 

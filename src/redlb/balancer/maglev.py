@@ -9,7 +9,9 @@ few other slots change: about 1/N of the keys move, which the property tests hol
 
 Bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018): with ``balance`` = epsilon > 0, no
 backend takes a request while it has ceil((1 + epsilon) x (in flight + 1) / N) in flight,
-counting the whole fleet's requests (balancer/load.py).  A key whose backend is full
+counting the whole fleet's requests (balancer/load.py).  The bound starts once the fleet has
+at least one request in flight per backend: below that nothing is overloaded, and the other
+instances' counts (up to 50 ms old) would only scatter keys for nothing.  A key whose backend is full
 probes further slots (rehashes of its key, so the spill is consistent too), then falls to
 the least loaded backend.  A hot key spreads instead of sinking one backend.
 """
@@ -112,8 +114,10 @@ class MaglevHash(Strategy):
             return backend
         load = self.load
         n = len(candidates)
-        # ceil((1 + eps) * (total + 1) / n): the cap once this request is counted.
-        cap = -(-(self.permille * (load.total() + 1)) // (1000 * n))
+        total = load.total() + 1  # this request counted
+        if total <= n:
+            return backend  # under one request per backend on average, nothing is overloaded
+        cap = -(-(self.permille * total) // (1000 * n))  # ceil((1 + eps) x total / n)
         if load.outstanding(backend) < cap:
             return backend
         for attempt in range(1, PROBES + 1):
