@@ -11,9 +11,10 @@ Bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018): with ``balance`` = epsilo
 backend takes a request while it has ceil((1 + epsilon) x (in flight + 1) / N) in flight,
 counting the whole fleet's requests (balancer/load.py).  The bound starts once the fleet has
 at least one request in flight per backend: below that nothing is overloaded, and the other
-instances' counts (up to 50 ms old) would only scatter keys for nothing.  A key whose backend is full
-probes further slots (rehashes of its key, so the spill is consistent too), then falls to
-the least loaded backend.  A hot key spreads instead of sinking one backend.
+instances' counts (up to 50 ms old) would only scatter keys for nothing.  A key whose
+backend is full probes further slots (rehashes of its key, so the spill is consistent
+too), then falls to the least loaded backend.  A hot key spreads instead of sinking one
+backend.
 """
 
 from __future__ import annotations
