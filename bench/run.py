@@ -341,6 +341,11 @@ def main() -> None:
         "layout": f"proxy on CPU {PROXY_CPU}; wrk -t1 and nginx backends on CPU {LOAD_CPU}",
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if strategies_mode == "only":  # a partial run: leave the full run's results alone
+        (RESULTS / "strategies.json").write_text(
+            json.dumps({"machine": machine, "strategies": strategy_rows}, indent=2)
+        )
+        return
     (RESULTS / "latest.json").write_text(
         json.dumps({"machine": machine, "results": results, "strategies": strategy_rows}, indent=2)
     )
