@@ -146,6 +146,36 @@ def test_peak_ewma_avoids_a_slow_backend_at_once_and_forgives_it_slowly() -> Non
     assert load.ewma(slow) < 0.02
 
 
+def test_load_view_publishes_means_over_the_interval() -> None:
+    now = [0.0]
+    load = LoadView(clock=lambda: now[0])
+    a, b = BACKENDS[:2]
+    load.started(a)
+    now[0] = 0.5
+    load.finished(a, 0.5)  # a: in flight half of the second
+    load.started(b)  # b: from 0.5 on, still in flight
+    now[0] = 1.0
+    assert load.take_means() == {a.key: 0.5, b.key: 0.5}
+    now[0] = 2.0
+    assert load.take_means() == {b.key: 1.0}
+
+
+def test_others_move_with_this_instance_since_they_were_read() -> None:
+    """Two peers published 3 on a; since then this instance sent 2 more there: assume they
+    did too (a herd otherwise), and never below zero when it finished some."""
+    load = LoadView()
+    a, b = BACKENDS[:2]
+    load.started(b)
+    load.set_others({a.key: 3.0}, peers=2)
+    load.started(a)
+    load.started(a)
+    assert load.outstanding(a) == 2 + 3 + 2 * 2
+    load.finished(b, 0.0)
+    assert load.outstanding(b) == 0  # the others had none there: still none
+    strategy = LeastOutstanding(load, random.Random(1).random)
+    assert strategy.pick(Snapshot.of([a, b])) is b
+
+
 def test_load_view_finished_never_goes_negative() -> None:
     load = LoadView()
     a = BACKENDS[0]

@@ -35,23 +35,17 @@ class LeastOutstanding(Strategy):
         n = len(candidates)
         if n == 1:
             return candidates[0]
-        load = self.load
-        local, others = load.local, load.others
+        outstanding = self.load.outstanding
         weights = weights_of(candidates)
         rand = self.rand
         if n <= SCAN_UP_TO:
             start = int(rand() * n)
             best = candidates[start]
-            best_cost = (local.get(best.key, 0) + others.get(best.key, 0) + 1) / (
-                weights[start] if weights else 1
-            )
+            best_cost = (outstanding(best) + 1) / (weights[start] if weights else 1)
             for offset in range(1, n):
                 index = (start + offset) % n
                 backend = candidates[index]
-                key_ = backend.key
-                cost = (local.get(key_, 0) + others.get(key_, 0) + 1) / (
-                    weights[index] if weights else 1
-                )
+                cost = (outstanding(backend) + 1) / (weights[index] if weights else 1)
                 if cost < best_cost:
                     best, best_cost = backend, cost
             return best
@@ -60,9 +54,8 @@ class LeastOutstanding(Strategy):
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]
-        ka, kb = a.key, b.key
-        cost_a = local.get(ka, 0) + others.get(ka, 0) + 1
-        cost_b = local.get(kb, 0) + others.get(kb, 0) + 1
+        cost_a = outstanding(a) + 1
+        cost_b = outstanding(b) + 1
         if weights:
             return a if cost_a * weights[j] <= cost_b * weights[i] else b
         return a if cost_a <= cost_b else b

@@ -22,6 +22,9 @@ from redlb.address import Backend
 
 class LoadView:
     __slots__ = (
+        "area",
+        "baseline",
+        "changed",
         "clock",
         "decay",
         "latency",
@@ -29,7 +32,9 @@ class LoadView:
         "local_total",
         "others",
         "others_total",
+        "peers",
         "sampled_at",
+        "window_start",
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, decay: float = 10.0) -> None:
@@ -37,8 +42,15 @@ class LoadView:
         self.decay = decay
         self.local: dict[str, int] = {}
         self.local_total = 0
-        self.others: dict[str, int] = {}
-        self.others_total = 0
+        # For publishing: each backend's count integrated over time since window_start.
+        self.area: dict[str, float] = {}
+        self.changed: dict[str, float] = {}
+        self.window_start = clock()
+        self.others: dict[str, float] = {}
+        self.others_total = 0.0
+        # The local counts when ``others`` arrived, and how many instances it sums.
+        self.baseline: dict[str, int] = {}
+        self.peers = 0
         # Peak EWMA of response time per backend key (seconds); filled only when tracked.
         self.latency: dict[str, float] | None = None
         self.sampled_at: dict[str, float] = {}
@@ -46,13 +58,21 @@ class LoadView:
     def started(self, backend: Backend) -> None:
         key = backend.key
         local = self.local
-        local[key] = local.get(key, 0) + 1
+        count = local.get(key, 0)
+        now = self.clock()
+        self.area[key] = self.area.get(key, 0.0) + count * (now - self.changed.get(key, now))
+        self.changed[key] = now
+        local[key] = count + 1
         self.local_total += 1
 
     def finished(self, backend: Backend, elapsed: float) -> None:
         key = backend.key
         local = self.local
-        count = local.get(key, 0) - 1
+        count = local.get(key, 0)
+        now = self.clock()
+        self.area[key] = self.area.get(key, 0.0) + count * (now - self.changed.get(key, now))
+        self.changed[key] = now
+        count -= 1
         if count > 0:
             local[key] = count
         else:
@@ -61,16 +81,59 @@ class LoadView:
         if self.latency is not None:
             self.sample(key, elapsed)
 
-    def outstanding(self, backend: Backend) -> int:
+    def outstanding(self, backend: Backend) -> float:
+        """This instance's count plus its estimate of the others' (see ``others_now``)."""
         key = backend.key
-        return self.local.get(key, 0) + self.others.get(key, 0)
+        local = self.local.get(key, 0)
+        return local + self.others_now(key, local)
 
-    def total(self) -> int:
+    def others_now(self, key: str, local: int) -> float:
+        """The others' count, moved on by what this instance did since it was published.
+
+        Published counts are up to two intervals old; every instance that trusted them alone
+        would fill the same gap at once (a herd: N instances, N times the requests).  Each
+        instance assumes instead that its peers changed their counts as it changed its own
+        since the last read: a symmetric fleet then balances like exact local counts, and an
+        instance that is alone busy still sees the others' load.
+        """
+        others = self.others.get(key, 0.0)
+        peers = self.peers
+        if peers:
+            others += peers * (local - self.baseline.get(key, 0))
+            if others < 0.0:
+                others = 0.0
+        return others
+
+    def take_means(self) -> dict[str, float]:
+        """Each backend's mean count since the last call (what this instance publishes).
+
+        A mean over the publish interval, not a sample: a backend answering in 2 ms shows
+        its steady load, not whether a request happened to be in flight at that instant.
+        """
+        now = self.clock()
+        span = now - self.window_start
+        self.window_start = now
+        local, changed = self.local, self.changed
+        means = {}
+        for key, area in self.area.items():
+            area += local.get(key, 0) * (now - changed.get(key, now))
+            if span > 0 and area > 0:
+                means[key] = area / span
+        for key, count in local.items():
+            if key not in means and count:
+                means[key] = float(count)
+        self.area = {}
+        self.changed = dict.fromkeys(local, now)
+        return means
+
+    def total(self) -> float:
         return self.local_total + self.others_total
 
-    def set_others(self, others: dict[str, int]) -> None:
+    def set_others(self, others: dict[str, float], peers: int = 0) -> None:
         self.others = others
         self.others_total = sum(others.values())
+        self.baseline = dict(self.local)
+        self.peers = peers
 
     # Peak EWMA
 

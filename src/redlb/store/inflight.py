@@ -1,8 +1,11 @@
 """Publishing this instance's in-flight counts, reading the fleet's (least outstanding).
 
 Every ``INTERVAL`` seconds, one pipelined round trip:
-- ``SET redlb:{P}:inflight:{instance} "backend=n,..." PX TTL``: this instance's counts,
-  replaced whole; the TTL makes a crashed instance's counts vanish on their own;
+- ``SET redlb:{P}:inflight:{instance} "backend=n,..." PX TTL``: this instance's mean count
+  per backend over the interval (LoadView.take_means), replaced whole; the TTL makes a
+  crashed instance's counts vanish on their own.  A mean, not an instant's sample: a
+  backend answering in 20 ms is mostly at 0 at any instant, and the fleet herded onto a
+  slow backend whose requests (always visible) then looked no worse than the fast ones';
 - ``MGET`` of the other instances' keys, summed into ``LoadView.others``.
 The instances are found in ``redlb:{P}:inflight`` (ZSET instance -> last publish, ms),
 refreshed once a second and pruned of instances silent for a minute.  Redis cost: at most
@@ -29,17 +32,23 @@ INDEX_EVERY = 1.0
 FORGET_AFTER_MS = 60_000
 
 
-def encode(counts: dict[str, int]) -> bytes:
-    return ",".join(f"{key}={n}" for key, n in counts.items() if n > 0).encode()
+def encode(means: dict[str, float]) -> bytes:
+    return ",".join(f"{key}={n:.2f}" for key, n in means.items() if n >= 0.005).encode()
 
 
-def decode_into(raw: bytes, into: dict[str, int]) -> None:
+def decode_into(raw: bytes, into: dict[str, float]) -> None:
     """Add a published ``backend=n,...`` to ``into``; malformed parts are skipped."""
     for part in raw.split(b","):
         key, sep, count = part.rpartition(b"=")
-        if sep and count.isdigit():
+        if not sep:
+            continue
+        try:
+            value = float(count)
+        except ValueError:
+            continue
+        if 0 <= value < 1e9:
             name = key.decode("ascii", "replace")
-            into[name] = into.get(name, 0) + int(count)
+            into[name] = into.get(name, 0.0) + value
 
 
 class InflightPublisher:
@@ -75,7 +84,7 @@ class InflightPublisher:
     async def publish_once(self) -> None:
         keys = self.keys
         pipe = self.link.client.pipeline(transaction=False)
-        pipe.set(keys.inflight(self.instance), encode(self.load.local), px=TTL_MS)
+        pipe.set(keys.inflight(self.instance), encode(self.load.take_means()), px=TTL_MS)
         if self.others:
             pipe.mget([keys.inflight(other) for other in self.others])
         now = time.monotonic()
@@ -86,12 +95,14 @@ class InflightPublisher:
             pipe.zremrangebyscore(keys.inflight_index, "-inf", wall_ms - FORGET_AFTER_MS)
             pipe.zrange(keys.inflight_index, 0, -1)
         replies = await asyncio.wait_for(pipe.execute(), self.timeout)
-        others: dict[str, int] = {}
+        others: dict[str, float] = {}
+        peers = 0
         if self.others:
             for raw in replies[1]:
-                if raw:
+                if raw is not None:  # a live instance (its key has not expired)
+                    peers += 1
                     decode_into(raw, others)
-        self.load.set_others(others)
+        self.load.set_others(others, peers)
         if reindex:
             self.indexed_at = now
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in replies[-1]]
