@@ -30,10 +30,6 @@ class PeakEwma(Strategy):
         self.load = load
         self.rand = rand or random.Random().random
 
-    def _cost(self, backend: Backend) -> float:
-        load = self.load
-        return max(load.ewma(backend, UNMEASURED), UNMEASURED) * (load.outstanding(backend) + 1)
-
     def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
         n = len(candidates)
         if n == 1:
@@ -43,7 +39,9 @@ class PeakEwma(Strategy):
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]
-        cost_a, cost_b = self._cost(a), self._cost(b)
+        load = self.load
+        cost_a = max(load.ewma(a, UNMEASURED), UNMEASURED) * (load.outstanding(a) + 1)
+        cost_b = max(load.ewma(b, UNMEASURED), UNMEASURED) * (load.outstanding(b) + 1)
         weights = weights_of(candidates)
         if weights:
             cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]

@@ -35,18 +35,27 @@ class LeastOutstanding(Strategy):
         n = len(candidates)
         if n == 1:
             return candidates[0]
-        outstanding = self.load.outstanding
+        # Inlined LoadView.outstanding (this is the hot path): local + others moved on.
+        load = self.load
+        local, others, baseline, peers = load.local, load.others, load.baseline, load.peers
         weights = weights_of(candidates)
         rand = self.rand
         if n <= SCAN_UP_TO:
             start = int(rand() * n)
             best = candidates[start]
-            best_cost = (outstanding(best) + 1) / (weights[start] if weights else 1)
-            for offset in range(1, n):
+            best_cost = 0.0
+            for offset in range(n):
                 index = (start + offset) % n
                 backend = candidates[index]
-                cost = (outstanding(backend) + 1) / (weights[index] if weights else 1)
-                if cost < best_cost:
+                name = backend.key
+                mine = local.get(name, 0)
+                theirs = others.get(name, 0.0)
+                if peers:
+                    theirs = max(0.0, theirs + peers * (mine - baseline.get(name, 0)))
+                cost = mine + theirs + 1.0
+                if weights:
+                    cost /= weights[index]
+                if offset == 0 or cost < best_cost:
                     best, best_cost = backend, cost
             return best
         i = int(rand() * n)
@@ -54,8 +63,8 @@ class LeastOutstanding(Strategy):
         if j >= i:
             j += 1
         a, b = candidates[i], candidates[j]
-        cost_a = outstanding(a) + 1
-        cost_b = outstanding(b) + 1
+        cost_a = load.outstanding(a) + 1
+        cost_b = load.outstanding(b) + 1
         if weights:
             return a if cost_a * weights[j] <= cost_b * weights[i] else b
         return a if cost_a <= cost_b else b

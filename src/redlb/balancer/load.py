@@ -22,10 +22,9 @@ from redlb.address import Backend
 
 class LoadView:
     __slots__ = (
-        "area",
         "baseline",
-        "changed",
         "clock",
+        "counts_at_start",
         "decay",
         "latency",
         "local",
@@ -34,6 +33,7 @@ class LoadView:
         "others_total",
         "peers",
         "sampled_at",
+        "times",
         "window_start",
     )
 
@@ -42,9 +42,10 @@ class LoadView:
         self.decay = decay
         self.local: dict[str, int] = {}
         self.local_total = 0
-        # For publishing: each backend's count integrated over time since window_start.
-        self.area: dict[str, float] = {}
-        self.changed: dict[str, float] = {}
+        # For publishing the mean count over a window: per backend, the sum of finish times
+        # minus the sum of start times of the window's events (see take_means).
+        self.times: dict[str, float] = {}
+        self.counts_at_start: dict[str, int] = {}
         self.window_start = clock()
         self.others: dict[str, float] = {}
         self.others_total = 0.0
@@ -58,21 +59,17 @@ class LoadView:
     def started(self, backend: Backend) -> None:
         key = backend.key
         local = self.local
-        count = local.get(key, 0)
-        now = self.clock()
-        self.area[key] = self.area.get(key, 0.0) + count * (now - self.changed.get(key, now))
-        self.changed[key] = now
-        local[key] = count + 1
+        local[key] = local.get(key, 0) + 1
         self.local_total += 1
+        times = self.times
+        times[key] = times.get(key, 0.0) - self.clock()
 
     def finished(self, backend: Backend, elapsed: float) -> None:
         key = backend.key
         local = self.local
-        count = local.get(key, 0)
-        now = self.clock()
-        self.area[key] = self.area.get(key, 0.0) + count * (now - self.changed.get(key, now))
-        self.changed[key] = now
-        count -= 1
+        count = local.get(key, 0) - 1
+        times = self.times
+        times[key] = times.get(key, 0.0) + self.clock()
         if count > 0:
             local[key] = count
         else:
@@ -110,20 +107,22 @@ class LoadView:
         A mean over the publish interval, not a sample: a backend answering in 2 ms shows
         its steady load, not whether a request happened to be in flight at that instant.
         """
-        now = self.clock()
-        span = now - self.window_start
-        self.window_start = now
-        local, changed = self.local, self.changed
+        # The integral of a count over [start, end] is
+        #   count(end) x end - count(start) x start + sum(finish times) - sum(start times)
+        # over the events in between: two additions per request, no per-event products.
+        end = self.clock()
+        start = self.window_start
+        span = end - start
+        local, at_start, times = self.local, self.counts_at_start, self.times
         means = {}
-        for key, area in self.area.items():
-            area += local.get(key, 0) * (now - changed.get(key, now))
-            if span > 0 and area > 0:
-                means[key] = area / span
-        for key, count in local.items():
-            if key not in means and count:
-                means[key] = float(count)
-        self.area = {}
-        self.changed = dict.fromkeys(local, now)
+        if span > 0:
+            for key in set(times) | set(local):
+                area = local.get(key, 0) * end - at_start.get(key, 0) * start + times.get(key, 0.0)
+                if area > 0:
+                    means[key] = area / span
+        self.window_start = end
+        self.times = {}
+        self.counts_at_start = dict(local)
         return means
 
     def total(self) -> float:

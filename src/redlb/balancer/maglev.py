@@ -27,6 +27,7 @@ from redlb.balancer.base import Strategy, weights_of
 from redlb.balancer.load import LoadView
 
 PROBES = 16
+HASH_CACHE = 4096  # recent keys' hashes: clients repeat their address, cookie or header
 _MASK = (1 << 64) - 1
 
 
@@ -95,6 +96,7 @@ class MaglevHash(Strategy):
         self.seen: Sequence[Backend] | None = None
         self.table: list[int] = []
         self.size = 1
+        self.hashes: dict[bytes, int] = {}
 
     def _rebuild(self, candidates: Sequence[Backend]) -> None:
         self.size = TABLE_SIZE
@@ -109,7 +111,12 @@ class MaglevHash(Strategy):
     def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
         if candidates is not self.seen:
             self._rebuild(candidates)
-        h = key_hash(key)
+        hashes = self.hashes
+        h = hashes.get(key)
+        if h is None:
+            if len(hashes) >= HASH_CACHE:
+                hashes.clear()
+            h = hashes[key] = key_hash(key)
         backend = candidates[self.table[h % self.size]]
         if self.balance <= 0 or len(candidates) == 1:
             return backend
