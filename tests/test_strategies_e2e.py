@@ -171,3 +171,68 @@ def test_sticky_session_holds_across_instances_and_falls_back(redis_server, back
 
 def _port_of(backends, name: str) -> int:
     return next(b.port for b in backends if b.name == name)
+
+
+def test_crashed_instance_counts_expire(redis_server, loop_thread, start_proxy):
+    from support import CountingBackend
+
+    slow = CountingBackend(loop_thread, "slow", 3.0).start()
+    try:
+        redis_server.cli("RPUSH", "servers", slow.address)
+        crashing, survivor = (start_proxy(redis_server.url, "--strategy", "least_outstanding")
+                              for _ in range(2))  # fmt: skip
+        client = redis_server.client()
+
+        def held_request() -> None:
+            try:
+                request(crashing.port, "GET", "/", headers={"Host": "h"}, timeout=5)
+            except OSError:
+                pass  # its instance is killed under it
+
+        threads = [threading.Thread(target=held_request) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        key = "redlb:servers:inflight:{}"
+
+        def published() -> dict[bytes, bytes]:
+            names = client.zrange("redlb:servers:inflight", 0, -1)
+            return {n: client.get(key.format(n.decode())) or b"" for n in names}
+
+        assert wait_for(
+            lambda: any(
+                v.startswith(slow.address.encode() + b"=") and float(v.split(b"=")[1]) > 2.5
+                for v in published().values()
+            ),
+            3,
+        )
+        crashing.process.kill()  # SIGKILL: no goodbye
+        assert wait_for(lambda: not any(v for v in published().values()), 3.5), published()
+        commands = int(client.info("stats")["total_commands_processed"])
+        time.sleep(2.0)
+        rate = (int(client.info("stats")["total_commands_processed"]) - commands - 1) / 2.0
+        assert rate < 30, rate  # idle: a resync a second and a refresh every 250 ms
+        assert survivor.alive()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        slow.stop()
+
+
+def test_slow_start_ramps_a_joining_backend_on_every_instance(redis_server, backends, start_proxy):
+    a, b = backends[:2]
+    redis_server.cli("RPUSH", "servers", a.address)
+    redis_server.cli("HSET", "redlb:servers:settings", "slow_start", "6")
+    first = start_proxy(redis_server.url, "--no-access-log")
+    redis_server.cli("RPUSH", "servers", b.address)  # joins now
+    assert wait_for(lambda: redis_server.cli("HEXISTS", "redlb:servers:up-since",
+                                             b.address).strip() == "1", 3)  # fmt: skip
+    second = start_proxy(redis_server.url, "--no-access-log")  # started after the join
+    early = Counter(served_by(p.port)[0] for p in (first, second) for _ in range(100))
+    assert 5 <= early["b1"] <= 60, early  # about 10-30% of a's weight while it ramps
+    time.sleep(6.5)
+    late = Counter(served_by(p.port)[0] for p in (first, second) for _ in range(100))
+    assert abs(late["b1"] - 100) <= 4, late  # full weight: half of the requests
+    # It leaves (drained): the fleet forgets when it joined, and ramps again on return.
+    assert redlb(redis_server.url, "backend", "drain", b.address).returncode == 0
+    assert wait_for(lambda: redis_server.cli("HEXISTS", "redlb:servers:up-since",
+                                             b.address).strip() == "0", 3)  # fmt: skip
