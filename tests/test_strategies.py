@@ -305,6 +305,14 @@ def test_bounded_load_counts_the_fleet() -> None:
     assert strategy.pick(candidates, b"user-1") != home
 
 
+def test_every_configurable_strategy_has_a_module() -> None:
+    from redlb.balancer import STRATEGIES
+    from redlb.config import STRATEGIES as NAMES
+
+    assert set(NAMES) - {"round_robin"} <= set(STRATEGIES)
+    assert {"lease", "strict"} <= set(STRATEGIES)
+
+
 # Request keys
 
 
