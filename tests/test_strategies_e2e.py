@@ -117,6 +117,8 @@ def test_weight_edit_applies_within_a_second(redis_server, backends, start_proxy
     seen = Counter(served_by(proxy.port)[0] for _ in range(400))
     assert abs(seen["b1"] - 300) <= 4, seen
     assert redlb(redis_server.url, "backend", "weight", b.address, "1001").returncode != 0
+    assert redlb(redis_server.url, "backend", "rm", b.address).returncode == 0
+    assert redis_server.cli("HEXISTS", "redlb:servers:weights", b.address).strip() == "0"
 
 
 def test_hash_on_a_header_is_the_same_on_every_instance(redis_server, backends, start_proxy):

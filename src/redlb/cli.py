@@ -284,6 +284,8 @@ def backend_rm(addr: str, redis_url: str | None, pool: str, state_dir: str) -> N
                 removed += int(client.lrem(pool, 0, raw))  # type: ignore[arg-type]
         except InvalidAddress:
             continue
+    if removed:
+        client.hdel(Keys(pool).weights, key)  # gone from the list: its weight goes too
     client.publish(Keys(pool).events, "edit")
     if not removed:
         raise click.ClickException(f"{key} is not in {pool}")
