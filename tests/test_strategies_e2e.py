@@ -8,6 +8,8 @@ import threading
 import time
 from collections import Counter
 
+import pytest
+
 from support import request, wait_for
 
 
@@ -238,3 +240,19 @@ def test_slow_start_ramps_a_joining_backend_on_every_instance(redis_server, back
     assert redlb(redis_server.url, "backend", "drain", b.address).returncode == 0
     assert wait_for(lambda: redis_server.cli("HEXISTS", "redlb:servers:up-since",
                                              b.address).strip() == "0", 3)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["round_robin", "least_outstanding", "least_conn", "peak_ewma", "hash", "random", "first"],
+)
+def test_every_strategy_sees_only_the_healthy_backends(
+    redis_server, backends, start_proxy, strategy
+):
+    for b in backends:
+        redis_server.cli("RPUSH", "servers", b.address)
+    redis_server.cli("SADD", "redlb:servers:draining", backends[0].address)
+    redis_server.cli("SET", f"redlb:servers:ejected:{backends[1].address}", "1", "EX", "60")
+    proxy = start_proxy(redis_server.url, "--strategy", strategy, "--no-access-log")
+    seen = Counter(served_by(proxy.port, {"X-N": str(i)})[0] for i in range(30))
+    assert seen == {"b2": 30}, seen
