@@ -45,8 +45,9 @@ Given a pool key ``P`` (default ``servers``):
     the first instance that saw it join, ``HDEL`` when one sees it leave: the fleet ramps
     its weight from one start.
 ``redlb:{P}:inflight:{instance}`` (STRING ``backend=n,...``, TTL 2 s)
-    One instance's requests in flight per backend, rewritten 10 times a second by
-    least_outstanding / peak_ewma / hash pools; a crashed instance's counts expire.
+    One instance's mean requests in flight per backend over the last 25 ms, rewritten every
+    25 ms (250 ms when idle) by least_outstanding / peak_ewma / bounded hash pools; a crashed
+    instance's counts expire.
 ``redlb:{P}:inflight`` (ZSET instance -> last publish, ms)
     Which instances publish: read once a second, pruned of instances silent for a minute.
 
