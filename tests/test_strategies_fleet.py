@@ -83,4 +83,6 @@ def test_fleet_view_at_four_clients_per_instance(redis_server, slow_and_fast, st
     for name, (slow, fair, count) in runs.items():
         print(f"  {name:18} {slow:.2f} / {fair:.2f} / {count}")
     local, fleet = runs["least_conn"], runs["least_outstanding"]
-    assert fleet[0] / fleet[1] < local[0] / local[1]  # measured: 1.13 against 1.35
+    # Measured: 1.13 and 1.23 times its fair share, against 1.35 and 1.36 for least_conn;
+    # the herd this guards against (stale counts trusted as they are) gave 1.76.
+    assert fleet[0] / fleet[1] <= local[0] / local[1] * 1.05

@@ -232,7 +232,7 @@ class Exchange:
         sticky = up.sticky
         if sticky is not None:
             named = sticky.find(self.req.sticky, up.pool.healthy)
-            self.cookie = None if named is backend else sticky.set_cookie(backend)
+            self.cookie = None if named == backend else sticky.set_cookie(backend)
         self.attempts += 1
         self.backend = backend
         self.tried.append(backend)
