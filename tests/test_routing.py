@@ -344,3 +344,20 @@ def test_ten_thousand_routes(redis_server, backends, start_proxy):
     print(f"\nRSS with 10,000 routes / 1,000 pools: {loaded / 2**20:.1f} MiB; "
           f"one pool: {baseline / 2**20:.1f} MiB; delta {(loaded - baseline) / 2**20:.1f} MiB")  # fmt: skip
     assert loaded - baseline < 64 * 2**20
+
+
+def test_each_pool_has_its_own_health_checks(redis_server, pools, start_proxy):
+    """health_path set on one pool: its prober takes a failing backend out of that pool only."""
+    a, b, _ = pools
+    redis_server.cli("RPUSH", "api", b.address)  # api: b0 healthy, b1 failing its checks
+    redis_server.cli("RPUSH", "web", a.address)  # web: b1 and b0, no health checks
+    redis_server.cli("HSET", "redlb:routes", "/api", "api", "/", "web")
+    redis_server.cli("HSET", "redlb:api:settings", "health_path", "/healthz",
+                     "health_interval", "0.1")  # fmt: skip
+    b.behaviour.status = 500
+    proxy = start_proxy(redis_server.url, "--eject-consecutive", "0")  # only the prober decides
+    assert wait_for(lambda: {served_by(proxy, "/api") for _ in range(4)} == {"b0"}, 5)
+    assert redis_server.cli("GET", f"redlb:api:health:{b.address}").strip() == "down", (
+        proxy.log(), redis_server.cli("KEYS", "*"))
+    statuses = {get(proxy, "/")[0] for _ in range(4)}
+    assert statuses == {200, 500}  # the web pool has no health checks: b1 still serves there
