@@ -358,6 +358,8 @@ def test_each_pool_has_its_own_health_checks(redis_server, pools, start_proxy):
     proxy = start_proxy(redis_server.url, "--eject-consecutive", "0")  # only the prober decides
     assert wait_for(lambda: {served_by(proxy, "/api") for _ in range(4)} == {"b0"}, 5)
     assert redis_server.cli("GET", f"redlb:api:health:{b.address}").strip() == "down", (
-        proxy.log(), redis_server.cli("KEYS", "*"))
+        proxy.log(),
+        redis_server.cli("KEYS", "*"),
+    )
     statuses = {get(proxy, "/")[0] for _ in range(4)}
     assert statuses == {200, 500}  # the web pool has no health checks: b1 still serves there

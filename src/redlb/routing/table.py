@@ -32,6 +32,13 @@ class Route(Generic[T]):
     host_header: bytes | None
 
 
+def make_route(spec: RouteSpec, target: T) -> Route[T]:
+    prefix = spec.match.prefix.encode()
+    host_header = spec.host_header.encode() if spec.host_header else None
+    strip = spec.strip_prefix and prefix != b"/"
+    return Route(spec, target, str(spec.match).encode(), prefix, strip, host_header)
+
+
 class _HostRoutes(Generic[T]):
     """The routes of one host (or suffix, or any host), keyed by path prefix."""
 
@@ -106,13 +113,8 @@ class RoutingTable(Generic[T]):
         routes = []
         for spec in specs:
             target = targets.get(spec.pool)
-            if target is None:
-                continue
-            prefix = spec.match.prefix.encode()
-            host_header = spec.host_header.encode() if spec.host_header else None
-            label = str(spec.match).encode()
-            strip = spec.strip_prefix and prefix != b"/"
-            routes.append(Route(spec, target, label, prefix, strip, host_header))
+            if target is not None:
+                routes.append(make_route(spec, target))
         return cls(routes, version)
 
     def find(self, host: bytes, path: bytes) -> Route[T] | None:

@@ -30,6 +30,7 @@ from redlb.address import Backend
 from redlb.routing import BadRoute, RouteSpec, RoutingTable, parse_route
 from redlb.routing.hipache import SCAN_PATTERN, frontend_route
 from redlb.routing.settings import parse_settings, resolve
+from redlb.routing.table import make_route
 from redlb.store.keys import ROUTES, ROUTES_EVENTS
 from redlb.store.link import RedisLink
 from redlb.store.sync import PoolSync, _text
@@ -305,7 +306,12 @@ class RouteSync(PoolSync):
         if not self.specs and not self.hipache:
             table = RoutingTable.default(targets[self.config.pool], self.config.pool)
         else:
-            table = RoutingTable.build(self.specs, targets, ctx.table.version + 1)
+            routes = []
+            for count, spec in enumerate(self.specs, 1):
+                routes.append(make_route(spec, targets[spec.pool]))
+                if count % SLICE == 0:
+                    await asyncio.sleep(0)  # requests keep flowing on the old table meanwhile
+            table = RoutingTable(routes, ctx.table.version + 1)
         for state in targets.values():
             state.start_prober()
         ctx.table = table  # the one assignment every request sees either side of
