@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio.client import PubSub
 
 from redlb.address import Backend
-from redlb.routing import BadRoute, RouteSpec, RoutingTable, parse_route
+from redlb.routing import BadRoute, Match, RouteSpec, RoutingTable, parse_match
 from redlb.routing.hipache import SCAN_PATTERN, frontend_route
+from redlb.routing.match import with_value
 from redlb.routing.settings import parse_settings, resolve
-from redlb.routing.table import make_route
 from redlb.store.keys import ROUTES, ROUTES_EVENTS
 from redlb.store.link import RedisLink
 from redlb.store.sync import PoolSync, _text
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redlb.routes")
 
-SLICE = 500  # routes parsed, or pools read, between two yields to the event loop
+SLICE = 100  # routes parsed or indexed between two yields to the event loop (about 0.5 ms)
+POOL_SLICE = 500  # pools read in one pipeline
 MAX_ROUTES = 100_000
 # Pools re-read per resync: all of them up to this many, else this many or a fiftieth.  Edits
 # arrive by notification in milliseconds; the resync is the fallback (lost messages, health
@@ -72,6 +73,7 @@ class RouteSync(PoolSync):
         self.specs: list[RouteSpec] = []
         self.raw_routes: Any = None  # what was last read, to skip identical rebuilds
         self.parsed: dict[tuple[bytes, bytes], RouteSpec | str] = {}
+        self.matches: dict[bytes, Match] = {}  # field -> its parsed match
         self.warned_routes: set[tuple[bytes, bytes]] = set()
         self.warned_settings: dict[str, set[str]] = {}
         self.raw_settings: dict[str, Any] = {}
@@ -158,8 +160,9 @@ class RouteSync(PoolSync):
         to_read = [n for n in wanted if n in dirty or n in fresh]
         if full:
             to_read = list(dict.fromkeys(to_read + self._resync_slice(wanted)))
-        for start in range(0, len(to_read), SLICE):
-            await self._read_pools([self.states[n] for n in to_read[start : start + SLICE]])
+        for start in range(0, len(to_read), POOL_SLICE):
+            chunk = to_read[start : start + POOL_SLICE]
+            await self._read_pools([self.states[n] for n in chunk])
         await self.link.check_master(self.config.redis_timeout)
         self.link.mark_up()
         if routes_changed or fresh or not self.ctx.known:
@@ -218,6 +221,8 @@ class RouteSync(PoolSync):
                 await asyncio.sleep(0)
         self.parsed = parsed
         self.warned_routes = bad
+        if len(self.matches) > 2 * len(parsed) + 100:
+            self.matches = {f: s.match for (f, _), s in parsed.items() if not isinstance(s, str)}
         return specs
 
     def _parse(self, field: bytes, value: bytes) -> RouteSpec | str:
@@ -225,7 +230,10 @@ class RouteSync(PoolSync):
         try:
             if self.hipache:
                 return frontend_route(field.decode("utf-8"))
-            return parse_route(field.decode("utf-8"), value.decode("utf-8"))
+            match = self.matches.get(field)  # a reload that only moves routes to other pools
+            if match is None:  # parses no match again
+                match = self.matches[field] = parse_match(field.decode("utf-8"))
+            return with_value(match, value.decode("utf-8"))
         except UnicodeDecodeError:
             return f"{shown!r}: not UTF-8"
         except BadRoute as exc:
@@ -310,12 +318,12 @@ class RouteSync(PoolSync):
         if not self.specs and not self.hipache:
             table = RoutingTable.default(targets[self.config.pool], self.config.pool)
         else:
-            routes = []
-            for count, spec in enumerate(self.specs, 1):
-                routes.append(make_route(spec, targets[spec.pool]))
-                if count % SLICE == 0:
+            version = ctx.table.version + 1
+            for step in RoutingTable.build_in_steps(self.specs, targets, version, SLICE):
+                if step is None:
                     await asyncio.sleep(0)  # requests keep flowing on the old table meanwhile
-            table = RoutingTable(routes, ctx.table.version + 1)
+                else:
+                    table = step
         for state in targets.values():
             state.start_prober()
         ctx.table = table  # the one assignment every request sees either side of
