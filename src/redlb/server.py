@@ -227,7 +227,7 @@ async def _worker(
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
-    ctx.access_log.flush()
+    ctx.access_log.close()
     with contextlib.suppress(Exception):
         await link.close()
     log.info("worker %d stopped", worker)
