@@ -109,7 +109,7 @@ def supervise(config: Config, url: str) -> None:
         if slot < 0 or stopping:
             continue
         log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
-        cursor.recover()
+        cursor.recover(pid)
         if time.monotonic() - last_restart < 1.0:
             time.sleep(1.0)  # a crash loop must not spin
         last_restart = time.monotonic()
