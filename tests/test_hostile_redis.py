@@ -330,3 +330,164 @@ def test_pool_changes_are_logged_once_per_instance(redis_server, backends, start
         log = proxy.log()
         for _, line in steps:
             assert log.count(line) == 1, (line, log)
+
+
+def test_password_rotated_during_an_ejection_then_restored(redis_server, backends, start_proxy):
+    _seed(redis_server, backends)
+    proxy = start_proxy(redis_server.url)
+    bad = backends[2]
+    bad.behaviour.status = 503
+    ejected_key = f"redlb:servers:ejected:{bad.address}"
+    with Load(proxy.port) as load:
+        assert wait_for(lambda: redis_server.client().exists(ejected_key), 5)
+        _rotate_password(redis_server, "n3wpass")
+        assert wait_for(lambda: "refused redlb's password" in proxy.log(), 5)
+        seen_by_bad = bad.count()
+        time.sleep(2)  # retries while the backend stays ejected
+        assert bad.count() == seen_by_bad
+        admin = redis_server.client_with_password("n3wpass")
+        admin.config_set("requirepass", "")
+        assert wait_for(lambda: "reachable again" in proxy.log(), 3), proxy.log()
+    result = load.stop()
+    assert result.sent > 600 and result.failed == 0, result.errors
+    log = proxy.log()
+    assert log.count("refused redlb's password") == 1 and "n3wpass" not in log
+    assert redis_server.client().pttl(ejected_key) > 0  # the shared mark kept its TTL
+
+
+# Wrong types, garbage and size
+
+
+@pytest.mark.parametrize("kind", ["hash", "zset", "set"])
+def test_pool_key_of_another_type_keeps_the_last_known_pool(
+    redis_server, backends, start_proxy, kind
+):
+    _seed(redis_server, backends[:2])
+    proxy = start_proxy(redis_server.url)
+    replace = {
+        "hash": ("HSET", "servers", "a", backends[2].address),
+        "zset": ("ZADD", "servers", "1", backends[2].address),
+        "set": ("SADD", "servers", backends[2].address),
+    }[kind]
+    with redis_server.client().pipeline(transaction=True) as tx:
+        tx.delete("servers").execute_command(*replace).execute()
+    with Load(proxy.port) as load:
+        assert wait_for(lambda: f"holds a {kind}, not a list" in proxy.log(), 3)
+        wait_resyncs(redis_server, 2)
+    result = load.stop()
+    assert result.failed == 0, result.errors
+    assert backends[2].count() == 0
+    assert proxy.log().count("not a list") == 1
+
+
+def test_draining_key_of_another_type_is_said_once(redis_server, backends, start_proxy):
+    _seed(redis_server, backends[:2])
+    proxy = start_proxy(redis_server.url)
+    redis_server.cli("SET", "redlb:servers:draining", "oops")
+    assert wait_for(lambda: "cannot read redlb:servers:draining" in proxy.log(), 3)
+    wait_resyncs(redis_server, 3)
+    assert proxy.log().count("cannot read redlb:servers:draining") == 1, proxy.log()
+    assert {proxy.get("/")[1] for _ in range(4)} == {b"ok b0\n", b"ok b1\n"}
+
+
+def test_huge_pool_is_read_bounded_and_stays_responsive(redis_server, backends, start_proxy):
+    """RDS-10: 100,000 entries and one of 1 MB; redlb reads 10,000 and keeps answering."""
+    client = redis_server.client()
+    client.rpush("servers", "x" * (1 << 20))
+    addresses = [b.address for b in backends]
+    with client.pipeline(transaction=False) as pipe:
+        for start in range(0, 100_000, 1000):
+            pipe.rpush("servers", *(addresses[i % 3] for i in range(start, start + 1000)))
+        pipe.execute()
+    proxy = start_proxy(redis_server.url)
+    with _live_probe(proxy) as live, Load(proxy.port) as load:
+        wait_resyncs(redis_server, 3)
+    result = load.stop()
+    assert result.sent > 200 and result.failed == 0, result.errors
+    assert set(live) == {200}
+    assert all(b.count() > 0 for b in backends)
+    log = proxy.log()
+    assert log.count("reading only those") == 1 and log.count("skipping pool entry") == 1
+    assert len(log) < 20_000  # no entry is logged whole
+
+
+def test_removed_backend_gets_nothing_after_the_refresh_bound(redis_server, backends, start_proxy):
+    """RDS-11: LREM under load; after the bound (1 s) the removed backend sees no request."""
+    _seed(redis_server, backends)
+    proxy = start_proxy(redis_server.url)
+    with Load(proxy.port) as load:
+        time.sleep(0.5)
+        redis_server.cli("LREM", "servers", "0", backends[0].address)
+        time.sleep(1.0)  # the bound itself: whatever the path, the edit is applied by now
+        seen = backends[0].count()
+        time.sleep(1.5)
+        assert backends[0].count() == seen
+    result = load.stop()
+    assert result.failed == 0, result.errors
+
+
+# Everything at once, under load
+
+
+def test_redis_misbehaving_every_way_under_load(redis_server, backends, start_proxy):
+    """Paused, stalled, flushed, wrong type, restarted with and without data: no request to a
+    healthy backend fails, /-/live answers, connections stay few and retries slow."""
+    _seed(redis_server, backends[:2])
+    proxy = start_proxy(redis_server.url, "--health-path", "/", "--health-interval", "0.5")
+    admin = redis_server.client()
+    peak_clients = 0
+
+    def settle(phase: str) -> None:
+        nonlocal peak_clients
+        assert wait_for(lambda: metric(proxy, "redlb_redis_up") == 1, 5), (phase, proxy.log())
+        wait_resyncs(redis_server, 2)
+        peak_clients = max(peak_clients, len(admin.client_list()) - 1)
+
+    with _live_probe(proxy) as live, Load(proxy.port) as load:
+        settle("start")
+        before = _connections_received(admin)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        time.sleep(4)
+        redis_server.process.send_signal(signal.SIGCONT)
+        time.sleep(0.5)  # Redis accepts the connections queued while it was stopped
+        attempts_while_paused = _connections_received(admin) - before
+        settle("paused")
+
+        admin.execute_command("DEBUG", "SLEEP", "1.5")
+        settle("stalled")
+
+        admin.flushall()
+        assert wait_for(lambda: proxy.log().count("Redis lost its data") == 1, 3)
+        _seed(redis_server, backends[:2])
+        settle("flushed")
+
+        with admin.pipeline(transaction=True) as tx:
+            tx.delete("servers").set("servers", "oops").execute()
+        assert wait_for(lambda: "holds a string" in proxy.log(), 3)
+        with admin.pipeline(transaction=True) as tx:
+            tx.delete("servers").rpush("servers", *[b.address for b in backends[:2]]).execute()
+        settle("wrong type")
+
+        redis_server.kill()
+        time.sleep(2)
+        redis_server.start()
+        admin = redis_server.client()
+        settle("restarted with data")
+
+        redis_server.kill()
+        redis_server.wipe()
+        redis_server.start()
+        admin = redis_server.client()
+        assert wait_for(lambda: proxy.log().count("Redis lost its data") == 2, 5)
+        _seed(redis_server, backends[:2])
+        settle("restarted empty")
+    result = load.stop()
+    print(
+        f"\nmisbehaving Redis: {result.sent} requests, {result.failed} failed, "
+        f"peak {peak_clients} Redis connections, {attempts_while_paused} connects in 4.5 s"
+    )
+    assert result.sent > 3000 and result.failed == 0, (result.statuses, result.errors)
+    assert live and set(live) == {200}, live
+    assert peak_clients <= 6, peak_clients
+    assert attempts_while_paused <= 16, attempts_while_paused  # ~1/s per caller, not a loop
+    assert proxy.status("/-/ready")[0] == 200

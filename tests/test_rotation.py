@@ -92,4 +92,7 @@ def test_strict_mode_batches_concurrent_picks(redis_server, backends, start_prox
     calls = int(client.info("commandstats")["cmdstat_incrby"]["calls"]) - before
     assert sum(total.values()) == 1600
     assert max(total.values()) - min(total.values()) <= 1  # exact rotation: perfectly even
-    assert calls <= 1600  # never more than one round trip per request, usually far fewer
+    print(f"\nstrict mode, 16 clients x 100 requests: {calls} INCRBY calls")
+    # Sixteen clients at once: picks that meet share a round trip (about 5 a call here).
+    # Without batching this is exactly 1600.
+    assert calls <= 800, calls

@@ -57,6 +57,7 @@ class PoolSync:
         self.warned_entries: set[bytes] = set()
         self.problem: str | None = None  # the pool-level condition last logged
         self.notifications_warned = False
+        self.draining_unreadable = False
         self.logged_view = PoolView()  # the pool as the log last described it
 
     async def run(self) -> None:
@@ -242,8 +243,17 @@ class PoolSync:
 
     def _parse_set(self, raw: Any) -> list[Backend]:
         if isinstance(raw, Exception):
-            log.error("cannot read %s: %s", self.keys.draining, raw)
+            if not self.draining_unreadable:  # said once, not on every resync
+                log.error(
+                    "cannot read %s (%s): keeping the last-known drained backends",
+                    self.keys.draining,
+                    raw,
+                )
+                self.draining_unreadable = True
             return list(self.pool.draining)
+        if self.draining_unreadable:
+            log.info("%s is readable again", self.keys.draining)
+            self.draining_unreadable = False
         result = []
         for item in raw:
             try:
