@@ -14,7 +14,7 @@ import time
 from collections.abc import MutableSequence
 from typing import Any
 
-from redlb.store.link import RedisLink
+from redlb.store.link import RedisLink, describe_failure
 
 log = logging.getLogger("redlb.rotation")
 
@@ -201,7 +201,10 @@ class StrictCounter:
                 return int(end) - count
             except Exception as exc:
                 if not self.degraded:
-                    log.error("strict rotation falls back to a local counter: %r", exc)
+                    log.error(
+                        "strict rotation falls back to a local counter: Redis %s",
+                        describe_failure(exc)[1],
+                    )
                     self.degraded = True
         start = self.local
         self.local += count
