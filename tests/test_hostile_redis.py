@@ -491,3 +491,24 @@ def test_redis_misbehaving_every_way_under_load(redis_server, backends, start_pr
     assert peak_clients <= 6, peak_clients
     assert attempts_while_paused <= 16, attempts_while_paused  # ~1/s per caller, not a loop
     assert proxy.status("/-/ready")[0] == 200
+
+
+def test_ejection_mark_of_a_killed_instance_expires(redis_server, backends, start_proxy):
+    """RDS-15: the instance that ejected a backend dies; the shared mark ends by its TTL."""
+    _seed(redis_server, backends)
+    args = ("--eject-base-time", "1", "--eject-consecutive", "2")
+    ejecting = start_proxy(redis_server.url, *args)
+    other = start_proxy(redis_server.url, *args)
+    backends[2].behaviour.status = 503
+    client = redis_server.client()
+    mark = f"redlb:servers:ejected:{backends[2].address}"
+    assert wait_for(lambda: ejecting.get("/")[0] == 200 and client.exists(mark), 5)
+    ejecting.process.kill()
+    ejecting.process.wait()
+    backends[2].behaviour.status = 200
+    assert wait_for(lambda: not client.exists(mark), 3)
+    assert wait_for(lambda: metric(other, "redlb_pool_healthy") == 3, 3)
+    before = backends[2].count()
+    for _ in range(6):
+        assert other.get("/")[0] == 200
+    assert backends[2].count() > before

@@ -186,6 +186,14 @@ class PoolSync:
                     level=logging.ERROR,
                 )
                 return None
+            if not epoch:
+                self._problem(
+                    "absent",
+                    "the pool %r does not exist and this instance knows no earlier pool "
+                    "(a new Redis, or one that lost its data): answering 503",
+                    self.keys.pool,
+                )
+                return []
             self._problem("empty", "the pool %r is empty: answering 503", self.keys.pool)
             return []
         if kind != "list":
