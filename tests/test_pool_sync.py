@@ -86,3 +86,31 @@ def test_empty_pool_is_503_with_short_clear_body(redis_server, start_proxy):
     assert status == 503
     assert body == b"503 Service Unavailable: no backend is available\n"
     assert resp.getheader("Content-Type").startswith("text/plain")
+
+
+def test_pool_changes_are_described_one_line_each():
+    from redlb.address import parse_backend
+    from redlb.pool import Pool, describe_changes
+
+    now = [100.0]
+    pool = Pool(clock=lambda: now[0])
+    a, b, c = (parse_backend(f"127.0.0.1:{p}") for p in (1, 2, 3))
+    pool.update(members=[a, b])
+    start = pool.view()
+    pool.update(members=[b, c, c], down=[b], draining=[c], ejected={b: 5.0})
+    middle = pool.view()
+    assert describe_changes(start, middle) == [
+        "backend 127.0.0.1:3 added",
+        "backend 127.0.0.1:1 removed",
+        "backend 127.0.0.1:3 drained",
+        "backend 127.0.0.1:2 ejected",
+        "backend 127.0.0.1:2 health down",
+    ]
+    now[0] += 6  # the ejection ends on time
+    pool.update(members=[b], down=[], draining=[c])
+    assert describe_changes(middle, pool.view()) == [
+        "backend 127.0.0.1:3 removed",  # removed: its drain mark is not news of its own
+        "backend 127.0.0.1:2 ejection ended",
+        "backend 127.0.0.1:2 health up",
+    ]
+    assert describe_changes(pool.view(), pool.view()) == []
