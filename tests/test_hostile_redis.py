@@ -248,22 +248,26 @@ def test_enabling_keyspace_notifications_is_logged_with_old_and_new(
     assert "notify-keyspace-events" not in second.log()
 
 
-@pytest.mark.parametrize("forbid", ["rename", "acl"])
+@pytest.mark.parametrize("forbid", ["rename", "acl", "acl-no-channels"])
 def test_works_where_config_is_forbidden(tmp_path, backends, start_proxy, forbid):
     extra = ["--rename-command", "CONFIG", ""] if forbid == "rename" else []
     redis = RedisProcess(tmp_path / "r", extra=extra).start()
     try:
         url = redis.url
-        if forbid == "acl":
-            redis.cli("ACL", "SETUSER", "redlb", "on", ">pw", "~*", "&*", "+@all", "-config")
+        if forbid.startswith("acl"):
+            channels = "resetchannels" if forbid == "acl-no-channels" else "&*"
+            redis.cli("ACL", "SETUSER", "redlb", "on", ">pw", "~*", channels, "+@all", "-config")
             url = f"redis://redlb:pw@127.0.0.1:{redis.port}/0"
         redis.cli("RPUSH", "servers", backends[0].address)
         proxy = start_proxy(url)
         redis.cli("RPUSH", "servers", backends[1].address)
-        assert wait_for(lambda: backends[1].count() > 0 or proxy.get("/")[0] != 200, 3)
+        assert wait_for(lambda: proxy.get("/")[1] == b"ok b1\n", 3)
         assert {proxy.get("/")[1] for _ in range(4)} == {b"ok b0\n", b"ok b1\n"}
         wait_resyncs(redis, 3)
-        assert proxy.log().count("cannot enable keyspace notifications") == 1
+        log = proxy.log()
+        assert log.count("cannot enable keyspace notifications") == 1, log
+        assert log.count("cannot subscribe") == (forbid == "acl-no-channels"), log
+        assert "refused a command" not in log and log.count("Redis at") == 1, log
     finally:
         redis.kill()
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from redlb.address import Backend, InvalidAddress, parse_backend
 from redlb.config import Config
@@ -35,7 +36,8 @@ from redlb.store.link import MasterChanged, RedisLink
 
 log = logging.getLogger("redlb.sync")
 
-RETRY_AFTER_BLIP = 0.1  # the first retry after a working session ended
+RETRY_AFTER_BLIP = 0.1  # the first retry after a session that worked a while ended
+BLIP_AFTER = 5.0  # seconds a session must have lasted to earn the quick retry
 RETRY_INTERVAL = 1.0  # then one attempt a second at most, jittered up to +50%
 MAX_CHANGE_LINES = 20  # per difference; a pool of thousands is summed up, not listed
 
@@ -56,13 +58,14 @@ class PoolSync:
         self.on_connected = on_connected
         self.warned_entries: set[bytes] = set()
         self.problem: str | None = None  # the pool-level condition last logged
-        self.notifications_warned = False
+        self.push_warned: set[str] = set()  # each way of being told of edits lost, said once
         self.draining_unreadable = False
         self.logged_view = PoolView()  # the pool as the log last described it
 
     async def run(self) -> None:
         while True:
             was_up = False
+            started = time.monotonic()
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -73,7 +76,8 @@ class PoolSync:
                 was_up = self.link.up
                 self.link.mark_down(exc)
             self.log_changes()  # ejections that end while Redis is away are said too
-            delay = RETRY_AFTER_BLIP if was_up else RETRY_INTERVAL
+            blip = was_up and time.monotonic() - started >= BLIP_AFTER
+            delay = RETRY_AFTER_BLIP if blip else RETRY_INTERVAL
             await asyncio.sleep(delay * random.uniform(1.0, 1.5))
 
     async def _session(self) -> None:
@@ -90,15 +94,36 @@ class PoolSync:
             await self.sync_once()
             if self.on_connected is not None:
                 await self.on_connected()
+            subscribed = True
             while True:
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=self.config.resync_interval
-                )
-                while message is not None:  # coalesce a burst of edits into one read
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                if subscribed:
+                    try:
+                        await self._wait_for_news(pubsub)
+                    except NoPermissionError as exc:  # an ACL user without channel access
+                        subscribed = False
+                        self._warn_no_push("subscribe", f"cannot subscribe ({exc})")
+                else:
+                    await asyncio.sleep(self.config.resync_interval)
                 await self.sync_once()
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _wait_for_news(self, pubsub: Any) -> None:
+        """Until a message or the resync interval; a burst of edits makes one read."""
+        message = await pubsub.get_message(
+            ignore_subscribe_messages=True, timeout=self.config.resync_interval
+        )
+        while message is not None:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+
+    def _warn_no_push(self, what: str, reason: str) -> None:
+        if what not in self.push_warned:
+            log.warning(
+                "%s; edits will be seen by the %.1f s resync instead",
+                reason,
+                self.config.resync_interval,
+            )
+            self.push_warned.add(what)
 
     async def _enable_notifications(self, client: Redis) -> None:
         """Turn on list/generic keyspace events if we may; else rely on the resync."""
@@ -125,14 +150,7 @@ class PoolSync:
                 self.keys.pool,
             )
         except ResponseError as exc:
-            if not self.notifications_warned:
-                log.warning(
-                    "cannot enable keyspace notifications (%s); redis-cli edits will be seen by "
-                    "the %.1f s resync instead",
-                    exc,
-                    self.config.resync_interval,
-                )
-                self.notifications_warned = True
+            self._warn_no_push("config", f"cannot enable keyspace notifications ({exc})")
 
     async def sync_once(self) -> None:
         """Read pool, drain set, health and ejection marks; apply them to the local pool."""
