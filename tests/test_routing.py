@@ -363,3 +363,21 @@ def test_each_pool_has_its_own_health_checks(redis_server, pools, start_proxy):
     )
     statuses = {get(proxy, "/")[0] for _ in range(4)}
     assert statuses == {200, 500}  # the web pool has no health checks: b1 still serves there
+
+
+def test_redis_losing_its_data_keeps_the_last_known_routes(redis_server, pools, start_proxy):
+    """FLUSHALL (or a restart without persistence) is not "all routes deleted"."""
+    redis_server.cli("HSET", "redlb:routes", "api.example.com/", "api", "/", "web")
+    proxy = start_proxy(redis_server.url)
+    assert served_by(proxy, "/", "api.example.com") == "b0"
+    redis_server.cli("FLUSHALL")
+    assert wait_for(lambda: "redlb:routes and its epoch are both gone" in proxy.log(), 3)
+    assert served_by(proxy, "/", "api.example.com") == "b0"
+    assert served_by(proxy, "/", "other") == "b1"
+    # Deleting the routes on purpose (the epoch is there again once routes are read) works.
+    redis_server.cli("HSET", "redlb:routes", "/", "admin")
+    redis_server.cli("RPUSH", "admin", pools[2].address)
+    assert wait_for(lambda: served_by(proxy, "/", "api.example.com") == "b2", 1.0)
+    redis_server.cli("RPUSH", "servers", pools[0].address)
+    redis_server.cli("DEL", "redlb:routes")
+    assert wait_for(lambda: served_by(proxy, "/", "x") == "b0", 1.0)

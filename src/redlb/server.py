@@ -103,7 +103,7 @@ def supervise(config: Config, url: str) -> None:
         if slot < 0 or stopping:
             continue
         log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
-        cursor.recover()
+        cursor.recover(pid)
         if time.monotonic() - last_restart < 1.0:
             time.sleep(1.0)  # a crash loop must not spin
         last_restart = time.monotonic()
@@ -214,7 +214,7 @@ async def _worker(
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
-    ctx.access_log.flush()
+    ctx.access_log.close()
     with contextlib.suppress(Exception):
         await link.close()
     log.info("worker %d stopped", worker)

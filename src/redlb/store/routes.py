@@ -31,7 +31,7 @@ from redlb.routing import BadRoute, Match, RouteSpec, RoutingTable, parse_match
 from redlb.routing.hipache import SCAN_PATTERN, frontend_route
 from redlb.routing.match import with_value
 from redlb.routing.settings import parse_settings, resolve
-from redlb.store.keys import ROUTES, ROUTES_EVENTS
+from redlb.store.keys import ROUTES, ROUTES_EPOCH, ROUTES_EVENTS
 from redlb.store.link import RedisLink
 from redlb.store.sync import PoolSync, _text
 
@@ -51,8 +51,14 @@ MAX_ROUTES = 100_000
 RESYNC_POOLS = 16
 
 # The routes hash is re-read only when this changes (10,000 routes: 40 bytes, not 600 KB).
+# Like a pool's epoch, the routes' epoch is written by whoever reads a real hash: routes gone
+# with their epoch mean Redis lost its data (keep the last-known table), not "no routes".
 _ROUTES_DIGEST = """
-return redis.sha1hex(table.concat(redis.call('HGETALL', KEYS[1]), '\\n'))
+local all = redis.call('HGETALL', KEYS[1])
+if #all > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], '1')
+end
+return {redis.sha1hex(table.concat(all, '\\n')), redis.call('EXISTS', KEYS[2]), #all}
 """
 
 
@@ -192,9 +198,23 @@ class RouteSync(PoolSync):
             )
             raw: Any = keys
         else:
-            digest = await asyncio.wait_for(client.eval(_ROUTES_DIGEST, 1, ROUTES), timeout)
+            digest, epoch, fields = await asyncio.wait_for(
+                client.eval(_ROUTES_DIGEST, 2, ROUTES, ROUTES_EPOCH), timeout
+            )
             if digest == self.routes_digest:
                 return None
+            if not fields and not epoch and self.specs:
+                if self.problem != "routes-lost":
+                    log.error(
+                        "Redis lost its data (%s and its epoch are both gone): keeping the "
+                        "last-known %d routes until routes are written again",
+                        ROUTES,
+                        len(self.specs),
+                    )
+                    self.problem = "routes-lost"
+                return None
+            if self.problem == "routes-lost":
+                self.problem = None
             self.routes_digest = digest
             raw = await asyncio.wait_for(client.hgetall(ROUTES), timeout + 1e-5 * len(self.parsed))
         if raw == self.raw_routes:
@@ -261,8 +281,9 @@ class RouteSync(PoolSync):
             kind_raw, entries, epoch, draining_raw, settings_raw = replies[5 * i : 5 * i + 5]
             if isinstance(kind_raw, Exception):
                 raise kind_raw
-            members = state.sync._members(_text(kind_raw), entries, bool(epoch))
-            if members is not None and not epoch:
+            kind = _text(kind_raw)
+            members = state.sync._members(kind, entries, bool(epoch))
+            if kind == "list" and not epoch:  # only a real list vouches for Redis's data
                 epochs.append(state.keys.epoch)
             self._apply_settings(state, settings_raw)
             read.append((state, members, draining_raw))
@@ -295,6 +316,11 @@ class RouteSync(PoolSync):
                 draining=state.sync._parse_set(draining_raw),
                 ejected=ejected,
             )
+            state.sync.log_changes()
+
+    def log_changes(self) -> None:
+        for state in list(self.states.values()):
+            state.sync.log_changes()
 
     def _apply_settings(self, state: PoolState, raw: Any) -> None:
         if isinstance(raw, Exception):
