@@ -381,3 +381,29 @@ def test_redis_losing_its_data_keeps_the_last_known_routes(redis_server, pools, 
     redis_server.cli("RPUSH", "servers", pools[0].address)
     redis_server.cli("DEL", "redlb:routes")
     assert wait_for(lambda: served_by(proxy, "/", "x") == "b0", 1.0)
+
+
+def test_routes_without_scripting_rights(redis_server, pools, start_proxy):
+    """An ACL user that may not EVAL still gets routes (read whole on each resync)."""
+    redis_server.cli("ACL", "SETUSER", "lb", "on", ">secret", "~*", "&*", "+@all",
+                     "-eval", "-evalsha")  # fmt: skip
+    redis_server.cli("HSET", "redlb:routes", "/", "api")
+    proxy = start_proxy(f"redis://lb:secret@127.0.0.1:{redis_server.port}/0")
+    assert served_by(proxy) == "b0"
+    redis_server.cli("HSET", "redlb:routes", "/", "web")
+    assert wait_for(lambda: served_by(proxy) == "b1", 1.0)
+    assert proxy.log().count("cannot run a script") == 1
+
+
+def test_each_pool_keeps_drain_and_its_own_rotation(redis_server, pools, start_proxy):
+    a, b, c = pools
+    redis_server.cli("RPUSH", "api", b.address, c.address)  # api: b0 b1 b2
+    redis_server.cli("HSET", "redlb:routes", "/", "api")
+    redis_server.cli("HSET", "redlb:api:settings", "rotation", "strict")
+    proxy = start_proxy(redis_server.url)
+    order = [served_by(proxy) for _ in range(6)]
+    assert sorted(order[:3]) == ["b0", "b1", "b2"] and order[:3] == order[3:]
+    assert redis_server.cli("GET", "redlb:api:rr").strip() not in ("", "0")
+    out = redlb(redis_server.url, "backend", "drain", b.address, "--pool", "api")
+    assert out.returncode == 0, out.stderr
+    assert wait_for(lambda: {served_by(proxy) for _ in range(6)} == {"b0", "b2"}, 1.0)

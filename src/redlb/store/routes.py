@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.client import PubSub
+from redis.exceptions import ResponseError
 
 from redlb.address import Backend
 from redlb.routing import BadRoute, Match, RouteSpec, RoutingTable, parse_match
@@ -88,6 +89,8 @@ class RouteSync(PoolSync):
         self.dirty_pools: set[str] = set()
         self.last_full = 0.0
         self.routes_digest: Any = None
+        self.scripts = True  # False once EVAL is refused (an ACL user): no digest, read whole
+        self.routes_lost = False
         self.resync_cursor = 0  # where the next resync's slice of pools starts
         # Subscriptions
         self.pubsub: PubSub | None = None
@@ -198,25 +201,9 @@ class RouteSync(PoolSync):
             )
             raw: Any = keys
         else:
-            digest, epoch, fields = await asyncio.wait_for(
-                client.eval(_ROUTES_DIGEST, 2, ROUTES, ROUTES_EPOCH), timeout
-            )
-            if digest == self.routes_digest:
+            raw = await self._read_routes_hash(timeout)
+            if raw is None:
                 return None
-            if not fields and not epoch and self.specs:
-                if self.problem != "routes-lost":
-                    log.error(
-                        "Redis lost its data (%s and its epoch are both gone): keeping the "
-                        "last-known %d routes until routes are written again",
-                        ROUTES,
-                        len(self.specs),
-                    )
-                    self.problem = "routes-lost"
-                return None
-            if self.problem == "routes-lost":
-                self.problem = None
-            self.routes_digest = digest
-            raw = await asyncio.wait_for(client.hgetall(ROUTES), timeout + 1e-5 * len(self.parsed))
         if raw == self.raw_routes:
             return None
         self.raw_routes = raw
@@ -244,6 +231,45 @@ class RouteSync(PoolSync):
         if len(self.matches) > 2 * len(parsed) + 100:
             self.matches = {f: s.match for (f, _), s in parsed.items() if not isinstance(s, str)}
         return specs
+
+    async def _read_routes_hash(self, timeout: float) -> Any:
+        """The routes hash, or None to keep the table (unchanged, or Redis lost its data)."""
+        client = self.link.client
+        digest: Any = None
+        if self.scripts:
+            try:
+                digest, epoch, fields = await asyncio.wait_for(
+                    client.eval(_ROUTES_DIGEST, 2, ROUTES, ROUTES_EPOCH), timeout
+                )
+            except ResponseError as exc:  # scripting not allowed (ACL): read the hash whole
+                log.warning("cannot run a script (%s): the routes are read whole each resync", exc)
+                self.scripts = False
+        raw = None
+        if not self.scripts:
+            pipe = client.pipeline(transaction=False)
+            pipe.hgetall(ROUTES)
+            pipe.exists(ROUTES_EPOCH)
+            raw, epoch = await asyncio.wait_for(pipe.execute(), timeout + 1e-5 * len(self.parsed))
+            fields = len(raw)
+            if raw and not epoch:
+                await asyncio.wait_for(client.set(ROUTES_EPOCH, "1", nx=True), timeout)
+        elif digest == self.routes_digest:
+            return None
+        if not fields and not epoch and self.specs:
+            if not self.routes_lost:
+                log.error(
+                    "Redis lost its data (%s and its epoch are both gone): keeping the "
+                    "last-known %d routes until routes are written again",
+                    ROUTES,
+                    len(self.specs),
+                )
+                self.routes_lost = True
+            return None
+        self.routes_lost = False
+        if raw is None:
+            self.routes_digest = digest
+            raw = await asyncio.wait_for(client.hgetall(ROUTES), timeout + 1e-5 * len(self.parsed))
+        return raw
 
     def _parse(self, field: bytes, value: bytes) -> RouteSpec | str:
         shown = field[:80].decode("utf-8", "backslashreplace")
