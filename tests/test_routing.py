@@ -96,6 +96,7 @@ def test_path_normalisation_decides_the_route_and_is_forwarded(redis_server, poo
         (b"/public%2F..%2Fadmin", admin, b"/public%2F..%2Fadmin"),  # %2F is not a separator
         (b"/public/a%2Fb", web, b"/public/a%2Fb"),
         (b"//public", web, b"/public"),
+        (b"/public/..;/admin", admin, b"/admin"),  # Tomcat reads "..;" as ".."
     ]
     for target, backend, forwarded in cases:
         response, _ = raw_exchange(
@@ -103,7 +104,8 @@ def test_path_normalisation_decides_the_route_and_is_forwarded(redis_server, poo
         )
         assert b" 200 " in response.split(b"\r\n")[0], target
         assert backend.received[-1].url == forwarded, target
-    for target in (b"/..", b"/../etc/passwd", b"/public/../../admin", b"/%2e%2e/x"):
+    for target in (b"/..", b"/../etc/passwd", b"/public/../../admin", b"/%2e%2e/x",
+                   b"/public\\..\\admin"):  # fmt: skip
         before = web.count() + admin.count()
         response, _ = raw_exchange(
             proxy.port, b"GET %b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % target
