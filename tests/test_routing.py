@@ -409,3 +409,26 @@ def test_each_pool_keeps_drain_and_its_own_rotation(redis_server, pools, start_p
     out = redlb(redis_server.url, "backend", "drain", b.address, "--pool", "api")
     assert out.returncode == 0, out.stderr
     assert wait_for(lambda: {served_by(proxy) for _ in range(6)} == {"b0", "b2"}, 1.0)
+
+
+def test_routes_and_settings_of_the_wrong_type_keep_what_was_known(
+    redis_server, pools, start_proxy
+):
+    redis_server.cli("HSET", "redlb:routes", "/", "api")
+    redis_server.cli("HSET", "redlb:api:settings", "max_body", "10")
+    proxy = start_proxy(redis_server.url)
+    assert served_by(proxy) == "b0"
+    with redis_server.client() as client:  # one transaction: never "no routes" in between
+        client.pipeline(transaction=True).set("redlb:routes", "oops").set(
+            "redlb:api:settings", "oops"
+        ).execute()
+    time.sleep(2.2)  # two resyncs: still served, each problem said once
+    assert served_by(proxy) == "b0"
+    assert request(proxy.port, "POST", "/", body=b"x" * 50, headers={"Host": "h"})[0] == 413
+    log = proxy.log()
+    assert log.count("redlb:routes holds a string") == 1, log
+    assert log.count("cannot read redlb:api:settings") == 1, log
+    assert "unreachable" not in log
+    redis_server.cli("DEL", "redlb:routes")
+    redis_server.cli("HSET", "redlb:routes", "/", "web")
+    assert wait_for(lambda: served_by(proxy) == "b1", 1.0)

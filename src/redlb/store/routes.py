@@ -91,6 +91,7 @@ class RouteSync(PoolSync):
         self.routes_digest: Any = None
         self.scripts = True  # False once EVAL is refused (an ACL user): no digest, read whole
         self.routes_lost = False
+        self.routes_problem: str | None = None  # the wrong type the routes key held, if any
         self.resync_cursor = 0  # where the next resync's slice of pools starts
         # Subscriptions
         self.pubsub: PubSub | None = None
@@ -236,6 +237,15 @@ class RouteSync(PoolSync):
         """The routes hash, or None to keep the table (unchanged, or Redis lost its data)."""
         client = self.link.client
         digest: Any = None
+        kind = _text(await asyncio.wait_for(client.type(ROUTES), timeout))
+        if kind not in ("hash", "none"):
+            if self.routes_problem != kind:
+                log.error("%s holds a %s, not a hash: keeping the last-known routes", ROUTES, kind)
+                self.routes_problem = kind
+            return None
+        if self.routes_problem is not None:
+            log.info("%s is a hash again", ROUTES)
+            self.routes_problem = None
         if self.scripts:
             try:
                 digest, epoch, fields = await asyncio.wait_for(
@@ -350,7 +360,9 @@ class RouteSync(PoolSync):
 
     def _apply_settings(self, state: PoolState, raw: Any) -> None:
         if isinstance(raw, Exception):
-            log.error("cannot read %s: %s", state.keys.settings, raw)
+            if self.raw_settings.get(state.name) != "unreadable":  # said once
+                log.error("cannot read %s (%s): keeping its settings", state.keys.settings, raw)
+                self.raw_settings[state.name] = "unreadable"
             return
         if raw == self.raw_settings.get(state.name):
             return
