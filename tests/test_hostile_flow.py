@@ -143,9 +143,7 @@ def test_retried_put_waiting_for_a_connection_is_resent_whole(
         second.stop()
 
 
-def test_post_answered_503_mid_body_is_never_sent_twice(
-    redis_server, loop_thread, start_proxy
-):  # type: ignore[no-untyped-def]
+def test_post_answered_503_mid_body_is_never_sent_twice(redis_server, loop_thread, start_proxy):  # type: ignore[no-untyped-def]
     async def overloaded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int):
         await reader.readuntil(b"\r\n\r\n")
         await reader.read(1000)
@@ -203,7 +201,7 @@ def test_slow_uploads_are_not_backend_timeouts(two, redis_server):  # type: igno
     for t in threads:
         t.join(20)
     assert results == [200] * 4, results
-    assert redis_server.cli("KEYS", "redlb:servers:ejected:*") == ""
+    assert redis_server.cli("KEYS", "redlb:servers:ejected:*").strip() == ""
 
 
 # Defect 3: a client that stops reading is cut off by the send deadline
@@ -218,7 +216,7 @@ def test_client_that_never_reads_is_aborted_and_frees_the_backend(
         "--upstream-timeout", "2", "--queue-timeout", "1",
     )  # fmt: skip
     fds = open_fds(proxy.pid)
-    stalled = [_unread_socket(proxy.port) for _ in range(3)]
+    stalled = [_unread_socket(proxy.port) for _ in range(2)]  # every backend connection
     with peak_rss(proxy.pid) as rss:
         for sock in stalled:
             sock.sendall(b"GET /big/%d HTTP/1.1\r\nHost: t\r\n\r\n" % (64 * MB))
@@ -229,7 +227,7 @@ def test_client_that_never_reads_is_aborted_and_frees_the_backend(
             assert proxy.get("/")[0] == 200
     for sock in stalled:
         read, ended = _drained_until_closed(sock, 64 * MB, timeout=3)
-        assert ended and read < 64 * MB
+        assert ended and read < 64 * MB, (read, ended)
         sock.close()
     assert rss["peak"] - rss["start"] < 32 * MB
     assert wait_for(lambda: open_fds(proxy.pid) <= fds + 2, 5), open_fds(proxy.pid)
@@ -239,18 +237,13 @@ def test_client_reading_one_byte_a_second_is_cut_off(one_proxy):  # type: ignore
     proxy = one_proxy("--send-timeout", "2")
     sock = _unread_socket(proxy.port)
     sock.sendall(b"GET /big/%d HTTP/1.1\r\nHost: t\r\n\r\n" % (8 * MB))
-    ended = False
-    deadline = time.monotonic() + 8
-    try:
-        while time.monotonic() < deadline:
-            if not sock.recv(1):
-                ended = True
-                break
-            time.sleep(0.5)
-    except ConnectionResetError:
-        ended = True
+    deadline = time.monotonic() + 4  # send deadline 2 s + sweep + slack
+    while time.monotonic() < deadline and sock.recv(1):
+        time.sleep(0.5)
+    # Whatever the kernel still holds can be read; then the connection is gone.
+    read, ended = _drained_until_closed(sock, 8 * MB, timeout=3)
     sock.close()
-    assert ended
+    assert ended and read < 4 * MB, (read, ended)
     assert proxy.get("/")[0] == 200
 
 
@@ -338,9 +331,7 @@ def test_drain_delivers_a_response_buffered_for_a_slow_reader(one_proxy):  # typ
 # Beyond the list: peers that vanish at every phase
 
 
-def test_disconnects_at_every_phase_leave_nothing_behind(
-    redis_server, backends, start_proxy
-):  # type: ignore[no-untyped-def]
+def test_disconnects_at_every_phase_leave_nothing_behind(redis_server, backends, start_proxy):  # type: ignore[no-untyped-def]
     redis_server.cli("RPUSH", "servers", backends[0].address)
     proxy = start_proxy(
         redis_server.url, "--max-conns-per-backend", "1", "--queue-timeout", "5",
@@ -363,7 +354,9 @@ def test_disconnects_at_every_phase_leave_nothing_behind(
             sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
             sock.sendall(data)
             time.sleep(0.05)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             sock.close()  # RST
     holder.join(10)
     backends[0].behaviour.delay = 0.0
