@@ -14,6 +14,10 @@ import time
 
 import pytest
 
+from redlb.address import Backend
+from redlb.proxy import deadlines
+from redlb.proxy.replay import ReplayBuffer
+from redlb.proxy.retry import may_retry
 from support import (
     HttpBackend,
     ScriptedBackend,
@@ -382,3 +386,70 @@ def test_half_closed_client_with_a_big_answer_gets_all_of_it(one_proxy):  # type
     read, ended = _drained_until_closed(sock, 8 * MB)
     sock.close()
     assert ended and read > 4 * MB
+
+
+# The pure pieces, without sockets
+
+
+def test_replay_buffer_is_whole_or_gone():
+    replay = ReplayBuffer(limit=10)
+    replay.add(b"abcd")
+    replay.add(b"efgh")
+    assert replay.whole and replay.copy() == [b"abcd", b"efgh"] and replay.size == 8
+    copy = replay.copy()
+    copy.append(b"x")  # a retry's pending list is its own
+    assert replay.copy() == [b"abcd", b"efgh"]
+    replay.add(b"ijk")  # 11 > 10: the copy is gone, not trimmed
+    assert not replay.whole
+    replay.add(b"l")
+    assert not replay.whole
+    with pytest.raises(AssertionError):
+        replay.copy()
+
+
+def test_replay_buffer_exactly_at_the_limit_is_kept():
+    replay = ReplayBuffer(limit=4)
+    replay.add(b"abcd")
+    assert replay.whole and replay.copy() == [b"abcd"]
+
+
+A, B = Backend("10.0.0.1", 80), Backend("10.0.0.2", 80)
+
+
+@pytest.mark.parametrize(
+    "sent, idempotent, whole, replayed, attempts, tried, elsewhere, expected",
+    [
+        (False, False, False, False, 1, [A], False, True),  # connect failure: any method
+        (True, False, True, False, 1, [A], False, False),  # POST already sent: never again
+        (True, True, True, False, 1, [A], False, True),  # GET, keep-alive race
+        (True, True, False, False, 1, [A], False, False),  # body copy gone
+        (True, True, True, True, 2, [A, B], False, False),  # resent once already
+        (True, True, True, False, 3, [A], False, False),  # attempts used up
+        (True, True, True, False, 1, [A, B], True, False),  # 503 everywhere tried
+        (True, True, True, False, 1, [A], True, True),  # 503: B not tried yet
+    ],
+)
+def test_may_retry(sent, idempotent, whole, replayed, attempts, tried, elsewhere, expected):
+    healthy = (A, B)
+    args = (sent, idempotent, whole, replayed, attempts, 3, healthy, tried, elsewhere)
+    assert may_retry(*args) is expected
+
+
+def test_may_retry_without_a_healthy_backend():
+    assert not may_retry(False, True, True, False, 1, 3, (), [A], False)
+
+
+@pytest.mark.parametrize(
+    "header, idle, send, expected",
+    [
+        (0.0, 0.0, 0.0, deadlines.KEEP),
+        (11.0, 0.0, 0.0, deadlines.KEEP),
+        (9.0, 0.0, 0.0, deadlines.REFUSE),
+        (0.0, 9.0, 0.0, deadlines.CLOSE),
+        (0.0, 9.0, 11.0, deadlines.CLOSE),  # the close flushes; the send deadline still holds
+        (9.0, 9.0, 9.0, deadlines.ABORT),  # a 408 cannot reach a client that does not read
+        (9.0, 0.0, 11.0, deadlines.REFUSE),
+    ],
+)
+def test_deadline_verdict(header, idle, send, expected):
+    assert deadlines.verdict(10.0, header, idle, send) == expected

@@ -443,7 +443,10 @@ class ClientConnection(asyncio.Protocol):
         elif self.closing:
             return
         elif verdict == deadlines.REFUSE:
-            self._timeout_refusal()
+            if self.phase == _IDLE and not self.queue:
+                self._close()  # connected and never sent a byte: nothing to answer
+            else:
+                self._timeout_refusal()
         elif verdict == deadlines.CLOSE:
             self._close()
         elif self.phase == _BODY and self.parsing is not None and not self.parsing.done:

@@ -177,7 +177,7 @@ class Exchange:
             upstream.deadline = 0.0  # a slow reader is not a slow backend
         else:
             upstream.resume_reading()
-            if self.request_done:
+            if self.request_done or self.response_started:
                 upstream.deadline = time.monotonic() + self.ctx.config.upstream_timeout
 
     # Picking and connecting
@@ -291,6 +291,7 @@ class Exchange:
             conn.deadline = time.monotonic() + self.ctx.config.upstream_timeout
         if client.paused:
             client.unpause_for_buffer()
+            client.pause_for_upload(False)  # a congested connection of a failed attempt
 
     def _send_body(self, framed: bytes) -> None:
         if self.req.idempotent:
