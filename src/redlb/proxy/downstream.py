@@ -443,9 +443,10 @@ class ClientConnection(asyncio.Protocol):
         elif self.closing:
             return
         elif verdict == deadlines.REFUSE:
+            self.header_deadline = 0.0
             if self.phase == _IDLE and not self.queue:
                 self._close()  # connected and never sent a byte: nothing to answer
-            else:
+            elif self.refusal is None:  # the first reason to refuse is the one answered
                 self._timeout_refusal()
         elif verdict == deadlines.CLOSE:
             self._close()
@@ -495,7 +496,6 @@ class ClientConnection(asyncio.Protocol):
             self._send_refusal()
 
     def _timeout_refusal(self) -> None:
-        self.header_deadline = 0.0  # refused once; the 408 goes out after what is in flight
         self.refuse(Reject(408, "request not received in time"))
 
     def _send_refusal(self) -> None:
