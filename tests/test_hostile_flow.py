@@ -388,6 +388,129 @@ def test_half_closed_client_with_a_big_answer_gets_all_of_it(one_proxy):  # type
     assert ended and read > 4 * MB
 
 
+def test_every_connection_ends_by_a_deadline(redis_server, backends, start_proxy):  # type: ignore[no-untyped-def]
+    """Peers that stop at every phase and never close: the proxy ends each connection."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = start_proxy(
+        redis_server.url, "--header-timeout", "1", "--keepalive-timeout", "1",
+        "--send-timeout", "1", "--body-rate-grace", "1", "--body-min-rate", "1000",
+        "--upstream-timeout", "2",
+    )  # fmt: skip
+    assert proxy.get("/")[0] == 200
+    fds = open_fds(proxy.pid)
+    openers = [
+        b"",  # silent
+        b"GET /x HTTP/1.1\r\nHo",  # mid-head
+        b"PUT /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\nabc",  # mid-body
+        GET,  # answered, then idle keep-alive
+        GET + b"GET /x HTTP/1.1\r\n",  # answered, then a pipelined head that never ends
+        b"GET /big/%d HTTP/1.1\r\nHost: t\r\n\r\n" % (32 * MB),  # never reads
+    ]
+    peers = []
+    for data in openers * 3:
+        sock = _unread_socket(proxy.port)
+        if data:
+            sock.sendall(data)
+        peers.append(sock)
+    time.sleep(0.5)
+    assert open_fds(proxy.pid) >= fds + len(peers)
+    assert _live(proxy)
+    # The longest bar: body grace 1 s + rate, send 1 s; two sweeps and slack.
+    assert wait_for(lambda: open_fds(proxy.pid) <= fds + 1, 8), open_fds(proxy.pid)
+    assert _live(proxy) and proxy.get("/")[0] == 200
+    for sock in peers:
+        sock.close()
+
+
+def test_backend_that_stops_reading_the_body_is_a_backend_timeout(
+    redis_server, loop_thread, start_proxy
+):  # type: ignore[no-untyped-def]
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int):
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)  # never reads the body
+
+    backend = ScriptedBackend(loop_thread, deaf).start()
+    try:
+        redis_server.cli("RPUSH", "servers", backend.address)
+        proxy = start_proxy(redis_server.url, "--upstream-timeout", "2", "--max-body", "0")
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        sock.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (256 * MB))
+        out = b""
+        sock.settimeout(0.05)
+        deadline = time.monotonic() + 8  # upstream timeout 2 s + sweep + slack
+        piece = b"b" * MB  # fast enough to fill every buffer on the way within a second
+        while time.monotonic() < deadline and b"\r\n\r\n" not in out:
+            try:
+                sock.send(piece)
+            except TimeoutError:
+                pass
+            except OSError:
+                break
+            try:
+                out += sock.recv(65536)
+            except TimeoutError:
+                pass
+            except OSError:
+                break
+        cut = time.monotonic() < deadline
+        sock.close()
+        # The 504 may be lost to the reset of closing on an unread upload (no lingering
+        # close yet); either way the exchange ended on the backend's deadline.
+        proxy.stop()  # flushes the access log
+        assert statuses(out) == [504] or (cut and "POST /x => 504" in proxy.access_log())
+    finally:
+        backend.stop()
+
+
+def _recording_backend(loop_thread, fail_first: bool):  # type: ignore[no-untyped-def]
+    """Reads whole Content-Length requests and records each body's sha256; with
+    ``fail_first``, resets its first connection after reading the whole request."""
+    bodies: list[str] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            body = await reader.readexactly(length)
+            bodies.append(hashlib.sha256(body).hexdigest())
+            if fail_first and n == 1:
+                writer.transport.abort()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return ScriptedBackend(loop_thread, script).start(), bodies
+
+
+@pytest.mark.parametrize(
+    "method, size, resent",
+    [
+        ("PUT", 50_000, True),  # idempotent and kept whole: resent once, whole
+        ("PUT", 200_000, False),  # too big to keep: 502, sent once
+        ("POST", 50_000, False),  # not idempotent: 502, sent once
+    ],
+)
+def test_reset_after_the_body_resends_whole_or_not_at_all(
+    redis_server, loop_thread, start_proxy, method, size, resent
+):  # type: ignore[no-untyped-def]
+    backend, bodies = _recording_backend(loop_thread, fail_first=True)
+    try:
+        redis_server.cli("RPUSH", "servers", backend.address)
+        proxy = start_proxy(redis_server.url)
+        body = hashlib.sha256(b"seed").digest() * (size // 32) + b"x" * (size % 32)
+        status, _, _ = request(proxy.port, method, "/r", body=body)
+        digest = hashlib.sha256(body).hexdigest()
+        assert bodies.count(digest) == len(bodies)  # never a partial body
+        if resent:
+            assert status == 200 and len(bodies) == 2
+        else:
+            assert status == 502 and len(bodies) == 1
+    finally:
+        backend.stop()
+
+
 # The pure pieces, without sockets
 
 
