@@ -180,7 +180,8 @@ class Exchange:
             if self.request_done or self.response_started:
                 upstream.deadline = time.monotonic() + self.ctx.config.upstream_timeout
 
-    # Picking and connecting
+    # Picking and connecting (with _can_retry and _no_backend, the only users of the pool
+    # and the strategy: a routing table would be asked here)
 
     async def _pick_then_attempt(self) -> None:
         candidates = self.ctx.pool.healthy
@@ -293,6 +294,8 @@ class Exchange:
             client.unpause_for_buffer()
             client.pause_for_upload(False)  # a congested connection of a failed attempt
 
+    # The request body (body rule 1)
+
     def _send_body(self, framed: bytes) -> None:
         if self.req.idempotent:
             replay = self.replay
@@ -308,6 +311,8 @@ class Exchange:
         if self.pending_bytes > BUFFER_LIMIT:
             self.client.pause_for_buffer()
 
+    # Driven by the upstream connection
+
     def upstream_congested(self, congested: bool) -> None:
         """The backend stopped (resumed) taking the body: that wait is the backend's."""
         self.client.pause_for_upload(congested)
@@ -319,8 +324,6 @@ class Exchange:
                 upstream.deadline = time.monotonic() + self.ctx.config.upstream_timeout
         elif not self.request_done:
             upstream.deadline = 0.0  # the upload goes at the client's pace again
-
-    # Driven by the upstream connection
 
     def response_head(self, status: int, upstream_keep_alive: bool) -> bool:
         """Forward the response head; False means it is dropped and the request retried."""
@@ -401,7 +404,7 @@ class Exchange:
             return
         self._respond_error(reason)
 
-    # Endings
+    # Retries: retry.py says whether, the replay copy supplies the bytes
 
     def _retry_or_fail(self, reason: tuple[int, str], sent: bool, elsewhere: bool = False) -> None:
         if self._can_retry(sent, elsewhere):
@@ -442,6 +445,8 @@ class Exchange:
                 self.pending = replay.copy()
                 self.pending_bytes = replay.size
         self._attempt()
+
+    # Endings
 
     def _no_backend(self) -> None:
         reason = errors.NO_BACKEND if self.ctx.pool.known else errors.NOT_READY
