@@ -14,7 +14,7 @@ import time
 
 import httptools
 
-from redlb.proxy import errors
+from redlb.proxy import deadlines, errors
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.errors import Reject
 from redlb.proxy.exchange import Exchange, RequestHead
@@ -66,11 +66,12 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "corked",
         "ctx",
-        "deadline",
         "eof",
         "forwarded",
         "header_bytes",
+        "header_deadline",
         "headers",
+        "idle_deadline",
         "parser",
         "parsing",
         "paused",
@@ -78,6 +79,7 @@ class ClientConnection(asyncio.Protocol):
         "phase",
         "queue",
         "refusal",
+        "send_deadline",
         "transport",
         "url",
     )
@@ -100,7 +102,10 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         self.refusal: Reject | None = None
         self.phase = _IDLE
-        self.deadline = 0.0
+        # One deadline per purpose (deadlines.py says who arms and disarms each).
+        self.header_deadline = 0.0
+        self.idle_deadline = 0.0
+        self.send_deadline = 0.0  # also "the client's socket is full", for the exchange
         self.body_started_at = 0.0
         self.checked_host = b""  # clients repeat their Host: it is validated once
         # Per-request (parse side) state
@@ -122,14 +127,14 @@ class ClientConnection(asyncio.Protocol):
         self.ctx.clients.add(self)
         self.ctx.stats.client_connections += 1
         # Connecting and sending nothing is held to the header timeout too (slowloris).
-        self.deadline = time.monotonic() + self.ctx.config.header_timeout
+        self.header_deadline = time.monotonic() + self.ctx.config.header_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.refusal is not None or self.closing:
             return
         if self.phase == _IDLE:
             self.phase = _HEADERS
-            self.deadline = time.monotonic() + self.ctx.config.header_timeout
+            self.header_deadline = time.monotonic() + self.ctx.config.header_timeout
         try:
             if len(data) <= _FEED_SLICE:
                 self._feed(data)
@@ -187,12 +192,12 @@ class ClientConnection(asyncio.Protocol):
             self.queue.pop(0).abort()
 
     def pause_writing(self) -> None:
-        self.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+        self.send_deadline = time.monotonic() + self.ctx.config.send_timeout
         if self.queue:
             self.queue[0].client_congested(True)
 
     def resume_writing(self) -> None:
-        self.deadline = 0.0
+        self.send_deadline = 0.0
         if self.queue:
             self.queue[0].client_congested(False)
 
@@ -206,6 +211,11 @@ class ClientConnection(asyncio.Protocol):
         self.chunks = 0
         self.chunk_wire = 0
         self.phase = _HEADERS
+        self.idle_deadline = 0.0
+        if not self.header_deadline:
+            # A head that follows a complete request in the same read (pipelining) gets
+            # its own header deadline too: data_received only arms one from idle.
+            self.header_deadline = time.monotonic() + self.ctx.config.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -228,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = exchange
         self.phase = _BODY
         self.body_started_at = time.monotonic()
-        self.deadline = 0.0
+        self.header_deadline = 0.0
         self.queue.append(exchange)
         if len(self.queue) == 1:
             exchange.start()
@@ -251,7 +261,6 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.parsing
         self.parsing = None
         self.phase = _IDLE
-        self.deadline = 0.0
         if exchange is not None and not exchange.done:
             exchange.request_complete()
         elif exchange is not None:
@@ -415,7 +424,7 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         if self.phase == _IDLE:
-            self.deadline = time.monotonic() + self.ctx.config.keepalive_timeout
+            self.idle_deadline = time.monotonic() + self.ctx.config.keepalive_timeout
             if len(self.ctx.clients) > _KEEP_PARSERS_UP_TO:
                 self.parser = None  # so many connections that memory comes first
 
@@ -424,7 +433,24 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         if self.queue:
             self.queue[0].check_timeout(now)
-        if self.phase == _BODY and self.parsing is not None and not self.parsing.done:
+        verdict = deadlines.verdict(
+            now, self.header_deadline, self.idle_deadline, self.send_deadline
+        )
+        if verdict == deadlines.ABORT:
+            # Even a closing connection: its close waits for a flush that never comes.
+            # connection_lost then aborts the exchanges, which frees their backends.
+            self.abort()
+        elif self.closing:
+            return
+        elif verdict == deadlines.REFUSE:
+            self.header_deadline = 0.0
+            if self.phase == _IDLE and not self.queue:
+                self._close()  # connected and never sent a byte: nothing to answer
+            elif self.refusal is None:  # the first reason to refuse is the one answered
+                self._timeout_refusal()
+        elif verdict == deadlines.CLOSE:
+            self._close()
+        elif self.phase == _BODY and self.parsing is not None and not self.parsing.done:
             elapsed = now - self.body_started_at
             config = self.ctx.config
             if (
@@ -434,14 +460,13 @@ class ClientConnection(asyncio.Protocol):
                 and not self.paused
             ):
                 self._timeout_refusal()
-            return
-        if self.deadline and now > self.deadline:
-            if self.phase == _HEADERS:
-                self._timeout_refusal()
-            else:
-                self._close()  # idle keep-alive, or a client that stopped reading
         elif self.phase == _IDLE and not self.queue:
             self.parser = None  # between messages: nothing to keep (see __init__)
+
+    def flushed(self) -> bool:
+        """Nothing is left for this client: no exchange, no byte waiting to be sent."""
+        transport = self.transport
+        return not self.queue and (transport is None or not transport.get_write_buffer_size())
 
     def drain(self) -> None:
         """Graceful shutdown: close now if idle, else after the response in flight."""

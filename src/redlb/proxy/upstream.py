@@ -127,7 +127,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.broken = False
         self.closed = False
         self.idle_since = 0.0
-        self.deadline = 0.0  # set while an exchange waits on this backend
+        # The backend owes progress by then: armed by the exchange from the end of the
+        # request (or while the body is not taken) to the end of the response; never while
+        # the client is the slow side (exchange.py, body rule 2).
+        self.deadline = 0.0
         # Per-response state
         self.exchange: Exchange | None = None
         self.no_body = False
