@@ -299,7 +299,10 @@ def test_CTL_01_exact_bytes_at_the_backend(env: Env) -> None:
     raw = env.raw_with("CTL-01")
     assert raw.endswith(
         b"GET /adv/CTL-01/x HTTP/1.1\r\nHost: adv.test\r\nX-Forwarded-Host: adv.test\r\n"
-        b"X-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n\r\n"
+        b"X-Forwarded-For: 127.0.0.1\r\n"
+        b'Forwarded: for=127.0.0.1;host="adv.test";proto=http\r\n'
+        b"X-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
+        b"X-Forwarded-Port: %d\r\n\r\n" % env.proxy.port
     )
 
 

@@ -19,8 +19,16 @@ class Reject(Exception):
         self.detail = detail
 
 
+# Python 3.11 still has the RFC 7231 names for these; RFC 9110 §15.5 renamed them.
+_RFC9110_PHRASES = {413: "Content Too Large", 414: "URI Too Long"}
+
+
+def _phrase_text(status: int) -> str:
+    return _RFC9110_PHRASES.get(status) or HTTPStatus(status).phrase
+
+
 def error_response(status: int, detail: str, close: bool = True) -> bytes:
-    phrase = HTTPStatus(status).phrase
+    phrase = _phrase_text(status)
     body = f"{status} {phrase}: {detail}\n".encode()
     connection = b"close" if close else b"keep-alive"
     return b"".join(
@@ -63,4 +71,4 @@ def cached_response(status: int, detail: str, close: bool) -> bytes:
 
 
 def phrase(status: int) -> bytes:
-    return HTTPStatus(status).phrase.encode()
+    return _phrase_text(status).encode()

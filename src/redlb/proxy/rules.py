@@ -25,12 +25,15 @@ HOP_BY_HOP = frozenset(
         b"http2-settings",
     }
 )
-# Only the request side: credentials for this proxy, and what redlb sets itself.
+# Only the request side: credentials for this proxy, and the single-valued forwarding fields,
+# which redlb sets itself (a client's value is never passed on).  The list-valued ones,
+# X-Forwarded-For and Forwarded, are appended to instead: each hop adds its own element.
 REQUEST_DROP = HOP_BY_HOP | {
     b"proxy-authorization",
     b"expect",
     b"x-forwarded-proto",
     b"x-forwarded-host",
+    b"x-forwarded-port",
     b"x-real-ip",
 }
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
