@@ -639,3 +639,54 @@ def test_backend_stalling_mid_head_then_closing_is_502(scripted):
     proxy, backend = scripted(script)
     out, _ = raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", timeout=4)
     assert statuses(out) == [502], out
+
+
+# 6. HOP-08: hop-by-hop fields of a response, and those its Connection names, stay behind.
+
+
+def test_HOP_08_response_hop_by_hop_fields_are_dropped(scripted):
+    async def script(reader, writer, n):
+        while True:
+            await backend.read_request(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: X-Resp-Hop\r\nX-Resp-Hop: secret\r\n"
+                b"Keep-Alive: timeout=99\r\nX-End: 1\r\nContent-Length: 2\r\n\r\nok"
+            )
+            await writer.drain()
+
+    proxy, backend = scripted(script)
+    out, _ = raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", timeout=1)
+    [(head, body)] = split_responses(out)
+    assert body == b"ok" and header(head, b"x-end") == [b"1"]
+    assert b"secret" not in out and b"x-resp-hop" not in out.lower()
+    assert not header(head, b"keep-alive")
+
+
+# IPv6 client: Forwarded quotes the node, a synthesised Host brackets the address.
+
+
+def test_ipv6_client_forwarded_and_host(redis_server, loop_thread, start_proxy):
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no ::1 here")
+    backend = HttpBackend(loop_thread, "v6front").start()
+    redis_server.cli("RPUSH", "servers", backend.address)
+    from redlb.store.embedded import free_port
+
+    port = free_port()
+    start_proxy(redis_server.url, "--listen", f"[::1]:{port}")
+    sock = socket.create_connection(("::1", port), timeout=3)
+    sock.sendall(b"GET /v6 HTTP/1.0\r\n\r\n")
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    sock.close()
+    backend.stop()
+    assert statuses(out) == [200], out
+    got = backend.received[-1]
+    assert got.header(b"host") == [b"[::1]:%d" % port]
+    assert got.header(b"forwarded") == [b'for="[::1]";host="[::1]:%d";proto=http' % port]
+    assert got.header(b"x-forwarded-for") == [b"::1"]
