@@ -223,6 +223,27 @@ def test_te_gzip_chunked_keeps_the_gzip_coding(scripted):
 
 
 @pytest.mark.parametrize(
+    "fields, body, label",
+    [
+        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", _chunks(GZIPPED), b"gzip"),
+        (b"Transfer-Encoding: x-custom\r\n", GZIPPED, b"x-custom"),
+        (b"Transfer-Encoding: ,gzip,,chunked\r\n", _chunks(GZIPPED), b"gzip"),
+        (b"Transfer-Encoding: gzip\r\nContent-Length: 3\r\n", GZIPPED, b"gzip"),
+    ],
+    ids=["two-fields", "unknown-to-close", "empty-elements", "with-CL-to-close"],
+)
+def test_te_codings_are_passed_on_by_name(scripted, fields, body, label):
+    proxy, backend = _te_backend(scripted, b"HTTP/1.1 200 OK\r\n%b\r\n" % fields, body)
+    out, _ = raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", timeout=2)
+    [(head, got)] = split_responses(out)
+    assert b" 200 " in head and not header(head, b"content-length"), out
+    assert [v.replace(b" ", b"") for v in header(head, b"transfer-encoding")] == [
+        label + b",chunked"
+    ]
+    assert got == GZIPPED
+
+
+@pytest.mark.parametrize(
     "te, body",
     [
         (b"chunked, gzip", _chunks(b"hello")),  # chunked not final, yet applied
