@@ -133,6 +133,7 @@ def assert_reject(env: Env, case: str, out: bytes, closed: bool, close: bool = T
     if codes:
         assert got[0] in codes, f"{case}: status {got[0]} not in {codes}"
     assert not env.seen(case), f"{case}: reached the backend"
+    assert not env.raw_with(case), f"{case}: bytes of it reached the backend"  # even partly
     if close:
         assert closed, f"{case}: connection left open after a framing error"
 
