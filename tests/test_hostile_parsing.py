@@ -435,6 +435,32 @@ def test_unfinished_head_behind_a_pipelined_request_times_out(capture):
     assert statuses(out) == [200, 408], out
 
 
+def test_garbage_deep_in_a_pipeline_is_refused_after_every_answer_before_it(capture):
+    proxy, backend = capture
+    raw = b"".join(b"GET /echo?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(100))
+    raw += (
+        b"POST /hostile/deep-bad/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nZ\r\n"
+    )
+    out, closed = raw_exchange(proxy.port, raw, timeout=10)
+    assert statuses(out) == [200] * 100 + [400] and closed
+    numbers = [int(n) for n in re.findall(rb"GET /echo\?n=(\d+) ", out)]
+    assert numbers == list(range(100))
+    assert not raw_seen(backend, b"/hostile/deep-bad/")
+
+
+def test_request_connection_cannot_strip_chunked_framing(capture):
+    proxy, backend = capture
+    raw = (
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: Transfer-Encoding, Forwarded\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        b"GET /hostile/after-chunked/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    out, closed = raw_exchange(proxy.port, raw, timeout=3)
+    assert statuses(out) == [200, 200] and b"len=5" in out and closed
+    got = [r for r in backend.received if r.url == b"/hostile/after-chunked/x"]
+    assert len(got) == 1
+
+
 # 10. HTTP/1.0 without Host gets one: the listener's own authority (RFC 9112 §3.3).
 
 
