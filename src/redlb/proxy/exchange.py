@@ -346,13 +346,19 @@ class Exchange:
             # Rare: the fields Connection names are hop-by-hop too (RFC 9110 §7.6.1).
             lines = drop_connection_named(lines, upstream.connection)
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, upstream.reason), *lines]
-        if req.method == b"HEAD" or status in NO_BODY_STATUSES:
+        # Framing is written here, after the drop above: the backend cannot remove it.
+        if upstream.length is not None:
+            parts.append(b"Content-Length: %b\r\n" % upstream.length)
+        elif req.method == b"HEAD" or status in NO_BODY_STATUSES:
             pass
-        elif upstream.chunked or not upstream.has_length:
-            if req.http10:
-                self.keep_client = False  # close-delimited: HTTP/1.0 knows no chunked
+        elif req.http10:
+            self.keep_client = False  # close-delimited: HTTP/1.0 knows no chunked
+        else:
+            self.rechunk = True
+            if upstream.codings:
+                # Codings other than chunked stay applied to the body: say so (RFC 9112 §6.1).
+                parts.append(b"Transfer-Encoding: %b, chunked\r\n" % upstream.codings)
             else:
-                self.rechunk = True
                 parts.append(b"Transfer-Encoding: chunked\r\n")
         if not self.request_done:
             self.keep_client = False  # the rest of the request body will not be read
