@@ -202,8 +202,13 @@ async def _worker(
     ctx.draining = True
     for client in list(ctx.clients):
         client.drain()
+    # Done means every response is answered and handed to the kernel: a complete response
+    # still buffered for a slow reader is not cut short (the send deadline bounds a reader
+    # that stopped, the drain deadline everything).
     deadline = time.monotonic() + config.drain_timeout
-    while ctx.active_exchanges and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (
+        ctx.active_exchanges or not all(client.flushed() for client in ctx.clients)
+    ):
         await asyncio.sleep(0.05)
     for client in list(ctx.clients):
         client.abort()
