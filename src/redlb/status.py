@@ -35,6 +35,11 @@ class ProxyCollector(Collector):
             ("redlb_upstream_connects", stats.upstream_connects, "New backend connections"),
             ("redlb_upstream_reuses", stats.upstream_reuses, "Requests on a pooled connection"),
             ("redlb_client_connections", stats.client_connections, "Client connections"),
+            (
+                "redlb_access_log_dropped",
+                self.ctx.access_log.dropped,
+                "Access log lines dropped because stdout was not read fast enough",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         pools = list(self.ctx.pools.values())
