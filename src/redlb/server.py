@@ -211,7 +211,7 @@ async def _worker(
     ):
         await asyncio.sleep(0.05)
     for client in list(ctx.clients):
-        client.abort()
+        client.end_drain()
     for state in ctx.pools.values():
         state.close()
     if status_server is not None:

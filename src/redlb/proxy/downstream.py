@@ -587,6 +587,15 @@ class ClientConnection(asyncio.Protocol):
         if not self.queue and self.phase == _IDLE:
             self._close()
 
+    def end_drain(self) -> None:
+        """The drain is over: a client whose answer is all handed to the kernel gets a clean
+        close (the kernel still delivers what it holds; a reset would discard it); any other
+        is cut off visibly."""
+        if self.flushed():
+            self._close()
+        else:
+            self.abort()
+
     # Internals
 
     def _local_authority(self) -> bytes:
