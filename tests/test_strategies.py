@@ -149,6 +149,7 @@ def test_peak_ewma_avoids_a_slow_backend_at_once_and_forgives_it_slowly() -> Non
 def test_load_view_publishes_means_over_the_interval() -> None:
     now = [0.0]
     load = LoadView(clock=lambda: now[0])
+    load.windowed = True  # as the publisher sets it
     a, b = BACKENDS[:2]
     load.started(a)
     now[0] = 0.5

@@ -35,6 +35,7 @@ class LoadView:
         "sampled_at",
         "times",
         "window_start",
+        "windowed",
     )
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, decay: float = 10.0) -> None:
@@ -44,6 +45,7 @@ class LoadView:
         self.local_total = 0
         # For publishing the mean count over a window: per backend, the sum of finish times
         # minus the sum of start times of the window's events (see take_means).
+        self.windowed = False  # set by the publisher: only then are windows kept
         self.times: dict[str, float] = {}
         self.counts_at_start: dict[str, int] = {}
         self.window_start = clock()
@@ -61,15 +63,17 @@ class LoadView:
         local = self.local
         local[key] = local.get(key, 0) + 1
         self.local_total += 1
-        times = self.times
-        times[key] = times.get(key, 0.0) - self.clock()
+        if self.windowed:
+            times = self.times
+            times[key] = times.get(key, 0.0) - self.clock()
 
     def finished(self, backend: Backend, elapsed: float) -> None:
         key = backend.key
         local = self.local
         count = local.get(key, 0) - 1
-        times = self.times
-        times[key] = times.get(key, 0.0) + self.clock()
+        if self.windowed:
+            times = self.times
+            times[key] = times.get(key, 0.0) + self.clock()
         if count > 0:
             local[key] = count
         else:

@@ -67,6 +67,14 @@ class InflightPublisher:
         self.failing = False
 
     async def run(self) -> None:
+        self.load.windowed = True
+        self.load.take_means()  # the first window starts now
+        try:
+            await self._loop()
+        finally:
+            self.load.windowed = False
+
+    async def _loop(self) -> None:
         while True:
             try:
                 await self.publish_once()
