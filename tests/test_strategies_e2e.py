@@ -258,3 +258,26 @@ def test_every_strategy_sees_only_the_healthy_backends(
     proxy = start_proxy(redis_server.url, "--strategy", strategy, "--no-access-log")
     seen = Counter(served_by(proxy.port, {"X-N": str(i)})[0] for i in range(30))
     assert seen == {"b2": 30}, seen
+
+
+def test_redis_down_keeps_strategy_weights_and_sessions(redis_server, backends, start_proxy):
+    """Redis killed: fleet counts drop to local ones, weights and the sticky secret are kept."""
+    a, b = backends[:2]
+    redis_server.cli("RPUSH", "servers", a.address, b.address)
+    redis_server.cli("HSET", "redlb:servers:weights", b.address, "3")
+    proxy = start_proxy(redis_server.url, "--strategy", "least_outstanding",
+                        "--sticky-cookie", "lbs", "--no-access-log")  # fmt: skip
+    assert wait_for(lambda: served_by(proxy.port)[1] is not None, 3)
+    home, set_cookie = served_by(proxy.port)
+    assert set_cookie is not None
+    value = set_cookie.split(";")[0].split("=", 1)[1]
+    redis_server.kill()
+    time.sleep(1.5)  # the publisher and the resync both notice
+    for _ in range(10):
+        assert served_by(proxy.port, {"Cookie": f"lbs={value}"}) == (home, None)
+    # Sequential requests: nothing in flight, so the weight (3) decides: all to b1.
+    assert Counter(served_by(proxy.port)[0] for _ in range(20)) == {"b1": 20}
+    redis_server.start()  # AOF: the same secret comes back
+    assert wait_for(lambda: "reachable again" in proxy.log(), 10), proxy.log()
+    assert served_by(proxy.port, {"Cookie": f"lbs={value}"}) == (home, None)
+    assert "Traceback" not in proxy.log()
