@@ -39,6 +39,7 @@ def test_smooth_period_is_nginx_sequence() -> None:
 
 
 @given(weights_lists, st.data())
+@settings(deadline=None)
 def test_any_run_of_the_period_follows_the_weights(weights: list[int], data: st.DataObject) -> None:
     backends = BACKENDS[: len(weights)]
     period = smooth_period(backends, weights)
@@ -52,6 +53,7 @@ def test_any_run_of_the_period_follows_the_weights(weights: list[int], data: st.
 
 
 @given(weights_lists, st.lists(st.integers(1, 400), min_size=1, max_size=30))
+@settings(deadline=None)
 def test_fleet_of_leased_blocks_follows_the_weights(weights: list[int], blocks: list[int]) -> None:
     """Instances use contiguous blocks of the shared counter, each only partly: k runs."""
     order = WeightedOrder()
@@ -81,6 +83,7 @@ def test_weighted_order_is_the_snapshot_itself_without_weights() -> None:
 
 
 @given(st.integers(2, 10), st.integers(0, 2**32))
+@settings(deadline=None)
 def test_p2c_never_picks_the_busiest_when_two_differ(n: int, seed: int) -> None:
     load = LoadView()
     candidates = snapshot(n)
@@ -93,6 +96,7 @@ def test_p2c_never_picks_the_busiest_when_two_differ(n: int, seed: int) -> None:
 
 
 @given(st.integers(0, 2**32))
+@settings(deadline=None)
 def test_p2c_equalises_in_flight_counts(seed: int) -> None:
     load = LoadView()
     candidates = snapshot(5)
@@ -189,7 +193,7 @@ def test_load_view_finished_never_goes_negative() -> None:
 
 
 @given(weights_lists, st.integers(0, 2**32))
-@settings(max_examples=30)
+@settings(max_examples=30, deadline=None)
 def test_random_follows_the_weights(weights: list[int], seed: int) -> None:
     strategy = RandomChoice(random.Random(seed).random)
     candidates = snapshot(len(weights), weights)
@@ -345,6 +349,7 @@ def test_request_key_reads_each_part_and_falls_back_to_the_client() -> None:
 
 
 @given(st.integers(1, 20), st.integers(0, 19))
+@settings(deadline=None)
 def test_sticky_value_finds_its_backend_and_nothing_else(n: int, index: int) -> None:
     index %= n
     sticky = StickyCookie("lb", b"s" * 32, "servers")
