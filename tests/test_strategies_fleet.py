@@ -68,8 +68,9 @@ def test_fleet_view_keeps_requests_off_the_slow_backend(redis_server, slow_and_f
     assert fleet[2] > local[2]  # so the same clients get more done
     # Its fair share: counts equalised fleet-wide.  At one client per instance the slow one
     # is busy whenever anyone can use it (1.0 in flight) while the fleet's mean is a little
-    # under 3 / 3: hence the 10% (measured: 1.01 against 0.96).
-    assert fleet[0] <= fleet[1] * 1.1
+    # under 3 / 3, and counts are up to 50 ms old: hence 15% (measured: 1.01 against 0.96,
+    # 0.99 against 0.95; least_conn: 2.45 against 0.98).
+    assert fleet[0] <= fleet[1] * 1.15
     assert ewma[0] <= ewma[1]  # latency-aware: no more than its fair share
 
 
