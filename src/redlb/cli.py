@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import click
 import redis
 
+from redlb import __version__
 from redlb.address import InvalidAddress, parse_backend
 from redlb.config import Config
 from redlb.store.client import redact
@@ -25,14 +28,68 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+class Finite(click.ParamType):  # type: ignore[type-arg]
+    """A finite number (seconds, percent) within [low, high]; nan and inf are refused."""
+
+    name = "number"
+
+    def __init__(self, low: float, high: float = 86_400.0, low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        too_low = number <= self.low if self.low_open else number < self.low
+        if not math.isfinite(number) or too_low or number > self.high:
+            low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+            self.fail(f"{value} is not {low} and <= {self.high:g}", param, ctx)
+        return number
+
+
+class NonEmpty(click.ParamType):  # type: ignore[type-arg]
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not text.strip():
+            self.fail("must not be empty", param, ctx)
+        return text
+
+
+def _count(low: int, high: int = 1 << 31) -> click.IntRange:
+    return click.IntRange(low, high)
+
+
+MAX_WORKERS_PER_CPU = 4
+
+
+class OneLineErrors(click.Group):
+    """Every usage or runtime error is one line on stderr (exit 2 for usage, 1 otherwise)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
-        "--state-dir", default=".redlb", show_default=True,
+        "--state-dir", default=".redlb", type=NonEmpty(), show_default=True,
         help="Where the embedded Redis keeps its data.",
     )(func)  # fmt: skip
-    func = click.option("--pool", default="servers", show_default=True, help="The Redis list key.")(
-        func
-    )
+    func = click.option(
+        "--pool", default="servers", type=NonEmpty(), show_default=True, help="The Redis list key."
+    )(func)
     func = click.option(
         "--redis", "redis_url", envvar="REDLB_REDIS", default=None,
         help="redis://, rediss://, unix:// or redis+sentinel://h:p,h:p/master "
@@ -42,7 +99,8 @@ def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="redlb", message="%(prog)s %(version)s")
 def main() -> None:
     """redlb: an HTTP load balancer whose backend pool lives in a Redis list."""
 
@@ -60,7 +118,14 @@ def main() -> None:
     help="lease: shared counter leased in blocks, no Redis on the request path; "
     "strict: exact shared rotation, one counter value per request.",
 )
-@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
+@click.option(
+    "--workers",
+    type=_count(1),
+    default=None,
+    help=f"Worker processes (default: CPU count; more than {MAX_WORKERS_PER_CPU} per CPU "
+    "needs --force-workers).",
+)
+@click.option("--force-workers", is_flag=True, help="Allow --workers beyond 4 per CPU.")
 @click.option(
     "--status-listen",
     default="127.0.0.1:8100",
@@ -70,7 +135,7 @@ def main() -> None:
 @click.option("--no-access-log", is_flag=True, help="Do not log one line per request.")
 @click.option(
     "--max-body",
-    type=int,
+    type=_count(0),
     default=10 * 1024 * 1024,
     show_default=True,
     help="Largest request body in bytes (413 beyond); 0 = unlimited.",
@@ -79,73 +144,74 @@ def main() -> None:
     "--host",
     "hosts",
     multiple=True,
+    type=NonEmpty(),
     help="Answer only for this Host (repeatable); others get 421. Default: any.",
 )
-@click.option("--max-request-line", type=int, default=8192, show_default=True)
-@click.option("--max-header-bytes", type=int, default=16384, show_default=True)
-@click.option("--max-headers", type=int, default=100, show_default=True)
+@click.option("--max-request-line", type=_count(16, 1 << 20), default=8192, show_default=True)
+@click.option("--max-header-bytes", type=_count(64, 1 << 24), default=16384, show_default=True)
+@click.option("--max-headers", type=_count(1, 10_000), default=100, show_default=True)
 @click.option(
     "--header-timeout",
-    type=float,
+    type=Finite(0, low_open=True),
     default=10.0,
     show_default=True,
     help="Seconds for the whole request header phase (408 after).",
 )
 @click.option(
     "--body-min-rate",
-    type=int,
+    type=_count(0),
     default=500,
     show_default=True,
     help="Minimum upload rate in bytes/s after the grace period (0 = off).",
 )
-@click.option("--body-rate-grace", type=float, default=10.0, show_default=True)
-@click.option("--keepalive-timeout", type=float, default=15.0, show_default=True)
-@click.option("--connect-timeout", type=float, default=3.0, show_default=True)
+@click.option("--body-rate-grace", type=Finite(0), default=10.0, show_default=True)
+@click.option("--keepalive-timeout", type=Finite(0, low_open=True), default=15.0, show_default=True)
+@click.option("--connect-timeout", type=Finite(0, low_open=True), default=3.0, show_default=True)
 @click.option(
     "--upstream-timeout",
-    type=float,
+    type=Finite(0, low_open=True),
     default=60.0,
     show_default=True,
     help="Seconds a backend may take to answer (and between body reads).",
 )
 @click.option(
     "--max-conns-per-backend",
-    type=int,
+    type=_count(0),
     default=1024,
     show_default=True,
     help="Connections per backend (0 = no cap); past it, requests wait in line.",
 )
 @click.option(
     "--max-queue-per-backend",
-    type=int,
+    type=_count(0),
     default=1024,
     show_default=True,
     help="Requests that may wait for a backend connection; beyond, 503.",
 )
 @click.option(
     "--queue-timeout",
-    type=float,
+    type=Finite(0, low_open=True),
     default=3.0,
     show_default=True,
     help="Seconds a request may wait for a backend connection (503 after).",
 )
 @click.option(
     "--drain-timeout",
-    type=float,
+    type=Finite(0),
     default=30.0,
     show_default=True,
     help="Seconds in-flight requests get to finish after SIGTERM.",
 )
-@click.option("--redis-timeout", type=float, default=0.25, show_default=True)
-@click.option("--resync-interval", type=float, default=1.0, show_default=True)
+@click.option("--redis-timeout", type=Finite(0.01), default=0.25, show_default=True)
+@click.option("--resync-interval", type=Finite(0.05), default=1.0, show_default=True)
 @click.option("--health-path", default=None, help="Enable active health checks on this path.")
-@click.option("--health-interval", type=float, default=2.0, show_default=True)
-@click.option("--health-timeout", type=float, default=1.0, show_default=True)
-@click.option("--health-rise", type=int, default=2, show_default=True)
-@click.option("--health-fall", type=int, default=3, show_default=True)
+@click.option("--health-interval", type=Finite(0.1), default=2.0, show_default=True)
+@click.option("--health-timeout", type=Finite(0.01), default=1.0, show_default=True)
+@click.option("--health-rise", type=_count(1, 1000), default=2, show_default=True)
+@click.option("--health-fall", type=_count(1, 1000), default=3, show_default=True)
 @click.option(
     "--eject-consecutive",
-    type=int,
+    type=_count(0),
     default=5,
     show_default=True,
     help="Consecutive connect failures/5xx that eject a backend (0 = never).",
@@ -156,9 +222,9 @@ def main() -> None:
     show_default=True,
     help="Whether 5xx answers count toward ejection (connect failures always do).",
 )
-@click.option("--eject-base-time", type=float, default=30.0, show_default=True)
-@click.option("--eject-max-percent", type=float, default=50.0, show_default=True)
-@click.option("--retry-budget-percent", type=float, default=20.0, show_default=True)
+@click.option("--eject-base-time", type=Finite(0, low_open=True), default=30.0, show_default=True)
+@click.option("--eject-max-percent", type=Finite(0, 100), default=50.0, show_default=True)
+@click.option("--retry-budget-percent", type=Finite(0, 100), default=20.0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 def serve(**options: Any) -> None:
     """Serve HTTP, balancing over the backends in the Redis list."""
@@ -166,6 +232,14 @@ def serve(**options: Any) -> None:
     status = options.pop("status_listen")
     hosts = options.pop("hosts")
     workers = options.pop("workers")
+    force_workers = options.pop("force_workers")
+    cpus = os.cpu_count() or 1
+    if workers is not None and workers > MAX_WORKERS_PER_CPU * cpus and not force_workers:
+        raise click.BadParameter(
+            f"{workers} is more than {MAX_WORKERS_PER_CPU} per CPU ({cpus} CPUs); "
+            "add --force-workers if you mean it",
+            param_hint="'--workers'",
+        )
     config = Config(
         **{k: v for k, v in options.items() if k != "no_access_log"},
         access_log=not options["no_access_log"],
@@ -304,7 +378,7 @@ def _set_draining(
 @main.command()
 @click.option("--listen", default="127.0.0.1:8000", show_default=True)
 @click.option("--state-dir", default=".redlb/demo", show_default=True)
-@click.option("--requests", "count", default=10, show_default=True)
+@click.option("--requests", "count", type=_count(0, 10_000), default=10, show_default=True)
 @click.option("--exit", "exit_after", is_flag=True, help="Stop after the requests (no serving).")
 def demo(listen: str, state_dir: str, count: int, exit_after: bool) -> None:
     """Embedded Redis, three demo backends, the balancer, and ten requests to watch rotate."""

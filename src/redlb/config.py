@@ -76,9 +76,15 @@ class Config:
         """Raise ValueError with one clear sentence for a bad combination."""
         if self.rotation not in ROTATIONS:
             raise ValueError(f"unknown rotation {self.rotation!r}; choose one of {ROTATIONS}")
-        parse_listen(self.listen)
+        try:
+            parse_listen(self.listen)
+        except ValueError as exc:
+            raise ValueError(f"--listen: {exc}") from None
         if self.status_listen:
-            host, _ = parse_listen(self.status_listen)
+            try:
+                host, _ = parse_listen(self.status_listen)
+            except ValueError as exc:
+                raise ValueError(f"--status-listen: {exc}") from None
             if host not in ("127.0.0.1", "::1", "localhost"):
                 raise ValueError("the status listener must be on loopback (127.0.0.1 or ::1)")
         if self.workers < 1:

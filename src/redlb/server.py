@@ -1,7 +1,7 @@
 """Processes and lifecycle: embedded Redis, workers, listeners, signals, graceful drain.
 
 One worker is one process with one event loop (uvloop).  With ``--workers N`` a supervisor
-forks N workers that each bind the listen address with SO_REUSEPORT, restarts any that
+binds the listening sockets once and forks N workers that share them, restarts any that
 crash, and on SIGTERM forwards it and waits: each worker stops accepting, finishes what is in
 flight (bounded by ``--drain-timeout``) and exits.
 """
@@ -49,7 +49,14 @@ STARTUP_GRACE = 2.0
 
 
 def serve(config: Config) -> None:
-    """Run redlb until SIGTERM/SIGINT: embedded Redis if needed, then the worker(s)."""
+    """Run redlb until SIGTERM/SIGINT: listeners, embedded Redis if needed, then the worker(s)."""
+    # SIGTERM/SIGINT end the process at any point of startup, without a traceback.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
+    # Bound here, once: this process's workers share these sockets and nobody else can join
+    # them (no SO_REUSEPORT), so a second instance on the same port fails with "in use".
+    listener = bind_listener(config.listen)
+    status = bind_listener(config.status_listen) if config.status_listen else None
     embedded = None
     url = config.redis_url
     if url is None:
@@ -57,33 +64,77 @@ def serve(config: Config) -> None:
         url = embedded.start()
     try:
         if config.workers == 1:
-            run_worker(config, url, Cursor())
+            run_worker(config, url, Cursor(), listener=listener, status=status)
         else:
-            supervise(config, url)
+            supervise(config, url, listener, status)
     finally:
         if embedded is not None:
             embedded.stop()
 
 
-def supervise(config: Config, url: str) -> None:
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def bind_listener(address: str) -> socket.socket:
+    host, port = parse_listen(address)
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when its supervisor dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def supervise(
+    config: Config, url: str, listener: socket.socket, status: socket.socket | None
+) -> None:
     cursor = Cursor(shared=True)  # one rotation for the workers of this machine
     stopping = False
     children: dict[int, int] = {}
+    supervisor = os.getpid()
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
 
     def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 0
-            try:
-                run_worker(config, url, cursor, worker=slot)
-            except BaseException:
-                log.exception("worker %d crashed", slot)
-                code = 1
-            finally:
-                os._exit(code)
-        children[pid] = slot
+        # Signals stay blocked across fork so that a child never runs the supervisor's handler.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _die_with_parent()
+                if os.getppid() != supervisor:
+                    os._exit(0)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                code = 0
+                try:
+                    run_worker(config, url, cursor, worker=slot, listener=listener, status=status)
+                except BaseException:
+                    log.exception("worker %d crashed", slot)
+                    code = 1
+                finally:
+                    os._exit(code)
+            children[pid] = slot
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -95,12 +146,14 @@ def supervise(config: Config, url: str) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for slot in range(config.workers):
+        if stopping:
+            break
         spawn(slot)
-    log.info("supervising %d workers", config.workers)
+    log.info("supervising %d workers", len(children))
     last_restart = 0.0
     while children:
         try:
-            pid, status = os.wait()
+            pid, status_code = os.wait()
         except ChildProcessError:
             break
         except InterruptedError:
@@ -108,15 +161,23 @@ def supervise(config: Config, url: str) -> None:
         slot = children.pop(pid, -1)
         if slot < 0 or stopping:
             continue
-        log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
+        log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status_code)
         cursor.recover()
         if time.monotonic() - last_restart < 1.0:
             time.sleep(1.0)  # a crash loop must not spin
         last_restart = time.monotonic()
-        spawn(slot)
+        if not stopping:
+            spawn(slot)
 
 
-def run_worker(config: Config, url: str, cursor: Cursor, worker: int = 0) -> None:
+def run_worker(
+    config: Config,
+    url: str,
+    cursor: Cursor,
+    worker: int = 0,
+    listener: socket.socket | None = None,
+    status: socket.socket | None = None,
+) -> None:
     # Requests free their objects by reference counting; the cyclic collector only has
     # long-lived state to scan, so it runs rarely and skips what startup created.
     gc.freeze()
@@ -125,7 +186,7 @@ def run_worker(config: Config, url: str, cursor: Cursor, worker: int = 0) -> Non
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    uvloop.run(_worker(config, url, cursor, worker))
+    uvloop.run(_worker(config, url, cursor, worker, listener=listener, status=status))
 
 
 async def _worker(
@@ -134,6 +195,8 @@ async def _worker(
     cursor: Cursor,
     worker: int = 0,
     on_listening: Callable[[ProxyContext], Coroutine[Any, Any, None]] | None = None,
+    listener: socket.socket | None = None,
+    status: socket.socket | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     keys = Keys(config.pool)
@@ -176,22 +239,17 @@ async def _worker(
         from redlb.status import StatusProtocol, status_routes  # prometheus only when needed
 
         routes = status_routes(ctx, link)
-        s_host, s_port = parse_listen(config.status_listen)
         status_server = await loop.create_server(
-            lambda: StatusProtocol(routes), s_host, s_port, reuse_port=True
+            lambda: StatusProtocol(routes),
+            sock=status or bind_listener(config.status_listen),
         )
-    # Take connections once the pool is known, so that a (re)started worker on a shared
-    # SO_REUSEPORT port does not answer 503 meanwhile; without Redis, listen anyway.
+    # Accept once the pool is known, so that a (re)started worker sharing the listening
+    # socket does not answer 503 meanwhile; without Redis, accept anyway.
     deadline = time.monotonic() + STARTUP_GRACE
     while not pool.known and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    host, port = parse_listen(config.listen)
     server = await loop.create_server(
-        lambda: ClientConnection(ctx),
-        host,
-        port,
-        reuse_port=config.workers > 1,
-        backlog=4096,
+        lambda: ClientConnection(ctx), sock=listener or bind_listener(config.listen), backlog=4096
     )
     ctx.listening = True
     log.info(
