@@ -109,3 +109,86 @@ def test_status_head_has_no_body_and_idle_is_closed(
             silent.close()
     finally:
         proxy.stop()
+
+
+# The embedded Redis is shared by every instance of a state directory
+
+
+def _redis_servers_of(state: Path) -> list[psutil.Process]:
+    """redis-server processes working in ``state`` (redis chdirs to --dir and may rewrite
+    its command line as a process title)."""
+    found = []
+    for p in psutil.process_iter(["name", "cwd"]):
+        if "redis-server" in (p.info["name"] or "") and p.info["cwd"] == str(state.resolve()):
+            found.append(p)
+    return found
+
+
+def _backend_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "redlb", "backend", *args],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_embedded_redis_outlives_the_instance_that_started_it(
+    tmp_path: Path, backends, how: str
+) -> None:
+    state = tmp_path / "state"
+    first = Proxy(None, "--state-dir", str(state), workdir=tmp_path / "a").start()
+    second = Proxy(None, "--state-dir", str(state), workdir=tmp_path / "b").start()
+    try:
+        if how == "stop":
+            first.stop()
+        else:
+            first.process.kill()  # type: ignore[union-attr]
+            first.process.wait()  # type: ignore[union-attr]
+        time.sleep(1.5)  # what a watchdog or a dying server would do, it has done
+        added = _backend_cli("add", backends[0].address, "--state-dir", str(state))
+        assert added.returncode == 0, added.stderr
+        assert wait_for(lambda: second.get("/")[0] == 200, 10), second.log()
+        assert second.get("/")[1] == b"ok b0\n"
+    finally:
+        first.stop()
+        second.stop()
+    assert wait_for(lambda: not _redis_servers_of(state), 5), "orphan redis-server"
+
+
+def test_embedded_redis_gone_when_the_last_instance_is_killed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    proxies = [
+        Proxy(None, "--state-dir", str(state), "--workers", n, workdir=tmp_path / n).start()
+        for n in ("1", "2")
+    ]
+    assert len(_redis_servers_of(state)) == 1  # two instances, one server
+    for proxy in proxies:
+        proxy.process.kill()  # type: ignore[union-attr]
+        proxy.process.wait()  # type: ignore[union-attr]
+    gone = wait_for(lambda: not _redis_servers_of(state), 5)
+    if not gone:
+        for p in _redis_servers_of(state):
+            p.kill()
+    assert gone, "redis-server outlived every redlb using it"
+    # and a new instance starts it again from the same data
+    again = Proxy(None, "--state-dir", str(state), workdir=tmp_path / "c").start()
+    try:
+        assert _backend_cli("ls", "--state-dir", str(state)).returncode == 0
+    finally:
+        again.stop()
+    assert wait_for(lambda: not _redis_servers_of(state), 5)
+
+
+def test_embedded_redis_restarted_when_it_dies(tmp_path: Path, backends) -> None:
+    state = tmp_path / "state"
+    proxy = Proxy(None, "--state-dir", str(state), workdir=tmp_path / "a").start()
+    try:
+        assert _backend_cli("add", backends[0].address, "--state-dir", str(state)).returncode == 0
+        for p in _redis_servers_of(state):
+            p.kill()
+        assert wait_for(lambda: _backend_cli("ls", "--state-dir", str(state)).returncode == 0, 15)
+        assert backends[0].address in _backend_cli("ls", "--state-dir", str(state)).stdout
+        assert wait_for(lambda: proxy.get("/")[0] == 200, 10)
+    finally:
+        proxy.stop()
+    assert wait_for(lambda: not _redis_servers_of(state), 5)

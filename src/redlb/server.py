@@ -36,7 +36,7 @@ from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
 from redlb.proxy.retry import RetryBudget
 from redlb.store.client import make_client, redact
-from redlb.store.embedded import EmbeddedRedis
+from redlb.store.embedded import EmbeddedRedis, die_with_parent
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
 from redlb.store.rotation import CounterLease, Cursor, StrictCounter
@@ -62,11 +62,12 @@ def serve(config: Config) -> None:
     if url is None:
         embedded = EmbeddedRedis(config.state_dir)
         url = embedded.start()
+    keeper = embedded.ensure_running if embedded is not None else None
     try:
         if config.workers == 1:
-            run_worker(config, url, Cursor(), listener=listener, status=status)
+            run_worker(config, url, Cursor(), listener=listener, status=status, keeper=keeper)
         else:
-            supervise(config, url, listener, status)
+            supervise(config, url, listener, status, keeper)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -94,17 +95,12 @@ def bind_listener(address: str) -> socket.socket:
     return sock
 
 
-def _die_with_parent() -> None:
-    """Linux: a worker gets SIGTERM when its supervisor dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def supervise(
-    config: Config, url: str, listener: socket.socket, status: socket.socket | None
+    config: Config,
+    url: str,
+    listener: socket.socket,
+    status: socket.socket | None,
+    keeper: Callable[[], None] | None = None,
 ) -> None:
     cursor = Cursor(shared=True)  # one rotation for the workers of this machine
     stopping = False
@@ -120,13 +116,13 @@ def supervise(
             if pid == 0:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                _die_with_parent()
+                die_with_parent()  # a SIGKILLed supervisor leaves no worker behind
                 if os.getppid() != supervisor:
                     os._exit(0)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 code = 0
                 try:
-                    run_worker(config, url, cursor, worker=slot, listener=listener, status=status)
+                    run_worker(config, url, cursor, slot, listener, status, keeper)
                 except BaseException:
                     log.exception("worker %d crashed", slot)
                     code = 1
@@ -177,6 +173,7 @@ def run_worker(
     worker: int = 0,
     listener: socket.socket | None = None,
     status: socket.socket | None = None,
+    keeper: Callable[[], None] | None = None,
 ) -> None:
     # Requests free their objects by reference counting; the cyclic collector only has
     # long-lived state to scan, so it runs rarely and skips what startup created.
@@ -186,7 +183,9 @@ def run_worker(
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    uvloop.run(_worker(config, url, cursor, worker, listener=listener, status=status))
+    uvloop.run(
+        _worker(config, url, cursor, worker, listener=listener, status=status, keeper=keeper)
+    )
 
 
 async def _worker(
@@ -197,6 +196,7 @@ async def _worker(
     on_listening: Callable[[ProxyContext], Coroutine[Any, Any, None]] | None = None,
     listener: socket.socket | None = None,
     status: socket.socket | None = None,
+    keeper: Callable[[], None] | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     keys = Keys(config.pool)
@@ -232,6 +232,8 @@ async def _worker(
             link, keys, pool, config, f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         )
         background.append(loop.create_task(prober.run()))
+    if keeper is not None:
+        background.append(loop.create_task(_keep_embedded_redis(keeper)))
 
     # The status listener comes first: /-/live answers while the pool is still unknown.
     status_server = None
@@ -289,6 +291,17 @@ async def _worker(
     with contextlib.suppress(Exception):
         await link.close()
     log.info("worker %d stopped", worker)
+
+
+async def _keep_embedded_redis(ensure_running: Callable[[], None]) -> None:
+    """Whichever instance notices the shared embedded Redis gone starts it again."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await loop.run_in_executor(None, ensure_running)
+        except Exception as exc:
+            log.error("cannot restart the embedded Redis: %s", exc)
 
 
 async def _sweep(ctx: ProxyContext) -> None:
