@@ -15,7 +15,7 @@ import redis
 from redlb import __version__
 from redlb.address import InvalidAddress, parse_backend
 from redlb.config import Config
-from redlb.store.client import redact
+from redlb.store.client import auth_problem, make_sync_client, redact
 from redlb.store.embedded import running_url
 from redlb.store.keys import Keys
 
@@ -252,10 +252,13 @@ def serve(**options: Any) -> None:
         config.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    from redlb.server import CannotStart
     from redlb.server import serve as run
 
     try:
         run(config)
+    except CannotStart as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot serve: {exc}") from None
 
@@ -273,9 +276,12 @@ def _connect(redis_url: str | None, state_dir: str) -> redis.Redis:
             "(start `redlb serve` first, or pass --redis URL)"
         )
     try:
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        client = make_sync_client(url, 2.0)
         client.ping()
-    except (redis.RedisError, ValueError) as exc:
+    except (redis.RedisError, ValueError, OSError) as exc:
+        problem = auth_problem(exc)
+        if problem is not None:
+            raise click.ClickException(f"{problem} (at {redact(url)})") from None
         raise click.ClickException(f"cannot reach Redis at {redact(url)}: {exc}") from None
     return client
 
@@ -287,13 +293,64 @@ def _validated(addr: str) -> str:
         raise click.ClickException(f"{addr!r} is not a backend address: {exc}") from None
 
 
+def _entries(client: redis.Redis, pool: str) -> list[bytes]:
+    """The pool's raw entries; a key of another type is one clear error, not a traceback."""
+    for key, wanted in ((pool, b"list"), (Keys(pool).draining, b"set")):
+        kind = client.type(key)
+        if kind not in (wanted, b"none"):
+            text = kind.decode() if isinstance(kind, bytes) else str(kind)
+            raise click.ClickException(
+                f"{key!r} is a Redis {text}, not a {wanted.decode()}: "
+                "fix it with redis-cli (or use another --pool)"
+            )
+    return [bytes(e) for e in client.lrange(pool, 0, -1)]  # type: ignore[arg-type]
+
+
+def _readable(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _key_of(raw: bytes) -> str | None:
+    try:
+        return parse_backend(raw).key
+    except InvalidAddress:
+        return None
+
+
+def _taking_traffic(client: redis.Redis, pool: str, entries: list[bytes]) -> set[str]:
+    """Pool members that are neither draining, ejected nor reported down."""
+    keys = Keys(pool)
+    draining = {_readable(m) for m in client.smembers(keys.draining)}  # type: ignore[arg-type]
+    found = set()
+    for raw in entries:
+        try:
+            b = parse_backend(raw)
+        except InvalidAddress:
+            continue
+        if (
+            b.key in draining
+            or client.exists(keys.ejected(b))
+            or client.get(keys.health(b)) == b"down"
+        ):
+            continue
+        found.add(b.key)
+    return found
+
+
 @backend.command("add")
 @click.argument("addr")
+@click.option("--allow-duplicate", is_flag=True, help="Add ADDR again (it gets another share).")
 @_redis_options
-def backend_add(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
+def backend_add(
+    addr: str, allow_duplicate: bool, redis_url: str | None, pool: str, state_dir: str
+) -> None:
     """Append ADDR (host:port, http://host:port or [::1]:port) to the pool."""
     key = _validated(addr)
     client = _connect(redis_url, state_dir)
+    if not allow_duplicate and key in {_key_of(raw) for raw in _entries(client, pool)}:
+        raise click.ClickException(
+            f"{key} is already in {pool} (--allow-duplicate gives it a second share)"
+        )
     client.rpush(pool, key)
     client.publish(Keys(pool).events, "edit")
     click.echo(f"added {key} to {pool}")
@@ -301,22 +358,25 @@ def backend_add(addr: str, redis_url: str | None, pool: str, state_dir: str) -> 
 
 @backend.command("rm")
 @click.argument("addr")
+@click.option("--raw", is_flag=True, help="Remove entries whose text is exactly ADDR.")
 @_redis_options
-def backend_rm(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
-    """Remove every entry of the pool that names ADDR."""
-    key = _validated(addr)
+def backend_rm(addr: str, raw: bool, redis_url: str | None, pool: str, state_dir: str) -> None:
+    """Remove every entry of the pool that names ADDR (or, malformed, reads exactly ADDR)."""
     client = _connect(redis_url, state_dir)
+    entries = _entries(client, pool)
+    exact = {entry for entry in entries if _readable(entry) == addr}
+    if raw or (exact and _key_of(addr.encode()) is None):
+        targets, name = exact, addr
+    else:
+        name = _validated(addr)
+        targets = {entry for entry in entries if _key_of(entry) == name} | exact
     removed = 0
-    for raw in set(client.lrange(pool, 0, -1)):
-        try:
-            if parse_backend(raw).key == key:
-                removed += int(client.lrem(pool, 0, raw))  # type: ignore[arg-type]
-        except InvalidAddress:
-            continue
+    for entry in targets:
+        removed += int(client.lrem(pool, 0, entry))  # type: ignore[arg-type]
     client.publish(Keys(pool).events, "edit")
     if not removed:
-        raise click.ClickException(f"{key} is not in {pool}")
-    click.echo(f"removed {key} from {pool} ({removed} entr{'y' if removed == 1 else 'ies'})")
+        raise click.ClickException(f"{name} is not in {pool}")
+    click.echo(f"removed {name} from {pool} ({removed} entr{'y' if removed == 1 else 'ies'})")
 
 
 @backend.command("ls")
@@ -325,12 +385,13 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
     """List the pool with each entry's state."""
     client = _connect(redis_url, state_dir)
     keys = Keys(pool)
+    entries = _entries(client, pool)
     draining = set(client.smembers(keys.draining))
-    for raw in client.lrange(pool, 0, -1):
+    for raw in entries:
         try:
             b = parse_backend(raw)
         except InvalidAddress as exc:
-            click.echo(f"{raw!r:30} INVALID ({exc})")
+            click.echo(f"{_readable(raw):30} INVALID ({exc}; remove with: rm --raw TEXT)")
             continue
         state = []
         if client.exists(keys.ejected(b)):
@@ -341,14 +402,27 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
         if b.key.encode() in draining:
             state.append("draining")
         click.echo(f"{b.key:30} {', '.join(state) or 'ok'}")
+    if entries and not _taking_traffic(client, pool, entries):
+        click.echo(f"warning: no backend in {pool} takes traffic (requests get 503)", err=True)
 
 
 @backend.command("drain")
 @click.argument("addr")
+@click.option("--force", is_flag=True, help="Drain even the last backend taking traffic.")
 @_redis_options
-def backend_drain(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
+def backend_drain(addr: str, force: bool, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Stop new traffic to ADDR; its in-flight requests finish."""
-    key = _set_draining(addr, redis_url, pool, state_dir, draining=True)
+    key = _validated(addr)
+    client = _connect(redis_url, state_dir)
+    entries = _entries(client, pool)
+    if key not in {_key_of(raw) for raw in entries}:
+        raise click.ClickException(f"{key} is not in {pool}")
+    if _taking_traffic(client, pool, entries) <= {key} and not force:
+        raise click.ClickException(
+            f"{key} is the last backend taking traffic in {pool}; draining it means 503 "
+            "for every request (--force to drain it anyway)"
+        )
+    _set_draining(client, pool, key, draining=True)
     click.echo(f"draining {key}")
 
 
@@ -357,22 +431,22 @@ def backend_drain(addr: str, redis_url: str | None, pool: str, state_dir: str) -
 @_redis_options
 def backend_undrain(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Send traffic to ADDR again."""
-    key = _set_draining(addr, redis_url, pool, state_dir, draining=False)
+    key = _validated(addr)
+    client = _connect(redis_url, state_dir)
+    _entries(client, pool)
+    if not client.sismember(Keys(pool).draining, key):
+        raise click.ClickException(f"{key} is not draining in {pool}")
+    _set_draining(client, pool, key, draining=False)
     click.echo(f"{key} takes traffic again")
 
 
-def _set_draining(
-    addr: str, redis_url: str | None, pool: str, state_dir: str, draining: bool
-) -> str:
-    key = _validated(addr)
-    client = _connect(redis_url, state_dir)
+def _set_draining(client: redis.Redis, pool: str, key: str, draining: bool) -> None:
     keys = Keys(pool)
     if draining:
         client.sadd(keys.draining, key)
     else:
         client.srem(keys.draining, key)
     client.publish(keys.events, "drain")
-    return key
 
 
 @main.command()

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import redis
 import uvloop
 
 from redlb.accesslog import AccessLog
@@ -35,7 +36,7 @@ from redlb.pool import Pool
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
 from redlb.proxy.retry import RetryBudget
-from redlb.store.client import make_client, redact
+from redlb.store.client import auth_problem, make_client, make_sync_client, redact
 from redlb.store.embedded import EmbeddedRedis, die_with_parent
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
@@ -59,7 +60,9 @@ def serve(config: Config) -> None:
     status = bind_listener(config.status_listen) if config.status_listen else None
     embedded = None
     url = config.redis_url
-    if url is None:
+    if url is not None:
+        check_credentials(url, config.redis_timeout)
+    else:
         embedded = EmbeddedRedis(config.state_dir)
         url = embedded.start()
     keeper = embedded.ensure_running if embedded is not None else None
@@ -71,6 +74,27 @@ def serve(config: Config) -> None:
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+class CannotStart(Exception):
+    """A problem that waiting will not fix; the message is one line for the user."""
+
+
+def check_credentials(url: str, timeout: float) -> None:
+    """Refuse to start when Redis answers but refuses our credentials.
+
+    A Redis that is down is waited for (it may come up later); a wrong password will not
+    fix itself, and would otherwise look like an outage in every log line.
+    """
+    client = make_sync_client(url, max(timeout, 1.0))
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        problem = auth_problem(exc)
+        if problem is not None:
+            raise CannotStart(f"{problem} (at {redact(url)})") from None
+    finally:
+        client.close()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
