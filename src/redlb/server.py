@@ -270,9 +270,12 @@ async def _worker(
             sock=status or bind_listener(config.status_listen),
         )
     # Accept once the pool is known, so that a (re)started worker sharing the listening
-    # socket does not answer 503 meanwhile; without Redis, accept anyway.
+    # socket does not answer 503 meanwhile; with Redis down, accept at once (503 quickly
+    # beats connections waiting in the shared backlog).
     deadline = time.monotonic() + STARTUP_GRACE
-    while not pool.known and time.monotonic() < deadline:
+    while not pool.known and not (link.answered_once and not link.up):
+        if time.monotonic() > deadline:
+            break
         await asyncio.sleep(0.01)
     server = await loop.create_server(
         lambda: ClientConnection(ctx), sock=listener or bind_listener(config.listen), backlog=4096

@@ -17,6 +17,11 @@ class RedisLink:
         self.up = False
         self._ever_up = False
 
+    @property
+    def answered_once(self) -> bool:
+        """True once the first attempt to reach Redis has either succeeded or failed."""
+        return self._ever_up
+
     async def check_master(self, timeout: float) -> None:
         """Under Sentinel, follow a failover even when the old master still answers.
 
