@@ -36,12 +36,13 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("after", [0.3, 0.8, 1.5])
+@pytest.mark.parametrize("workers", ["1", "4"])
 def test_signal_during_startup_ends_everything(
-    tmp_path: Path, redis_server: RedisProcess, signum: int, after: float
+    tmp_path: Path, redis_server: RedisProcess, signum: int, after: float, workers: str
 ) -> None:
     """SIGTERM/SIGINT while the workers are still starting: every process exits within the
     drain timeout plus a second, without a traceback."""
-    proc = _serve(tmp_path, redis_server.url, "--workers", "4")
+    proc = _serve(tmp_path, redis_server.url, "--workers", workers)
     time.sleep(after)
     workers = _descendants(proc.pid)
     proc.send_signal(signum)
