@@ -193,3 +193,16 @@ def test_embedded_redis_restarted_when_it_dies(tmp_path: Path, backends) -> None
     finally:
         proxy.stop()
     assert wait_for(lambda: not _redis_servers_of(state), 5)
+
+
+def test_embedded_redis_with_a_state_dir_too_long_for_a_socket(tmp_path: Path, backends) -> None:
+    state = tmp_path / ("d" * 60) / ("e" * 60)
+    assert len(str(state / "redis.sock")) > 107  # more than sun_path can hold
+    proxy = Proxy(None, "--state-dir", str(state), workdir=tmp_path / "a").start()
+    try:
+        added = _backend_cli("add", backends[0].address, "--state-dir", str(state))
+        assert added.returncode == 0, added.stderr
+        assert wait_for(lambda: proxy.get("/")[0] == 200, 10)
+    finally:
+        proxy.stop()
+    assert wait_for(lambda: not _redis_servers_of(state), 5)
