@@ -333,7 +333,9 @@ def test_drain_delivers_a_response_buffered_for_a_slow_reader(one_proxy):  # typ
             if not chunk:
                 break
             data += chunk
-            time.sleep(0.02)  # about 800 kB/s: the tail is still buffered when the backend is done
+            # About 800 kB/s whatever size recv returns (a fixed sleep per recv read 200 kB/s
+            # here, past the drain timeout): the tail is still buffered when the backend is done.
+            time.sleep(len(chunk) / 800_000)
     except ConnectionResetError:
         pass
     sock.close()
