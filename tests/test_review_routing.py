@@ -1,0 +1,59 @@
+"""Adversarial review of routing: defects reproduced against real processes.
+
+Real redis-server, real recording backends, a real `redlb serve`, raw sockets.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from support import raw_exchange
+
+
+@pytest.fixture
+def split_pools(redis_server, backends):
+    """`/admin` goes to its own pool (b2); everything else to the app pool (b0)."""
+    app, _, admin = backends
+    redis_server.cli("RPUSH", "app", app.address)
+    redis_server.cli("RPUSH", "admin", admin.address)
+    redis_server.cli("HSET", "redlb:routes", "/", "app", "/admin", "admin")
+    return app, admin
+
+
+def _send(proxy, target: bytes) -> bytes:
+    response, _ = raw_exchange(
+        proxy.port, b"GET %b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % target
+    )
+    return response
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/%61dmin/users", b"/%61%64%6D%69%6E/users", b"/adm%69n", b"/x/../%61dmin/y"],
+)
+def test_percent_encoded_unreserved_letters_cannot_dodge_a_prefix(
+    redis_server, split_pools, start_proxy, target
+):
+    """RFC 3986 §6.2.2.2: `%61dmin` is `admin` (an unreserved character's escape is the
+    character itself; every backend decodes it).  Routing compared the escaped form, so the
+    app pool received a path its server resolves to `/admin/...`."""
+    app, admin = split_pools
+    proxy = start_proxy(redis_server.url)
+    response = _send(proxy, target)
+    assert response.startswith(b"HTTP/1.1 200 "), response[:80]
+    assert app.count() == 0, [r.url for r in app.received]
+    assert admin.count() == 1
+
+
+@pytest.mark.parametrize("target", [b"/admin;jsessionid=1/users", b"/admin;/users", b"/admin;"])
+def test_a_path_parameter_cannot_dodge_a_prefix(redis_server, split_pools, start_proxy, target):
+    """Servlet containers (Tomcat, Jetty) drop `;params` from each segment before mapping:
+    `/admin;x/users` is `/admin/users` to them.  redlb already reads `..;` as `..` for that
+    reason, but matched `/admin;x` as a segment other than `/admin`, so the app pool got
+    a request its server maps to `/admin/users`."""
+    app, admin = split_pools
+    proxy = start_proxy(redis_server.url)
+    response = _send(proxy, target)
+    assert response.startswith(b"HTTP/1.1 200 "), response[:80]
+    assert app.count() == 0, [r.url for r in app.received]
+    assert admin.count() == 1
