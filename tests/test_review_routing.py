@@ -57,3 +57,15 @@ def test_a_path_parameter_cannot_dodge_a_prefix(redis_server, split_pools, start
     assert response.startswith(b"HTTP/1.1 200 "), response[:80]
     assert app.count() == 0, [r.url for r in app.received]
     assert admin.count() == 1
+
+
+def test_strip_prefix_after_parameters_and_escapes(redis_server, backends, start_proxy):
+    """The stripped prefix is the one matched: `/api;v=1/x` and `/%61pi/x` both lose `/api`."""
+    redis_server.cli("RPUSH", "api", backends[0].address)
+    redis_server.cli("HSET", "redlb:routes", "/api", "api strip-prefix")
+    proxy = start_proxy(redis_server.url)
+    for target, forwarded in [(b"/api;v=1/x?q=1", b"/x?q=1"), (b"/%61pi/x", b"/x"),
+                              (b"/api;v=1", b"/"), (b"/;p/api/x;y/z", b"/x;y/z")]:  # fmt: skip
+        response = _send(proxy, target)
+        assert response.startswith(b"HTTP/1.1 200 "), (target, response[:80])
+        assert backends[0].received[-1].url == forwarded, target
