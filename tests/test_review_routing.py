@@ -5,9 +5,12 @@ Real redis-server, real recording backends, a real `redlb serve`, raw sockets.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from support import raw_exchange
+from support import raw_exchange, wait_for
 
 
 @pytest.fixture
@@ -69,3 +72,63 @@ def test_strip_prefix_after_parameters_and_escapes(redis_server, backends, start
         response = _send(proxy, target)
         assert response.startswith(b"HTTP/1.1 200 "), (target, response[:80])
         assert backends[0].received[-1].url == forwarded, target
+
+
+def _redlb(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "redlb", *args, "--redis", redis_url],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+
+
+def test_cli_answers_keys_of_the_wrong_type_with_an_error_not_a_traceback(redis_server):
+    """A routes or settings key that holds a string (a typo with redis-cli) made every
+    `redlb route` / `redlb pool` command die with a Python traceback of WRONGTYPE."""
+    url = redis_server.url
+    redis_server.cli("SET", "redlb:routes", "oops")
+    redis_server.cli("SET", "redlb:api:settings", "oops")
+    commands = [
+        ("route", "ls"),
+        ("route", "add", "/q", "api"),
+        ("route", "rm", "/q"),
+        ("pool", "show", "api"),
+        ("pool", "set", "api", "max_body=5"),
+    ]
+    for args in commands:
+        out = _redlb(url, *args)
+        assert out.returncode == 1, (args, out.returncode)
+        assert "Traceback" not in out.stderr, (args, out.stderr[-300:])
+        assert out.stderr.startswith("Error:") and "wrong" in out.stderr.lower(), out.stderr
+    assert redis_server.cli("GET", "redlb:routes").strip() == "oops"  # nothing overwritten
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("route", "add", "/x", "api strip-prefix"),  # POOL smuggling options into the value
+        ("route", "add", "/x", "api host=evil.example"),
+        ("pool", "set", "", "max_body=10"),
+        ("pool", "set", "redlb:routes", "max_body=10"),
+        ("pool", "set", "a b", "max_body=10"),
+    ],
+)
+def test_cli_refuses_a_pool_name_no_route_can_name(redis_server, args):
+    """POOL is one Redis key name: `route add /x "api strip-prefix"` silently turned on
+    strip-prefix, and `pool set` wrote settings for pools no route can ever use."""
+    out = _redlb(redis_server.url, *args)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, (out.stdout, out.stderr)
+    assert redis_server.cli("DBSIZE").strip() == "0"
+
+
+@pytest.mark.parametrize("field", ["[garbage junk]/", "[a]/", "[::1/"])
+def test_a_bracketed_host_that_is_no_ip_literal_is_skipped_with_a_warning(
+    redis_server, backends, start_proxy, field
+):
+    """`[garbage junk]/` was accepted as an IP literal: a route no Host can ever match,
+    listed as fine by `route ls`, instead of skipped with a warning."""
+    redis_server.cli("RPUSH", "api", backends[0].address)
+    redis_server.cli("HSET", "redlb:routes", field, "api", "/", "api")
+    proxy = start_proxy(redis_server.url)
+    assert wait_for(lambda: "skipping route" in proxy.log(), 2), proxy.log()[-1000:]
+    out = _redlb(redis_server.url, "route", "add", field, "api")
+    assert out.returncode != 0 and "bad route" in out.stderr, out.stdout
