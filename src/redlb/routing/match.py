@@ -7,6 +7,7 @@ root.  The value is the pool (a Redis list key) optionally followed by ``strip-p
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -98,7 +99,21 @@ def parse_match(text: str) -> Match:
 
 
 def _is_ip_literal(host: str) -> bool:
-    return host.startswith("[") and host.endswith("]") and len(host) > 2
+    """``[::1]``: a route for an IPv6 literal must be one (a request's Host could match
+    nothing else).  IPv4 addresses are plain labels."""
+    if not (host.startswith("[") and host.endswith("]")):
+        return False
+    try:
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        return False
+    return True
+
+
+def check_pool(pool: str) -> None:
+    """BadRoute unless ``pool`` can name a pool: one printable Redis key, not redlb's own."""
+    if not _POOL.fullmatch(pool) or pool.startswith("redlb:"):
+        raise BadRoute(f"invalid pool name {pool[:80]!r}")
 
 
 def parse_route(match: str, value: str) -> RouteSpec:
@@ -112,8 +127,7 @@ def with_value(parsed: Match, value: str) -> RouteSpec:
     if not words:
         raise BadRoute("no pool named")
     pool = words[0]
-    if not _POOL.fullmatch(pool) or pool.startswith("redlb:"):
-        raise BadRoute(f"invalid pool name {pool[:80]!r}")
+    check_pool(pool)
     strip = False
     host_header = None
     for word in words[1:]:
