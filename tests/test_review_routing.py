@@ -132,3 +132,15 @@ def test_a_bracketed_host_that_is_no_ip_literal_is_skipped_with_a_warning(
     assert wait_for(lambda: "skipping route" in proxy.log(), 2), proxy.log()[-1000:]
     out = _redlb(redis_server.url, "route", "add", field, "api")
     assert out.returncode != 0 and "bad route" in out.stderr, out.stdout
+
+
+def test_hipache_backend_url_without_a_port_means_port_80(redis_server, start_proxy):
+    """Hipache (lib/cache.js) dials port 80 when a backend URL names none
+    (`rpush frontend:www.example.com http://10.0.0.5`); redlb skipped such an entry as
+    'missing :port', so a Hipache site written that way got 503 under `--hipache`.
+    127.0.0.2:80 is a loopback address nothing listens on: a dial is refused (502/503 after
+    the attempt), but the pool must hold the backend (the log says it was added)."""
+    redis_server.cli("RPUSH", "frontend:www.example.com", "mysite", "http://127.0.0.2")
+    proxy = start_proxy(redis_server.url, "--hipache")
+    assert wait_for(lambda: "backend 127.0.0.2:80 added" in proxy.log(), 2), proxy.log()[-800:]
+    assert "missing :port" not in proxy.log()
