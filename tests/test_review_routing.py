@@ -144,3 +144,20 @@ def test_hipache_backend_url_without_a_port_means_port_80(redis_server, start_pr
     proxy = start_proxy(redis_server.url, "--hipache")
     assert wait_for(lambda: "backend 127.0.0.2:80 added" in proxy.log(), 2), proxy.log()[-800:]
     assert "missing :port" not in proxy.log()
+
+
+def test_expect_continue_without_a_route_gets_its_404_at_once(redis_server, backends, start_proxy):
+    """RFC 9110 §10.1.1: a server receiving `Expect: 100-continue` MUST send a final status
+    at once if the head decides it, or 100.  With no route redlb sent neither: it waited for
+    a body the client holds back until it hears something (the client hung)."""
+    redis_server.cli("RPUSH", "api", backends[0].address)
+    redis_server.cli("HSET", "redlb:routes", "api.example.com/", "api")
+    proxy = start_proxy(redis_server.url)
+    response, _ = raw_exchange(
+        proxy.port,
+        b"POST /upload HTTP/1.1\r\nHost: nowhere.example\r\nContent-Length: 10\r\n"
+        b"Expect: 100-continue\r\n\r\n",
+        timeout=3,
+    )
+    assert response.startswith(b"HTTP/1.1 404 "), response[:80]
+    assert backends[0].count() == 0
