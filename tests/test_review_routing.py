@@ -236,3 +236,22 @@ def test_pool_edits_converge_within_the_resync_bound_without_keyspace_events(
             max(0.0, deadline - time.monotonic()),
             0.1,
         ), f"pool{i} still old 5 s after the edit"
+
+
+def test_two_spellings_of_one_match_are_warned_and_resolved_the_same_way(
+    redis_server, backends, start_proxy
+):
+    """`/api/` and `/api` (or `API.example.com/` and `api.example.com/`) are one match.
+    Given two pools, the one later in HGETALL order won, silently: the same routes written
+    in another order (a restore, a migration script) served /api from the other pool."""
+    for i, name in enumerate(["api", "web"]):
+        redis_server.cli("RPUSH", name, backends[i].address)
+    redis_server.cli("HSET", "redlb:routes", "/api/", "web", "/api", "api")
+    proxy = start_proxy(redis_server.url)
+    first = _send(proxy, b"/api/x")
+    log = proxy.log
+    assert wait_for(lambda: "same match" in log(), 2), log()[-600:]
+    redis_server.cli("DEL", "redlb:routes")
+    redis_server.cli("HSET", "redlb:routes", "/api", "api", "/api/", "web")  # other order
+    time.sleep(1.5)  # the edit is read (within 1 s)
+    assert _send(proxy, b"/api/x").split(b"\r\n\r\n")[-1] == first.split(b"\r\n\r\n")[-1]
