@@ -121,7 +121,7 @@ def test_cli_refuses_a_pool_name_no_route_can_name(redis_server, args):
     assert redis_server.cli("DBSIZE").strip() == "0"
 
 
-@pytest.mark.parametrize("field", ["[garbage junk]/", "[a]/", "[::1/"])
+@pytest.mark.parametrize("field", ["[garbage junk]/", "[a]/", "[::1/", "/a;b"])
 def test_a_bracketed_host_that_is_no_ip_literal_is_skipped_with_a_warning(
     redis_server, backends, start_proxy, field
 ):

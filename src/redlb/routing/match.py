@@ -87,8 +87,9 @@ def parse_match(text: str) -> Match:
         raw = path.encode("ascii")
     except UnicodeEncodeError:
         raise BadRoute("the path must be ASCII (percent-encode the rest)") from None
-    if any(c <= 0x20 or c >= 0x7F or c in b"?#" for c in raw):
-        raise BadRoute("the path may not hold spaces, controls, '?' or '#'")
+    if any(c <= 0x20 or c >= 0x7F or c in b"?#;" for c in raw):
+        # ';' too: matching ignores segment parameters (paths.py rule 3)
+        raise BadRoute("the path may not hold spaces, controls, '?', '#' or ';'")
     try:
         prefix = normalise_path(raw).decode("ascii")
     except BadPath as exc:
