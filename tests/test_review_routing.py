@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from support import raw_exchange, wait_for
 
@@ -278,6 +279,8 @@ def test_metrics_scrapes_with_ten_thousand_routes_do_not_stall_requests(
     body = proxy.status("/metrics")[1].decode()
     assert 'redlb_route_healthy{pool="pool7",route="/p7"} 1.0' in body
     assert 'redlb_route_members{pool="pool3",route="*.w3.example.com/"} 1.0' in body
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    assert len(families["redlb_route_healthy"].samples) == 10_000
 
     stop = threading.Event()
 
@@ -302,3 +305,17 @@ def test_metrics_scrapes_with_ten_thousand_routes_do_not_stall_requests(
         stop.set()
         scraper.join()
     assert late <= 2, f"{late} of 100 requests not answered within 150 ms during scrapes"
+
+
+def test_metrics_label_values_are_escaped(redis_server, backends, start_proxy):
+    weird = 'we"ird\\pool'
+    redis_server.client().rpush(weird, backends[0].address)
+    redis_server.client().hset("redlb:routes", "/q", weird)
+    proxy = start_proxy(redis_server.url)
+    assert b"ok b0" in _send(proxy, b"/q")
+    body = proxy.status("/metrics")[1].decode()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    (sample,) = families["redlb_route_healthy"].samples
+    assert sample.labels == {"pool": weird, "route": "/q"} and sample.value == 1.0
+    (sample,) = families["redlb_pool_requests"].samples
+    assert sample.labels == {"pool": weird} and sample.value == 1.0
