@@ -319,3 +319,15 @@ def test_metrics_label_values_are_escaped(redis_server, backends, start_proxy):
     assert sample.labels == {"pool": weird, "route": "/q"} and sample.value == 1.0
     (sample,) = families["redlb_pool_requests"].samples
     assert sample.labels == {"pool": weird} and sample.value == 1.0
+
+
+@pytest.mark.parametrize(
+    ("stored", "given"), [("/api/", "/api"), ("API.Example.com/", "api.example.com")]
+)
+def test_route_rm_removes_a_route_written_in_another_spelling(redis_server, stored, given):
+    """`HSET redlb:routes /api/ api` (the README's redis-cli way) then `redlb route rm /api`:
+    the CLI said "no route" and left the route serving."""
+    redis_server.cli("HSET", "redlb:routes", stored, "api")
+    out = _redlb(redis_server.url, "route", "rm", given)
+    assert out.returncode == 0, out.stderr
+    assert redis_server.cli("HLEN", "redlb:routes").strip() == "0"
