@@ -102,7 +102,14 @@ def route_rm(match: str, redis_url: str | None, pool: str, state_dir: str) -> No
     client = _connect(redis_url, state_dir)
     fields = [match]
     with contextlib.suppress(BadRoute):
-        fields.append(str(parse_match(match)))
+        wanted = parse_match(match)
+        fields.append(str(wanted))
+        # Also the fields a redis-cli user spelled otherwise (/api/, API.example.com/).
+        for raw in client.hkeys(ROUTES):
+            field = _text(raw)
+            with contextlib.suppress(BadRoute):
+                if parse_match(field) == wanted:
+                    fields.append(field)
     removed = int(client.hdel(ROUTES, *dict.fromkeys(fields)))
     client.publish(ROUTES_EVENTS, "route")
     if not removed:
