@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from redlb.proxy.context import ProxyContext
+from redlb.proxy.poolstate import PoolState
 from redlb.store.link import RedisLink
 
 
@@ -48,7 +49,6 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("redlb_redis_up", "1 when Redis answers", value=int(self.link.up))
         yield GaugeMetricFamily("redlb_pool_members", "Valid pool entries", value=members)
         yield GaugeMetricFamily("redlb_pool_healthy", "Backends taking traffic", value=healthy)
-        yield from _per_route(self.ctx)
         yield GaugeMetricFamily(
             "redlb_active_requests", "Requests in flight", value=self.ctx.active_exchanges
         )
@@ -61,31 +61,52 @@ class ProxyCollector(Collector):
 STATUS_IDLE_TIMEOUT = 5.0
 
 
-def _per_route(ctx: ProxyContext) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-    """Once routes are configured: each route with its pool's size, health and requests."""
-    table = ctx.table
-    if table.single is not None:
-        return
-    labels = ["route", "pool"]
-    members = GaugeMetricFamily(
-        "redlb_route_members", "Valid entries of the route's pool", labels=labels
-    )
-    healthy = GaugeMetricFamily(
-        "redlb_route_healthy", "Backends of the route's pool taking traffic", labels=labels
-    )
-    requests = CounterMetricFamily(
-        "redlb_pool_requests", "Requests routed to the pool", labels=["pool"]
-    )
-    for route in table.routes:
-        state = route.target
-        names = [route.label.decode(), state.name]
-        members.add_metric(names, len(state.pool.members))
-        healthy.add_metric(names, len(state.pool.healthy))
-    for name, state in ctx.pools.items():
-        requests.add_metric([name], state.requests)
-    yield members
-    yield healthy
-    yield requests
+class RouteMetrics:
+    """Once routes are configured: each route with its pool's size and health, each pool's
+    requests, written as Prometheus text directly.  Ten thousand routes through
+    prometheus_client's objects held the event loop ~200 ms a scrape; the label part of every
+    line is made once per routing table here, and a scrape only writes the numbers."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.table: object = None
+        self.lines: list[tuple[bytes, PoolState]] = []
+
+    def render(self) -> bytes:
+        table = self.ctx.table
+        if table.single is not None:
+            return b""
+        if table is not self.table:
+            self.table = table
+            self.lines = [
+                (b'{pool="%b",route="%b"} ' % (_label(r.target.name), _label(r.label)), r.target)
+                for r in table.routes
+            ]
+        members = [b"redlb_route_members%b%d.0\n" % (k, len(s.pool.members)) for k, s in self.lines]
+        healthy = [b"redlb_route_healthy%b%d.0\n" % (k, len(s.pool.healthy)) for k, s in self.lines]
+        requests = [
+            b'redlb_pool_requests_total{pool="%b"} %d.0\n' % (_label(name), state.requests)
+            for name, state in self.ctx.pools.items()
+        ]
+        return b"".join(
+            [
+                b"# HELP redlb_route_members Valid entries of the route's pool\n"
+                b"# TYPE redlb_route_members gauge\n",
+                *members,
+                b"# HELP redlb_route_healthy Backends of the route's pool taking traffic\n"
+                b"# TYPE redlb_route_healthy gauge\n",
+                *healthy,
+                b"# HELP redlb_pool_requests_total Requests routed to the pool\n"
+                b"# TYPE redlb_pool_requests_total counter\n",
+                *requests,
+            ]
+        )
+
+
+def _label(value: str | bytes) -> bytes:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    raw = value.encode() if isinstance(value, str) else value
+    return raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b'"', b'\\"')
 
 
 class StatusProtocol(asyncio.Protocol):
@@ -176,7 +197,9 @@ def status_routes(
             return 503, b"text/plain", b"not ready: no pool read from Redis yet\n"
         return 200, b"text/plain", b"ready\n"
 
+    per_route = RouteMetrics(ctx)
+
     def metrics() -> tuple[int, bytes, bytes]:
-        return 200, b"text/plain; version=0.0.4", generate_latest(registry)
+        return 200, b"text/plain; version=0.0.4", generate_latest(registry) + per_route.render()
 
     return {b"/-/live": live, b"/-/ready": ready, b"/metrics": metrics}
