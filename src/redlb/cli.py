@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -15,17 +14,14 @@ import redis
 from redlb import __version__
 from redlb.address import InvalidAddress, parse_backend
 from redlb.config import STRATEGIES, Config
+from redlb.logs import setup_logging
 from redlb.store.client import auth_problem, make_sync_client, redact
 from redlb.store.embedded import running_url
 from redlb.store.keys import Keys
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(verbose)
 
 
 class Finite(click.ParamType):  # type: ignore[type-arg]
