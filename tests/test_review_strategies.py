@@ -1,0 +1,68 @@
+"""Review of the Strategies issue: defects reproduced against real processes and pure modules."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from support import request, wait_for
+
+
+def served_by(port: int, headers: dict[str, str] | None = None) -> tuple[str, str | None]:
+    status, body, resp = request(port, "GET", "/", headers={"Host": "h", **(headers or {})})
+    assert status == 200, (status, body)
+    return body.split()[1].decode(), resp.getheader("Set-Cookie")
+
+
+def test_flushed_redis_keeps_the_pool_strategy_and_weights(redis_server, backends, start_proxy):
+    """Redis lost its data: the pool is kept (sync.py rule 4), so must its settings and weights.
+
+    A hash pool whose settings hash vanished fell back to the flag's round robin (keys moved
+    to every backend) and weights 1:3 became 1:1, while the last-known members kept serving.
+    """
+    a, b = backends[:2]
+    redis_server.cli("RPUSH", "servers", a.address, b.address)
+    redis_server.cli("HSET", "redlb:servers:settings", "strategy", "hash",
+                     "hash_key", "header:X-User")  # fmt: skip
+    proxy = start_proxy(redis_server.url, "--no-access-log")
+    users = [f"u{i}" for i in range(20)]
+    homes = {u: served_by(proxy.port, {"X-User": u})[0] for u in users}
+    assert len(set(homes.values())) == 2
+    redis_server.cli("FLUSHALL")
+    assert wait_for(lambda: "lost its data" in proxy.log(), 5), proxy.log()
+    time.sleep(1.5)  # a resync or two after the loss
+    for user in users:
+        assert served_by(proxy.port, {"X-User": user})[0] == homes[user], user
+    # Weights: round robin 1:3, then the data is lost.
+    redis_server.cli("RPUSH", "servers", a.address, b.address)
+    redis_server.cli("HSET", "redlb:servers:weights", b.address, "3")
+    time.sleep(1.2)
+    weighted = Counter(served_by(proxy.port)[0] for _ in range(40))
+    assert weighted["b1"] >= 28, weighted
+    redis_server.cli("FLUSHALL")
+    time.sleep(2.5)
+    after = Counter(served_by(proxy.port)[0] for _ in range(40))
+    assert after["b1"] >= 28, after  # still 3:1 on the last-known weights
+    assert "Traceback" not in proxy.log()
+
+
+def test_sticky_sessions_survive_a_redis_that_lost_its_data(redis_server, backends, start_proxy):
+    """Every instance still holds the secret when Redis comes back empty: none should mint a
+    new one (SET NX of a fresh random value), which re-places every session fleet-wide."""
+    for b in backends:
+        redis_server.cli("RPUSH", "servers", b.address)
+    redis_server.cli("HSET", "redlb:servers:settings", "sticky", "lbs")
+    proxy = start_proxy(redis_server.url, "--no-access-log")
+    assert wait_for(lambda: served_by(proxy.port)[1] is not None, 3)
+    home, set_cookie = served_by(proxy.port)
+    assert set_cookie is not None
+    value = set_cookie.split(";")[0].split("=", 1)[1]
+    secret = redis_server.cli("GET", "redlb:sticky-secret").strip()
+    redis_server.cli("FLUSHALL")
+    redis_server.cli("RPUSH", "servers", *[b.address for b in backends])  # the operator's list
+    redis_server.cli("HSET", "redlb:servers:settings", "sticky", "lbs")
+    # The secret is re-read every 10 s: by then it is back in Redis, and it is the same one.
+    assert wait_for(lambda: redis_server.cli("EXISTS", "redlb:sticky-secret").strip() == "1", 15)
+    assert redis_server.cli("GET", "redlb:sticky-secret").strip() == secret
+    for _ in range(5):
+        assert served_by(proxy.port, {"Cookie": f"lbs={value}"}) == (home, None)
