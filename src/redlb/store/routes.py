@@ -327,8 +327,11 @@ class RouteSync(PoolSync):
             members = state.sync._members(kind, entries, bool(epoch))
             if kind == "list" and not epoch:  # only a real list vouches for Redis's data
                 epochs.append(state.keys.epoch)
-            self._apply_settings(state, settings_raw)
-            self._apply_weights(state, weights_raw)
+            if members is not None:
+                # Kept pool (Redis lost its data, or the key is of another type): its
+                # settings and weights are kept with it, not reset to the flags' and 1.
+                self._apply_settings(state, settings_raw)
+                self._apply_weights(state, weights_raw)
             read.append((state, members, draining_raw))
         pipe = client.pipeline(transaction=False)
         for key in epochs:
