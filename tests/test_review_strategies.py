@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from support import request, wait_for
+import pytest
+
+from support import closed_loop, request, wait_for
 
 
 def served_by(port: int, headers: dict[str, str] | None = None) -> tuple[str, str | None]:
@@ -107,3 +109,33 @@ def test_maglev_table_build_with_skewed_weights_keeps_the_loop_answering(
         stop.set()
         thread.join(10)
     assert answered and set(answered) == {200}, Counter(answered)
+
+
+def _redis_calls(redis_server) -> int:
+    stats = redis_server.client().info("commandstats")
+    return sum(int(v["calls"]) for v in stats.values())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the in-flight publisher runs 2 commands every 25 ms whatever the rate: 80 a second "
+    "per pool and worker, so <= 0.01 commands per request holds only above 8,000 requests/s "
+    "per worker; measured 0.019 (least_outstanding) and 0.031 (hash) at ~2,500/s.  An interval "
+    "that follows the rate would leave low-rate fleets (the slow-backend case) on stale counts: "
+    "a design choice for the lead, not a local fix",
+)
+@pytest.mark.parametrize("strategy", ["least_outstanding", "hash"])
+def test_fleet_strategies_cost_at_most_one_redis_command_per_100_requests(
+    redis_server, backends, start_proxy, strategy
+):
+    for b in backends:
+        redis_server.cli("RPUSH", "servers", b.address)
+    proxy = start_proxy(redis_server.url, "--strategy", strategy, "--no-access-log")
+    closed_loop([proxy.port], 1, 1.0)  # warm: connections, lease, first publishes
+    before = _redis_calls(redis_server)
+    statuses = closed_loop([proxy.port], 2, 4.0)  # steady load, as fast as the machine goes
+    used = _redis_calls(redis_server) - before
+    requests = sum(statuses.values())
+    assert set(statuses) == {200}, statuses
+    print(f"\n{strategy}: {requests} requests, {used} Redis commands")
+    assert used / requests <= 0.01, (used, requests)
