@@ -139,3 +139,21 @@ def test_fleet_strategies_cost_at_most_one_redis_command_per_100_requests(
     assert set(statuses) == {200}, statuses
     print(f"\n{strategy}: {requests} requests, {used} Redis commands")
     assert used / requests <= 0.01, (used, requests)
+
+
+def test_slow_start_ramps_from_the_first_request_after_a_join(redis_server, backends, start_proxy):
+    """A backend that joins starts at 10% of its weight at once, not after the next resync.
+
+    The sync applied the join (ramp recorded locally), then replaced the ramp times with the
+    fleet's hash read in the same round trip, before this join was written to it: for up to a
+    resync interval the newcomer had its full weight, the moment slow start is there for.
+    """
+    a, b = backends[:2]
+    redis_server.cli("RPUSH", "servers", a.address)
+    redis_server.cli("HSET", "redlb:servers:settings", "slow_start", "30")
+    proxy = start_proxy(redis_server.url, "--no-access-log")
+    assert Counter(served_by(proxy.port)[0] for _ in range(10)) == {"b0": 10}
+    redis_server.cli("RPUSH", "servers", b.address)  # joins now
+    assert wait_for(lambda: served_by(proxy.port)[0] == "b1", 3, interval=0.001)
+    early = Counter(served_by(proxy.port)[0] for _ in range(60))
+    assert early["b1"] <= 15, early  # 1/11 of the requests at 10% (about 6), not half
