@@ -157,3 +157,18 @@ def test_slow_start_ramps_from_the_first_request_after_a_join(redis_server, back
     assert wait_for(lambda: served_by(proxy.port)[0] == "b1", 3, interval=0.001)
     early = Counter(served_by(proxy.port)[0] for _ in range(60))
     assert early["b1"] <= 15, early  # 1/11 of the requests at 10% (about 6), not half
+
+
+def test_weights_key_of_another_type_is_said_once(redis_server, backends, start_proxy):
+    """A weights key that is not a hash: one error, the last-known weights kept, no log flood
+    (it was logged again on every resync, once a second)."""
+    a, b = backends[:2]
+    redis_server.cli("RPUSH", "servers", a.address, b.address)
+    redis_server.cli("HSET", "redlb:servers:weights", b.address, "3")
+    proxy = start_proxy(redis_server.url, "--no-access-log")
+    assert wait_for(lambda: Counter(served_by(proxy.port)[0] for _ in range(8))["b1"] == 6, 3)
+    redis_server.cli("DEL", "redlb:servers:weights")
+    redis_server.cli("SET", "redlb:servers:weights", "oops")
+    time.sleep(3.5)  # three resyncs at least
+    assert proxy.log().count("cannot read redlb:servers:weights") == 1, proxy.log()
+    assert Counter(served_by(proxy.port)[0] for _ in range(8))["b1"] == 6
