@@ -167,8 +167,8 @@ def test_weights_key_of_another_type_is_said_once(redis_server, backends, start_
     redis_server.cli("HSET", "redlb:servers:weights", b.address, "3")
     proxy = start_proxy(redis_server.url, "--no-access-log")
     assert wait_for(lambda: Counter(served_by(proxy.port)[0] for _ in range(8))["b1"] == 6, 3)
-    redis_server.cli("DEL", "redlb:servers:weights")
-    redis_server.cli("SET", "redlb:servers:weights", "oops")
+    redis_server.cli("SET", "oops", "oops")
+    redis_server.cli("RENAME", "oops", "redlb:servers:weights")  # a string now, in one step
     time.sleep(3.5)  # three resyncs at least
     assert proxy.log().count("cannot read redlb:servers:weights") == 1, proxy.log()
     assert Counter(served_by(proxy.port)[0] for _ in range(8))["b1"] == 6
