@@ -376,11 +376,13 @@ class RouteSync(PoolSync):
             state.sync.log_changes()
 
     def _apply_weights(self, state: PoolState, raw: Any) -> None:
+        warned = self.warned_weights.get(state.name, set())
         if isinstance(raw, Exception):
-            log.error("cannot read %s: %s", state.keys.weights, raw)
+            if "unreadable" not in warned:  # said once; the last-known weights are kept
+                log.error("cannot read %s (%s): keeping its weights", state.keys.weights, raw)
+                self.warned_weights[state.name] = {"unreadable"}
             return
         weights, problems = parse_weights(raw)
-        warned = self.warned_weights.get(state.name, set())
         for problem in problems:
             if problem not in warned:
                 log.warning("pool %r: skipping %s", state.name, problem)
