@@ -172,3 +172,22 @@ def test_weights_key_of_another_type_is_said_once(redis_server, backends, start_
     time.sleep(3.5)  # three resyncs at least
     assert proxy.log().count("cannot read redlb:servers:weights") == 1, proxy.log()
     assert Counter(served_by(proxy.port)[0] for _ in range(8))["b1"] == 6
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="wrr.smooth_period caps the period at max(n, 2,000,000 / n) entries and scales "
+    "weights down with a floor of 1: 1,000 backends weighted 10 and 1 become 3 and 1, so the "
+    "heavy half gets 75% of the requests instead of 91%.  Honouring it needs a period of "
+    "sum(weights) built in O(log n) a step (EDF/stride) rather than nginx's O(n) scan",
+)
+def test_smooth_weighted_period_honours_weights_in_a_large_pool() -> None:
+    from redlb.address import parse_backend
+    from redlb.balancer.wrr import smooth_period
+
+    backends = [parse_backend(f"10.0.{i // 250}.{i % 250 + 1}:80") for i in range(1000)]
+    weights = [10 if i % 2 == 0 else 1 for i in range(1000)]
+    period = smooth_period(backends, weights)
+    heavy = {b for b, w in zip(backends, weights, strict=True) if w == 10}
+    share = sum(1 for b in period if b in heavy) / len(period)
+    assert abs(share - 10 / 11) <= 0.01, share
