@@ -191,3 +191,45 @@ def test_smooth_weighted_period_honours_weights_in_a_large_pool() -> None:
     heavy = {b for b, w in zip(backends, weights, strict=True) if w == 10}
     share = sum(1 for b in period if b in heavy) / len(period)
     assert abs(share - 10 / 11) <= 0.01, share
+
+
+@pytest.fixture
+def fast_fast_slow(redis_server, loop_thread):
+    from support import CountingBackend
+
+    started = [
+        CountingBackend(loop_thread, "fast0", 0.02).start(),
+        CountingBackend(loop_thread, "fast1", 0.02).start(),
+        CountingBackend(loop_thread, "slow", 0.2).start(),
+    ]
+    for backend in started:
+        redis_server.cli("RPUSH", "servers", backend.address)
+    yield started
+    for backend in started:
+        backend.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13: the slow backend gets no more than its fair share under "
+    "least_outstanding; at 4 closed-loop clients on each of 3 instances it holds 1.13-1.23x "
+    "its share (4.31 in flight against 3.70; least_conn 5.09 against 3.75).  The peers-moved-"
+    "like-me estimate between 25 ms publishes narrows the herd but does not close it",
+)
+def test_slow_backend_holds_no_more_than_its_fair_share_at_four_clients_each(
+    redis_server, fast_fast_slow, start_proxy
+):
+    proxies = [
+        start_proxy(redis_server.url, "--strategy", "least_outstanding", "--no-access-log")
+        for _ in range(3)
+    ]
+    ports = [p.port for p in proxies]
+    closed_loop(ports, 1, 1.0)  # warm up
+    for backend in fast_fast_slow:
+        backend.reset()
+    statuses = closed_loop(ports, 4, 6.0)
+    averages = [b.average() for b in fast_fast_slow]
+    assert set(statuses) == {200}, statuses
+    slow, fair = averages[-1], sum(averages) / 3
+    print(f"\nslow backend {slow:.2f} in flight, fair share {fair:.2f}")
+    assert slow <= fair, (slow, fair)
