@@ -233,3 +233,38 @@ def test_slow_backend_holds_no_more_than_its_fair_share_at_four_clients_each(
     slow, fair = averages[-1], sum(averages) / 3
     print(f"\nslow backend {slow:.2f} in flight, fair share {fair:.2f}")
     assert slow <= fair, (slow, fair)
+
+
+def test_stale_weights_are_not_parsed_again_on_every_resync(redis_server, backends, start_proxy):
+    """Weights left behind for backends no longer listed (LREM with redis-cli keeps them):
+    the whole hash was parsed again on every resync, once a second, on the event loop.
+    200,000 of them blocked the loop for up to 1.5 s at a time; parsed once, it answers."""
+    import http.client
+
+    a = backends[0]
+    redis_server.cli("RPUSH", "servers", a.address)
+    proxy = start_proxy(redis_server.url, "--no-access-log")
+    client = redis_server.client()
+    pipe = client.pipeline(transaction=False)
+    for start in range(0, 200_000, 10_000):
+        fields = {f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:80": 3
+                  for i in range(start, start + 10_000)}  # fmt: skip
+        pipe.hset("redlb:servers:weights", mapping=fields)
+    pipe.execute()
+    # The first read parses them all once (seconds): wait until it is over.
+    assert wait_for(lambda: proxy.status("/-/ready")[0] == 200, 30)
+    time.sleep(1.0)
+    answered: list[int | str] = []
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.status_port, timeout=1.0)
+        try:
+            conn.request("GET", "/-/ready")
+            answered.append(conn.getresponse().status)
+        except OSError as exc:
+            answered.append(repr(exc))  # no answer within 1 s: the loop is busy parsing
+        finally:
+            conn.close()
+        time.sleep(0.05)
+    assert set(answered) == {200}, Counter(answered)
+    assert served_by(proxy.port)[0] == "b0"
