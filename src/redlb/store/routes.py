@@ -86,6 +86,7 @@ class RouteSync(PoolSync):
         self.warned_settings: dict[str, set[str]] = {}
         self.raw_settings: dict[str, Any] = {}
         self.warned_weights: dict[str, set[str]] = {}
+        self.raw_weights: dict[str, Any] = {}  # as last parsed: unchanged, not parsed again
         # What the messages since the last sync named.
         self.routes_dirty = True
         self.dirty_pools: set[str] = set()
@@ -381,7 +382,11 @@ class RouteSync(PoolSync):
             if "unreadable" not in warned:  # said once; the last-known weights are kept
                 log.error("cannot read %s (%s): keeping its weights", state.keys.weights, raw)
                 self.warned_weights[state.name] = {"unreadable"}
+            self.raw_weights.pop(state.name, None)  # readable again: parsed again
             return
+        if raw == self.raw_weights.get(state.name):
+            return  # most resyncs: parsing thousands of fields again would block the loop
+        self.raw_weights[state.name] = raw
         weights, problems = parse_weights(raw)
         for problem in problems:
             if problem not in warned:
@@ -429,6 +434,7 @@ class RouteSync(PoolSync):
             self.raw_settings.pop(name, None)
             self.warned_settings.pop(name, None)
             self.warned_weights.pop(name, None)
+            self.raw_weights.pop(name, None)
         if not table.single:
             log.info("routing table %d: %d routes over %d pools", table.version,
                      len(table.routes), len(targets))  # fmt: skip
