@@ -266,3 +266,14 @@ def test_stale_weights_are_not_parsed_again_on_every_resync(redis_server, backen
         time.sleep(0.05)
     assert set(answered) == {200}, Counter(answered)
     assert served_by(proxy.port)[0] == "b0"
+
+
+def test_query_key_names_that_can_never_match_are_refused() -> None:
+    """``query:a&b``: '&' separates parameters, so no request ever has that parameter and
+    every request silently hashed on the client's address instead.  Refused, like header:."""
+    from redlb.balancer.requestkey import parse_key_spec, request_key
+
+    spec = parse_key_spec("query:user")
+    assert request_key(spec, b"peer", b"/p?user=7", []) == b"7"
+    with pytest.raises(ValueError, match="query"):
+        parse_key_spec("query:a&b")
