@@ -85,7 +85,10 @@ class Pool:
         if weights is not None:
             self.weights = weights
         if up_since is not None:
-            self.up_since = up_since
+            # The fleet's times, read before this pool's latest joins were written there:
+            # those keep the time this pool saw them (else they ramp from full weight).
+            pending = {b: self.up_since[b] for b in self.joined if b in self.up_since}
+            self.up_since = {**up_since, **pending}
         if members is not None:
             self.members = tuple(members)
             self.known = True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from hashlib import blake2b
+from heapq import heapify, heapreplace
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy, weights_of
@@ -61,28 +62,31 @@ def build_table(names: Sequence[str], weights: Sequence[int], size: int) -> list
                                       "little") % size)  # fmt: skip
         skips.append(int.from_bytes(blake2b(raw, digest_size=8, person=b"skip").digest(),
                                     "little") % (size - 1) + 1)  # fmt: skip
-    heaviest = max(weights) if weights else 1
-    shares = [w / heaviest for w in weights] if weights else [1.0] * n
-    credit = [0.0] * n
+    # Backends take turns by weight: backend i's k-th turn comes in round ceil(k x heaviest /
+    # weight), ties in pool order (so equal weights take turns in order, round by round).  A
+    # heap of next turns hands them out in O(log n) each: stepping every backend through
+    # every round cost rounds x n, seconds for one weight of 1000 among 1,000 of weight 1.
+    sizes = list(weights) if weights else [1] * n
+    heaviest = max(sizes)
+    turns = [(-(-heaviest // w), i, 1) for i, w in enumerate(sizes)]
+    heapify(turns)
     nexts = [0] * n
     table = [-1] * size
     filled = 0
     while True:
-        for i in range(n):
-            credit[i] += shares[i]
-            if credit[i] < 1.0:
-                continue
-            credit[i] -= 1.0
-            offset, skip, j = offsets[i], skips[i], nexts[i]
+        _, i, turn = turns[0]
+        offset, skip, j = offsets[i], skips[i], nexts[i]
+        slot = (offset + j * skip) % size
+        while table[slot] >= 0:
+            j += 1
             slot = (offset + j * skip) % size
-            while table[slot] >= 0:
-                j += 1
-                slot = (offset + j * skip) % size
-            table[slot] = i
-            nexts[i] = j + 1
-            filled += 1
-            if filled == size:
-                return table
+        table[slot] = i
+        nexts[i] = j + 1
+        filled += 1
+        if filled == size:
+            return table
+        turn += 1
+        heapreplace(turns, (-(-turn * heaviest // sizes[i]), i, turn))
 
 
 class MaglevHash(Strategy):

@@ -38,6 +38,8 @@ def parse_key_spec(text: str) -> KeySpec:
     raw = name.encode("ascii", "replace")
     if not raw or len(raw) > 256 or any(c not in _TOKEN for c in raw):
         raise ValueError(f"{kind}:NAME needs a name made of token characters")
+    if kind == "query" and b"&" in raw:  # '&' separates parameters: no request has this one
+        raise ValueError("query:NAME cannot contain '&'")
     return KeySpec(kind, raw.lower() if kind == "header" else raw)
 
 

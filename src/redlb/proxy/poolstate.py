@@ -61,6 +61,7 @@ class PoolState:
         "reads_request",
         "requests",
         "sticky",
+        "sticky_secret",
         "sticky_task",
         "strategy",
         "sync",
@@ -91,6 +92,7 @@ class PoolState:
         self.publisher: asyncio.Task[None] | None = None
         # Sticky sessions: None until the fleet's secret is read from Redis.
         self.sticky: StickyCookie | None = None
+        self.sticky_secret: bytes | None = None  # the last one read: kept if Redis loses it
         self.sticky_task: asyncio.Task[None] | None = None
         self.reads_request = self.key_spec is not None or config.sticky is not None
         self.ejector = Ejector(self.pool, link, self.keys, config)
@@ -180,7 +182,8 @@ class PoolState:
             self.sticky_task = loop.create_task(self._keep_sticky(name))
 
     async def _keep_sticky(self, name: str) -> None:
-        async for secret in load_secret(self.link, self.config.redis_timeout):
+        async for secret in load_secret(self.link, self.config.redis_timeout, self.sticky_secret):
+            self.sticky_secret = secret
             if self.sticky is None or self.sticky.secret != secret:
                 self.sticky = StickyCookie(name, secret, self.name)
 

@@ -82,7 +82,7 @@ from dataclasses import dataclass
 from redlb.address import Backend
 
 ROUTES = "redlb:routes"
-# The sticky-session HMAC secret (STRING), created once with SET NX; deleting it rotates it.
+# The sticky-session HMAC secret (STRING), created once with SET NX; SET a new value to rotate it.
 STICKY_SECRET = "redlb:sticky-secret"
 ROUTES_EVENTS = "redlb:routes:events"
 ROUTES_EPOCH = "redlb:routes:epoch"

@@ -104,6 +104,7 @@ class RouteSync(PoolSync):
         self.warned_settings: dict[str, set[str]] = {}
         self.raw_settings: dict[str, Any] = {}
         self.warned_weights: dict[str, set[str]] = {}
+        self.raw_weights: dict[str, Any] = {}  # as last parsed: unchanged, not parsed again
         # What the messages since the last sync named.
         self.routes_dirty = True
         self.dirty_pools: set[str] = set()
@@ -348,8 +349,11 @@ class RouteSync(PoolSync):
             members = state.sync._members(kind, entries, bool(epoch))
             if kind == "list" and not epoch:  # only a real list vouches for Redis's data
                 epochs.append(state.keys.epoch)
-            self._apply_settings(state, settings_raw)
-            self._apply_weights(state, weights_raw)
+            if members is not None:
+                # Kept pool (Redis lost its data, or the key is of another type): its
+                # settings and weights are kept with it, not reset to the flags' and 1.
+                self._apply_settings(state, settings_raw)
+                self._apply_weights(state, weights_raw)
             read.append((state, members, draining_raw))
         pipe = client.pipeline(transaction=False)
         for key in epochs:
@@ -394,11 +398,17 @@ class RouteSync(PoolSync):
             state.sync.log_changes()
 
     def _apply_weights(self, state: PoolState, raw: Any) -> None:
-        if isinstance(raw, Exception):
-            log.error("cannot read %s: %s", state.keys.weights, raw)
-            return
-        weights, problems = parse_weights(raw)
         warned = self.warned_weights.get(state.name, set())
+        if isinstance(raw, Exception):
+            if "unreadable" not in warned:  # said once; the last-known weights are kept
+                log.error("cannot read %s (%s): keeping its weights", state.keys.weights, raw)
+                self.warned_weights[state.name] = {"unreadable"}
+            self.raw_weights.pop(state.name, None)  # readable again: parsed again
+            return
+        if raw == self.raw_weights.get(state.name):
+            return  # most resyncs: parsing thousands of fields again would block the loop
+        self.raw_weights[state.name] = raw
+        weights, problems = parse_weights(raw)
         for problem in problems:
             if problem not in warned:
                 log.warning("pool %r: skipping %s", state.name, problem)
@@ -445,6 +455,7 @@ class RouteSync(PoolSync):
             self.raw_settings.pop(name, None)
             self.warned_settings.pop(name, None)
             self.warned_weights.pop(name, None)
+            self.raw_weights.pop(name, None)
         if not table.single:
             log.info("routing table %d: %d routes over %d pools", table.version,
                      len(table.routes), len(targets))  # fmt: skip
