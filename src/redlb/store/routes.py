@@ -4,9 +4,11 @@ Rules:
 1. One pub/sub connection per process listens to everything: the routes hash, its events
    channel, and the list, events channel and settings hash of every routed pool.  A message
    re-reads only what it names.  The resync every ``resync_interval`` (the fallback for lost
-   messages) checks a digest of the routes computed inside Redis, and re-reads a rotating
-   slice of the pools (all of them while there are at most RESYNC_POOLS), so a thousand pools
-   cost an idle worker and Redis little (a fleet of 1,000 is re-read in about 2 minutes).
+   messages) checks digests of the routes and of every pool computed inside Redis (one EVAL
+   per DIGEST_SLICE pools) and re-reads only what moved, so a thousand idle pools cost a few
+   commands a second and an edit is seen within a resync even without keyspace events.
+   Without scripts (an ACL user) it re-reads a rotating slice of the pools instead (all of
+   them while there are at most RESYNC_POOLS; a fleet of 1,000 in about 2 minutes).
 2. A new table is complete before it is swapped in (one assignment): every pool it routes to
    has been read, so a request sees the old table or the new one, never a route without its
    pool.  Big tables are parsed in slices with the event loop free in between.
@@ -45,11 +47,13 @@ log = logging.getLogger("redlb.routes")
 
 SLICE = 100  # routes parsed or indexed between two yields to the event loop (about 0.5 ms)
 POOL_SLICE = 500  # pools read in one pipeline
+# Pools digested by one script: ~7 us each in Redis, so one EVAL holds Redis under ~2 ms.
+DIGEST_SLICE = 250
 MAX_ROUTES = 100_000
-# Pools re-read per resync: all of them up to this many, else this many or a 200th.  Edits
-# arrive by notification in milliseconds; the resync is the fallback (lost messages, health
-# verdicts expiring), and a thousand pools re-read every second would cost more Redis
-# commands than the requests themselves (the default rotation stays under 0.01 per request).
+# Without scripts, pools re-read per resync: all of them up to this many, else this many or a
+# 200th.  Edits arrive by notification in milliseconds; the resync is the fallback (lost
+# messages, health verdicts expiring), and a thousand pools re-read every second would cost
+# more Redis commands than the requests themselves.
 RESYNC_POOLS = 8
 
 # The routes hash is re-read only when this changes (10,000 routes: 40 bytes, not 600 KB).
@@ -63,11 +67,12 @@ end
 return {redis.sha1hex(table.concat(all, '\\n')), redis.call('EXISTS', KEYS[2]), #all}
 """
 
-# One digest per pool over everything a pool read fetches (type and capped list, epoch, drain
-# set, settings, weights, health and ejection of the members known here, the slow-start
-# hash when ramping): the resync re-reads only the pools whose digest moved.  An ejection
-# counts by the second it ends (server time + PTTL), stable while it runs.  ARGV per pool:
-# first, last (the LRANGE of a read), members known, ramp (1: the up_since hash counts).
+# One digest per pool (DIGEST_SLICE pools a script) over everything a pool read fetches (type
+# and capped list, epoch, drain set, settings, weights, health and ejection of the members
+# known here, the slow-start hash when ramping): the resync re-reads only the pools whose
+# digest moved.  An ejection counts by the second it ends (server time + PTTL), stable
+# while it runs.  ARGV per pool: first, last (the LRANGE of a read), members known, ramp
+# (1: the up_since hash counts).
 # KEYS per pool: list, epoch, draining, settings, weights, up_since, then health and
 # ejected of each member.
 _POOLS_DIGEST = """
@@ -85,11 +90,11 @@ local digests = {}
 local k = 1
 for p = 1, #ARGV, 4 do
   local n = tonumber(ARGV[p + 2])
-  local kind = flat(redis.pcall('TYPE', KEYS[k]))
-  local parts = {kind, tostring(redis.call('EXISTS', KEYS[k + 1]))}
-  if kind == 'list' then
-    parts[3] = flat(redis.pcall('LRANGE', KEYS[k], ARGV[p], ARGV[p + 1]))
-  end
+  -- A list with entries in range is a list; else its type says empty, absent or wrong.
+  local entries = redis.pcall('LRANGE', KEYS[k], ARGV[p], ARGV[p + 1])
+  local kind = 'list'
+  if entries.err or #entries == 0 then kind = flat(redis.call('TYPE', KEYS[k])) end
+  local parts = {kind, tostring(redis.call('EXISTS', KEYS[k + 1])), flat(entries)}
   local drained = redis.pcall('SMEMBERS', KEYS[k + 2])
   if not drained.err then table.sort(drained) end
   parts[#parts + 1] = flat(drained)
@@ -274,8 +279,8 @@ class RouteSync(PoolSync):
         start_of = {spec.pool: spec.list_start for spec in self.specs}
         cap = self.config.max_pool_entries
         changed: list[str] = []
-        for start in range(0, len(wanted), POOL_SLICE):
-            names = wanted[start : start + POOL_SLICE]
+        for start in range(0, len(wanted), DIGEST_SLICE):
+            names = wanted[start : start + DIGEST_SLICE]
             keys: list[str] = []
             args: list[int] = []
             for name in names:
