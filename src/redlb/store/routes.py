@@ -95,11 +95,14 @@ for p = 1, #ARGV, 4 do
   local kind = 'list'
   if entries.err or #entries == 0 then kind = flat(redis.call('TYPE', KEYS[k])) end
   local parts = {kind, tostring(redis.call('EXISTS', KEYS[k + 1])), flat(entries)}
-  local drained = redis.pcall('SMEMBERS', KEYS[k + 2])
-  if not drained.err then table.sort(drained) end
-  parts[#parts + 1] = flat(drained)
-  parts[#parts + 1] = flat(redis.pcall('HGETALL', KEYS[k + 3]))
-  parts[#parts + 1] = flat(redis.pcall('HGETALL', KEYS[k + 4]))
+  -- Most pools have no drain set, settings or weights: one EXISTS says so for all three.
+  if redis.call('EXISTS', KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]) > 0 then
+    local drained = redis.pcall('SMEMBERS', KEYS[k + 2])
+    if not drained.err then table.sort(drained) end
+    parts[#parts + 1] = flat(drained)
+    parts[#parts + 1] = flat(redis.pcall('HGETALL', KEYS[k + 3]))
+    parts[#parts + 1] = flat(redis.pcall('HGETALL', KEYS[k + 4]))
+  end
   if ARGV[p + 3] == '1' then parts[#parts + 1] = flat(redis.pcall('HGETALL', KEYS[k + 5])) end
   k = k + 6
   if n > 0 then
@@ -108,12 +111,16 @@ for p = 1, #ARGV, 4 do
       for i = from, math.min(from + 999, n - 1) do health[#health + 1] = KEYS[k + i] end
       parts[#parts + 1] = flat(redis.pcall('MGET', unpack(health)))
     end
-    for i = 0, n - 1 do
-      local ms = redis.pcall('PTTL', KEYS[k + n + i])
-      if type(ms) == 'number' and ms > 0 then
-        parts[#parts + 1] = tostring(math.floor((now + ms) / 1000))
-      else
-        parts[#parts + 1] = '-'
+    local ejected = {}
+    for i = 0, n - 1 do ejected[i + 1] = KEYS[k + n + i] end
+    if n > 1000 or redis.call('EXISTS', unpack(ejected)) > 0 then  -- none ejected: one call
+      for i = 1, n do
+        local ms = redis.pcall('PTTL', ejected[i])
+        if type(ms) == 'number' and ms > 0 then
+          parts[#parts + 1] = tostring(math.floor((now + ms) / 1000))
+        else
+          parts[#parts + 1] = '-'
+        end
       end
     end
     k = k + 2 * n
