@@ -4,9 +4,11 @@ Rules:
 1. One pub/sub connection per process listens to everything: the routes hash, its events
    channel, and the list, events channel and settings hash of every routed pool.  A message
    re-reads only what it names.  The resync every ``resync_interval`` (the fallback for lost
-   messages) checks a digest of the routes computed inside Redis, and re-reads a rotating
-   slice of the pools (all of them while there are at most RESYNC_POOLS), so a thousand pools
-   cost an idle worker and Redis little (a fleet of 1,000 is re-read in about 2 minutes).
+   messages) checks digests of the routes and of every pool computed inside Redis (one EVAL
+   per DIGEST_SLICE pools) and re-reads only what moved, so a thousand idle pools cost a few
+   commands a second and an edit is seen within a resync even without keyspace events.
+   Without scripts (an ACL user) it re-reads a rotating slice of the pools instead (all of
+   them while there are at most RESYNC_POOLS; a fleet of 1,000 in about 2 minutes).
 2. A new table is complete before it is swapped in (one assignment): every pool it routes to
    has been read, so a request sees the old table or the new one, never a route without its
    pool.  Big tables are parsed in slices with the event loop free in between.
@@ -45,11 +47,13 @@ log = logging.getLogger("redlb.routes")
 
 SLICE = 100  # routes parsed or indexed between two yields to the event loop (about 0.5 ms)
 POOL_SLICE = 500  # pools read in one pipeline
+# Pools digested by one script: ~7 us each in Redis, so one EVAL holds Redis under ~2 ms.
+DIGEST_SLICE = 250
 MAX_ROUTES = 100_000
-# Pools re-read per resync: all of them up to this many, else this many or a 200th.  Edits
-# arrive by notification in milliseconds; the resync is the fallback (lost messages, health
-# verdicts expiring), and a thousand pools re-read every second would cost more Redis
-# commands than the requests themselves (the default rotation stays under 0.01 per request).
+# Without scripts, pools re-read per resync: all of them up to this many, else this many or a
+# 200th.  Edits arrive by notification in milliseconds; the resync is the fallback (lost
+# messages, health verdicts expiring), and a thousand pools re-read every second would cost
+# more Redis commands than the requests themselves.
 RESYNC_POOLS = 8
 
 # The routes hash is re-read only when this changes (10,000 routes: 40 bytes, not 600 KB).
@@ -61,6 +65,69 @@ if #all > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('SET', KEYS[2], '1')
 end
 return {redis.sha1hex(table.concat(all, '\\n')), redis.call('EXISTS', KEYS[2]), #all}
+"""
+
+# One digest per pool (DIGEST_SLICE pools a script) over everything a pool read fetches (type
+# and capped list, epoch, drain set, settings, weights, health and ejection of the members
+# known here, the slow-start hash when ramping): the resync re-reads only the pools whose
+# digest moved.  An ejection counts by the second it ends (server time + PTTL), stable
+# while it runs.  ARGV per pool: first, last (the LRANGE of a read), members known, ramp
+# (1: the up_since hash counts).
+# KEYS per pool: list, epoch, draining, settings, weights, up_since, then health and
+# ejected of each member.
+_POOLS_DIGEST = """
+local function flat(r)
+  if type(r) ~= 'table' then return tostring(r) end
+  if r.err then return 'E' end
+  if r.ok then return r.ok end
+  local out = {}
+  for i, v in ipairs(r) do out[i] = tostring(v) end
+  return table.concat(out, '\\n')
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local digests = {}
+local k = 1
+for p = 1, #ARGV, 4 do
+  local n = tonumber(ARGV[p + 2])
+  -- A list with entries in range is a list; else its type says empty, absent or wrong.
+  local entries = redis.pcall('LRANGE', KEYS[k], ARGV[p], ARGV[p + 1])
+  local kind = 'list'
+  if entries.err or #entries == 0 then kind = flat(redis.call('TYPE', KEYS[k])) end
+  local parts = {kind, tostring(redis.call('EXISTS', KEYS[k + 1])), flat(entries)}
+  -- Most pools have no drain set, settings or weights: one EXISTS says so for all three.
+  if redis.call('EXISTS', KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]) > 0 then
+    local drained = redis.pcall('SMEMBERS', KEYS[k + 2])
+    if not drained.err then table.sort(drained) end
+    parts[#parts + 1] = flat(drained)
+    parts[#parts + 1] = flat(redis.pcall('HGETALL', KEYS[k + 3]))
+    parts[#parts + 1] = flat(redis.pcall('HGETALL', KEYS[k + 4]))
+  end
+  if ARGV[p + 3] == '1' then parts[#parts + 1] = flat(redis.pcall('HGETALL', KEYS[k + 5])) end
+  k = k + 6
+  if n > 0 then
+    for from = 0, n - 1, 1000 do  -- unpack's stack is limited: MGET a thousand at a time
+      local health = {}
+      for i = from, math.min(from + 999, n - 1) do health[#health + 1] = KEYS[k + i] end
+      parts[#parts + 1] = flat(redis.pcall('MGET', unpack(health)))
+    end
+    local ejected = {}
+    for i = 0, n - 1 do ejected[i + 1] = KEYS[k + n + i] end
+    if n > 1000 or redis.call('EXISTS', unpack(ejected)) > 0 then  -- none ejected: one call
+      for i = 1, n do
+        local ms = redis.pcall('PTTL', ejected[i])
+        if type(ms) == 'number' and ms > 0 then
+          parts[#parts + 1] = tostring(math.floor((now + ms) / 1000))
+        else
+          parts[#parts + 1] = '-'
+        end
+      end
+    end
+    k = k + 2 * n
+  end
+  digests[#digests + 1] = redis.sha1hex(table.concat(parts, '\\0'))
+end
+return digests
 """
 
 
@@ -114,6 +181,7 @@ class RouteSync(PoolSync):
         self.routes_lost = False
         self.routes_problem: str | None = None  # the wrong type the routes key held, if any
         self.resync_cursor = 0  # where the next resync's slice of pools starts
+        self.pool_digests: dict[str, Any] = {}  # pool -> its digest when the resync last read it
         # Subscriptions
         self.pubsub: PubSub | None = None
         self.db = 0
@@ -126,6 +194,7 @@ class RouteSync(PoolSync):
         self.pubsub = pubsub
         self.db = db
         self.subscribed = set()
+        self.pool_digests = {}  # a new session re-reads every pool once: nothing read is trusted
         if self.hipache:
             await pubsub.psubscribe(f"__keyspace@{db}__:{SCAN_PATTERN}")
         await self._resubscribe()
@@ -191,7 +260,10 @@ class RouteSync(PoolSync):
         dirty, self.dirty_pools = self.dirty_pools, set()
         to_read = [n for n in wanted if n in dirty or n in fresh]
         if full:
-            to_read = list(dict.fromkeys(to_read + self._resync_slice(wanted)))
+            moved = await self._changed_pools(wanted) if self.scripts else None
+            if moved is None:  # no scripts (ACL): a rotating slice, read whole
+                moved = self._resync_slice(wanted)
+            to_read = list(dict.fromkeys(to_read + moved))
         for start in range(0, len(to_read), POOL_SLICE):
             chunk = to_read[start : start + POOL_SLICE]
             await self._read_pools([self.states[n] for n in chunk])
@@ -208,6 +280,39 @@ class RouteSync(PoolSync):
         start = self.resync_cursor % len(wanted)
         self.resync_cursor = start + count
         return (wanted[start:] + wanted[:start])[:count]
+
+    async def _changed_pools(self, wanted: list[str]) -> list[str] | None:
+        """The pools whose digest moved since the last resync, or None if scripts are refused."""
+        client = self.link.client
+        start_of = {spec.pool: spec.list_start for spec in self.specs}
+        cap = self.config.max_pool_entries
+        changed: list[str] = []
+        for start in range(0, len(wanted), DIGEST_SLICE):
+            names = wanted[start : start + DIGEST_SLICE]
+            keys: list[str] = []
+            args: list[int] = []
+            for name in names:
+                state = self.states[name]
+                pk = state.keys
+                known = list(dict.fromkeys(state.pool.members))
+                first = start_of.get(name, 0)
+                keys += [pk.pool, pk.epoch, pk.draining, pk.settings, pk.weights, pk.up_since]
+                keys += [pk.health(b) for b in known] + [pk.ejected(b) for b in known]
+                args += [first, first + cap - 1, len(known), int(state.pool.slow_start > 0)]
+            try:
+                digests = await asyncio.wait_for(
+                    client.eval(_POOLS_DIGEST, len(keys), *keys, *args),
+                    self.config.redis_timeout + 0.002 * len(names),
+                )
+            except ResponseError as exc:  # scripting not allowed (ACL): read slices whole
+                log.warning("cannot run a script (%s): pools are re-read in slices", exc)
+                self.scripts = False
+                return None
+            for name, digest in zip(names, digests, strict=True):
+                if self.pool_digests.get(name) != digest:
+                    self.pool_digests[name] = digest
+                    changed.append(name)
+        return changed
 
     def _wanted_pools(self) -> list[str]:
         if not self.specs and not self.hipache:
@@ -453,6 +558,7 @@ class RouteSync(PoolSync):
         for name in [n for n in self.states if n not in targets]:
             self.states.pop(name).retire()
             self.raw_settings.pop(name, None)
+            self.pool_digests.pop(name, None)
             self.warned_settings.pop(name, None)
             self.warned_weights.pop(name, None)
             self.raw_weights.pop(name, None)
