@@ -218,8 +218,12 @@ def test_edit_after_redis_returns_is_applied_promptly(redis_server, backends, st
 def test_reconnect_attempts_are_about_one_a_second(tmp_path, start_proxy):
     redis = RedisProcess(tmp_path / "auth", extra=["--requirepass", "s3cret"]).start_unchecked()
     try:
-        start_proxy(f"redis://:wrong@127.0.0.1:{redis.port}/0", ready=False)
+        # A password refused at start ends `serve` (defect 22): it is refused later instead.
+        start_proxy(f"redis://:s3cret@127.0.0.1:{redis.port}/0", ready=False)
         admin = redis.client_with_password("s3cret")
+        admin.config_set("requirepass", "changed")
+        admin = redis.client_with_password("changed")
+        admin.client_kill_filter(_type="normal", skipme=True)
         time.sleep(4)  # past the first quick retries
         before = _connections_received(admin)
         time.sleep(6)
