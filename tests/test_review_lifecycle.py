@@ -26,7 +26,16 @@ def one_line_error(out: subprocess.CompletedProcess[str], code: int) -> str:
 
 
 @pytest.mark.parametrize(
-    "url", ["foo", "", "http://127.0.0.1:6379", "redis+sentinel://127.0.0.1:1", "redis://:x"]
+    "url",
+    [
+        "foo",
+        "",
+        "http://127.0.0.1:6379",
+        "redis+sentinel://127.0.0.1:1",
+        "redis://:x",
+        "redis://[::1",
+        "redis+sentinel://127.0.0.1:x/master",
+    ],
 )
 def test_serve_refuses_a_malformed_redis_url_in_one_line(url: str) -> None:
     try:
