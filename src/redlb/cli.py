@@ -297,6 +297,8 @@ def serve(**options: Any) -> None:
         config.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if config.redis_url is not None:
+        _check_url(config.redis_url)
     from redlb.server import CannotStart
     from redlb.server import serve as run
 
@@ -306,6 +308,14 @@ def serve(**options: Any) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot serve: {exc}") from None
+
+
+def _check_url(url: str) -> None:
+    """A malformed --redis is a usage error, said before anything starts (no traceback)."""
+    try:
+        make_sync_client(url, 1.0).close()
+    except (ValueError, redis.RedisError) as exc:
+        raise click.BadParameter(f"{redact(url)!r}: {exc}", param_hint="'--redis'") from None
 
 
 @main.group()
