@@ -79,7 +79,15 @@ class OneLineErrors(click.Group):
             sys.exit(exc.exit_code)
         except (click.Abort, KeyboardInterrupt):
             sys.exit(130)
+        except redis.RedisError as exc:  # e.g. WRONGTYPE on a key redlb did not check first
+            click.echo(f"Error: Redis answered: {_first_line(exc)}", err=True)
+            sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    """redis-py's message without the client repr some errors append (" : <redis.client...")."""
+    return str(exc).partition(" : <")[0].strip().splitlines()[0] if str(exc) else repr(exc)
 
 
 def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -337,7 +345,9 @@ def _connect(redis_url: str | None, state_dir: str) -> redis.Redis:
         problem = auth_problem(exc)
         if problem is not None:
             raise click.ClickException(f"{problem} (at {redact(url)})") from None
-        raise click.ClickException(f"cannot reach Redis at {redact(url)}: {exc}") from None
+        raise click.ClickException(
+            f"cannot reach Redis at {redact(url)}: {_first_line(exc)}"
+        ) from None
     return client
 
 
@@ -350,7 +360,8 @@ def _validated(addr: str) -> str:
 
 def _entries(client: redis.Redis, pool: str) -> list[bytes]:
     """The pool's raw entries; a key of another type is one clear error, not a traceback."""
-    for key, wanted in ((pool, b"list"), (Keys(pool).draining, b"set")):
+    keys = Keys(pool)
+    for key, wanted in ((pool, b"list"), (keys.draining, b"set"), (keys.weights, b"hash")):
         kind = client.type(key)
         if kind not in (wanted, b"none"):
             text = kind.decode() if isinstance(kind, bytes) else str(kind)
@@ -482,6 +493,7 @@ def backend_weight(
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     client = _connect(redis_url, state_dir)
+    _entries(client, pool)  # a pool or weights key of the wrong type: one line, nothing written
     keys = Keys(pool)
     if weight == 1:
         client.hdel(keys.weights, key)
