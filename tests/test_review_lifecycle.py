@@ -127,3 +127,16 @@ def test_status_listener_bounds_a_pipelining_client_that_never_reads(
         assert proxy.status("/-/live")[0] == 200
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("path", ["/a b", "/x\r\nX-Injected: 1", "/\tx"])
+def test_health_path_with_spaces_or_controls_is_refused(path: str) -> None:
+    """It becomes the probe's request line: a space or CRLF there is a broken or forged request."""
+    try:
+        out = run_cli(
+            "serve", "--redis", "redis://127.0.0.1:1/0", "--listen", f"127.0.0.1:{free_port()}",
+            "--status-listen", "off", "--health-path", path, timeout=10,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"--health-path {path!r} was accepted: redlb started serving")
+    assert "--health-path" in one_line_error(out, 2)
