@@ -140,3 +140,15 @@ def test_health_path_with_spaces_or_controls_is_refused(path: str) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail(f"--health-path {path!r} was accepted: redlb started serving")
     assert "--health-path" in one_line_error(out, 2)
+
+
+def test_removing_the_last_backend_and_listing_an_empty_pool_say_so(
+    redis_server: RedisProcess,
+) -> None:
+    """drain of the last backend needs --force; rm of it empties the pool: at least a warning."""
+    url = redis_server.url
+    redis_server.cli("RPUSH", "servers", "127.0.0.1:8080")
+    out = run_cli("backend", "rm", "127.0.0.1:8080", "--redis", url)
+    assert out.returncode == 0 and "503" in out.stderr, (out.stdout, out.stderr)
+    out = run_cli("backend", "ls", "--redis", url)
+    assert out.returncode == 0 and "empty" in out.stderr, (out.stdout, out.stderr)
