@@ -445,6 +445,8 @@ def backend_rm(addr: str, raw: bool, redis_url: str | None, pool: str, state_dir
     if not removed:
         raise click.ClickException(f"{name} is not in {pool}")
     click.echo(f"removed {name} from {pool} ({removed} entr{'y' if removed == 1 else 'ies'})")
+    if not client.llen(pool):
+        click.echo(f"warning: {pool} is now empty (requests get 503)", err=True)
 
 
 @backend.command("ls")
@@ -473,7 +475,9 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
         if weights.get(b.key, 1) != 1:
             state.append(f"weight {weights[b.key]}")
         click.echo(f"{b.key:30} {', '.join(state) or 'ok'}")
-    if entries and not _taking_traffic(client, pool, entries):
+    if not entries:
+        click.echo(f"warning: {pool} is empty (requests get 503)", err=True)
+    elif not _taking_traffic(client, pool, entries):
         click.echo(f"warning: no backend in {pool} takes traffic (requests get 503)", err=True)
 
 
