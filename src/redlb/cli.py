@@ -75,7 +75,15 @@ class OneLineErrors(click.Group):
             sys.exit(exc.exit_code)
         except (click.Abort, KeyboardInterrupt):
             sys.exit(130)
+        except redis.RedisError as exc:  # e.g. WRONGTYPE on a key redlb did not check first
+            click.echo(f"Error: Redis answered: {_first_line(exc)}", err=True)
+            sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    """redis-py's message without the client repr some errors append (" : <redis.client...")."""
+    return str(exc).partition(" : <")[0].strip().splitlines()[0] if str(exc) else repr(exc)
 
 
 def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -293,6 +301,8 @@ def serve(**options: Any) -> None:
         config.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if config.redis_url is not None:
+        _check_url(config.redis_url)
     from redlb.server import CannotStart
     from redlb.server import serve as run
 
@@ -302,6 +312,14 @@ def serve(**options: Any) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot serve: {exc}") from None
+
+
+def _check_url(url: str) -> None:
+    """A malformed --redis is a usage error, said before anything starts (no traceback)."""
+    try:
+        make_sync_client(url, 1.0).close()
+    except (ValueError, redis.RedisError) as exc:
+        raise click.BadParameter(f"{redact(url)!r}: {exc}", param_hint="'--redis'") from None
 
 
 @main.group()
@@ -323,7 +341,9 @@ def _connect(redis_url: str | None, state_dir: str) -> redis.Redis:
         problem = auth_problem(exc)
         if problem is not None:
             raise click.ClickException(f"{problem} (at {redact(url)})") from None
-        raise click.ClickException(f"cannot reach Redis at {redact(url)}: {exc}") from None
+        raise click.ClickException(
+            f"cannot reach Redis at {redact(url)}: {_first_line(exc)}"
+        ) from None
     return client
 
 
@@ -336,7 +356,8 @@ def _validated(addr: str) -> str:
 
 def _entries(client: redis.Redis, pool: str) -> list[bytes]:
     """The pool's raw entries; a key of another type is one clear error, not a traceback."""
-    for key, wanted in ((pool, b"list"), (Keys(pool).draining, b"set")):
+    keys = Keys(pool)
+    for key, wanted in ((pool, b"list"), (keys.draining, b"set"), (keys.weights, b"hash")):
         kind = client.type(key)
         if kind not in (wanted, b"none"):
             text = kind.decode() if isinstance(kind, bytes) else str(kind)
@@ -420,6 +441,8 @@ def backend_rm(addr: str, raw: bool, redis_url: str | None, pool: str, state_dir
     if not removed:
         raise click.ClickException(f"{name} is not in {pool}")
     click.echo(f"removed {name} from {pool} ({removed} entr{'y' if removed == 1 else 'ies'})")
+    if not client.llen(pool):
+        click.echo(f"warning: {pool} is now empty (requests get 503)", err=True)
 
 
 @backend.command("ls")
@@ -448,7 +471,9 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
         if weights.get(b.key, 1) != 1:
             state.append(f"weight {weights[b.key]}")
         click.echo(f"{b.key:30} {', '.join(state) or 'ok'}")
-    if entries and not _taking_traffic(client, pool, entries):
+    if not entries:
+        click.echo(f"warning: {pool} is empty (requests get 503)", err=True)
+    elif not _taking_traffic(client, pool, entries):
         click.echo(f"warning: no backend in {pool} takes traffic (requests get 503)", err=True)
 
 
@@ -468,6 +493,7 @@ def backend_weight(
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     client = _connect(redis_url, state_dir)
+    _entries(client, pool)  # a pool or weights key of the wrong type: one line, nothing written
     keys = Keys(pool)
     if weight == 1:
         client.hdel(keys.weights, key)

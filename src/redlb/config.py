@@ -121,6 +121,9 @@ class Config:
             raise ValueError("--workers must be at least 1")
         if self.health_path is not None and not self.health_path.startswith("/"):
             raise ValueError("--health-path must start with /")
+        if self.health_path is not None and any(c <= " " or c == "\x7f" for c in self.health_path):
+            # It is written into the probe's request line as is.
+            raise ValueError("--health-path must not contain spaces or control characters")
         if not 0 <= self.eject_max_percent <= 100:
             raise ValueError("--eject-max-percent must be within 0..100")
         if self.send_timeout <= 0:

@@ -50,8 +50,8 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGINT, _exit_on_signal)
     # Bound here, once: this process's workers share these sockets and nobody else can join
     # them (no SO_REUSEPORT), so a second instance on the same port fails with "in use".
-    listener = bind_listener(config.listen)
-    status = bind_listener(config.status_listen) if config.status_listen else None
+    listener = _bind_or_say(config.listen, "--listen")
+    status = _bind_or_say(config.status_listen, "--status-listen") if config.status_listen else None
     embedded = None
     url = config.redis_url
     if url is not None:
@@ -93,6 +93,14 @@ def check_credentials(url: str, timeout: float) -> None:
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _bind_or_say(address: str, flag: str) -> socket.socket:
+    """Bind, or say which flag's address failed (two listeners give the same errno)."""
+    try:
+        return bind_listener(address)
+    except OSError as exc:
+        raise CannotStart(f"cannot listen on {address} ({flag}): {exc.strerror or exc}") from None
 
 
 def bind_listener(address: str) -> socket.socket:

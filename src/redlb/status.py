@@ -59,6 +59,9 @@ class ProxyCollector(Collector):
 
 # A scraper sends its request at once: a connection idle (or mid-request) this long is closed.
 STATUS_IDLE_TIMEOUT = 5.0
+# Answers a client has left unread: a scraper reads each one; a client that pipelines
+# requests and never reads would otherwise make the worker hold every /metrics it asked for.
+STATUS_MAX_UNSENT = 1 << 20
 
 
 class RouteMetrics:
@@ -132,8 +135,9 @@ class StatusProtocol(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(STATUS_IDLE_TIMEOUT, self._idle)
 
     def _idle(self) -> None:
+        # abort, not close: close waits for the unread answers to be flushed, maybe forever.
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -157,6 +161,13 @@ class StatusProtocol(asyncio.Protocol):
         head_only = self.parser.get_method() == b"HEAD"
         close = not self.parser.should_keep_alive()
         self._send(status, content_type, body, close=close, head_only=head_only)
+        if (
+            self.transport is not None
+            and self.transport.get_write_buffer_size() > STATUS_MAX_UNSENT
+        ):
+            self.transport.abort()
+            self.transport = None
+            raise ValueError("answers left unread")  # stops parsing the rest of this read
         self._arm_timer()
 
     def _send(

@@ -84,8 +84,12 @@ def auth_problem(exc: BaseException) -> str | None:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
+    """The URL without its password, for logs (and for error messages about malformed URLs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unparsable (e.g. "redis://[::1"): hide any userinfo wholesale
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
