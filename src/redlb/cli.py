@@ -12,17 +12,23 @@ import redis
 
 from redlb.address import InvalidAddress, parse_backend
 from redlb.config import Config
+from redlb.configfile import config_option
 from redlb.store.client import redact
 from redlb.store.embedded import running_url
 from redlb.store.keys import Keys
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if log_format == "json":
+        from redlb.jsonlog import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -47,7 +53,9 @@ def main() -> None:
     """redlb: an HTTP load balancer whose backend pool lives in a Redis list."""
 
 
-@main.command()
+# Every serve flag can come from REDLB_<NAME> (REDLB_MAX_BODY=...) or a --config file.
+@main.command(context_settings={"auto_envvar_prefix": "REDLB"})
+@config_option(lambda: serve_command())
 @click.option(
     "--listen", default="127.0.0.1:8000", show_default=True, help="host:port to serve on."
 )
@@ -164,18 +172,58 @@ def main() -> None:
 @click.option("--eject-base-time", type=float, default=30.0, show_default=True)
 @click.option("--eject-max-percent", type=float, default=50.0, show_default=True)
 @click.option("--retry-budget-percent", type=float, default=20.0, show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Access log and event log lines as text or one JSON object each.",
+)
+@click.option(
+    "--admin-listen",
+    default=None,
+    help="host:port for the admin API and dashboard (off by default); off loopback it "
+    "needs a token.",
+)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File holding the admin API token (or env REDLB_ADMIN_TOKEN; never a flag).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def serve(**options: Any) -> None:
     """Serve HTTP, balancing over the backends in the Redis list."""
-    _setup_logging(options.pop("verbose"))
+    _setup_logging(options.pop("verbose"), options["log_format"])
+    config = build_config(options)
+    from redlb.server import serve as run
+
+    try:
+        run(config)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve: {exc}") from None
+
+
+def build_config(options: dict[str, Any]) -> Config:
+    """The serve options (flags, env, file, defaults already merged by click) -> a Config."""
+    from redlb.admin.auth import TokenError, load_token
+
+    options.pop("config", None)
+    try:
+        admin_token = load_token(options.pop("admin_token_file", None))
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
     status = options.pop("status_listen")
     hosts = options.pop("hosts")
     workers = options.pop("workers")
+    admin = options.pop("admin_listen")
     config = Config(
         **{k: v for k, v in options.items() if k != "no_access_log"},
         access_log=not options["no_access_log"],
         status_listen=None if status == "off" else status,
         allowed_hosts=frozenset(h.lower() for h in hosts),
+        admin_listen=None if admin in (None, "off") else _admin_address(admin),
+        admin_token=admin_token,
     )
     if workers is not None:
         config.workers = workers
@@ -183,12 +231,16 @@ def serve(**options: Any) -> None:
         config.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    from redlb.server import serve as run
+    return config
 
-    try:
-        run(config)
-    except OSError as exc:
-        raise click.ClickException(f"cannot serve: {exc}") from None
+
+def serve_command() -> click.Command:
+    return serve
+
+
+def _admin_address(text: str) -> str:
+    """A bare port means loopback: ``--admin-listen 8200`` is 127.0.0.1:8200."""
+    return f"127.0.0.1:{text}" if text.isdigit() else text
 
 
 @main.group()

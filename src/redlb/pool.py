@@ -27,6 +27,7 @@ class Pool:
         self.draining: frozenset[Backend] = frozenset()
         self.ejected: dict[Backend, float] = {}  # passive: backend -> until (clock)
         self.healthy: tuple[Backend, ...] = ()
+        self.ejections = 0  # by this process, for metrics
 
     def update(
         self,

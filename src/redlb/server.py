@@ -23,9 +23,11 @@ from typing import Any
 
 import uvloop
 
-from redlb.accesslog import AccessLog
 from redlb.address import parse_listen
 from redlb.config import Config
+from redlb.fleet import instance as fleet_instance
+from redlb.fleet.publisher import Publisher
+from redlb.jsonlog import access_log
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
 from redlb.proxy.poolstate import PoolState
@@ -50,11 +52,13 @@ def serve(config: Config) -> None:
         embedded = EmbeddedRedis(config.state_dir)
         url = embedded.start()
     try:
+        fleet_instance.begin(config)  # id, metrics directory, admin socket: shared by workers
         if config.workers == 1:
             run_worker(config, url, Cursor())
         else:
             supervise(config, url)
     finally:
+        fleet_instance.end()
         if embedded is not None:
             embedded.stop()
 
@@ -143,7 +147,7 @@ async def _worker(
         config=config,
         table=RoutingTable.default(default, config.pool),
         pools={config.pool: default},
-        access_log=AccessLog(config.access_log),
+        access_log=access_log(config.access_log, config.log_format),
         loop=loop,
     )
 
@@ -152,9 +156,11 @@ async def _worker(
         if lease is not None and not lease.cursor.values[1]:
             await lease.refill()
 
+    publisher = Publisher(ctx, link, fleet_instance.current(config), worker)
     background = [
         loop.create_task(RouteSync(link, ctx, make_state, primed).run()),
         loop.create_task(_sweep(ctx)),
+        loop.create_task(publisher.run()),
     ]
 
     # The status listener comes first: /-/live answers while the pool is still unknown.
@@ -162,11 +168,17 @@ async def _worker(
     if config.status_listen:
         from redlb.status import StatusProtocol, status_routes  # prometheus only when needed
 
-        routes = status_routes(ctx, link)
+        routes = status_routes(ctx, publisher)
         s_host, s_port = parse_listen(config.status_listen)
         status_server = await loop.create_server(
             lambda: StatusProtocol(routes), s_host, s_port, reuse_port=True
         )
+    admin_server = None
+    admin_socket = fleet_instance.current(config).admin_socket
+    if admin_socket is not None:
+        from redlb.admin.server import admin_protocol
+
+        admin_server = await loop.create_server(admin_protocol(ctx, link), sock=admin_socket)
     # Take connections once the pool is known, so that a (re)started worker on a shared
     # SO_REUSEPORT port does not answer 503 meanwhile; without Redis, listen anyway.
     deadline = time.monotonic() + STARTUP_GRACE
@@ -211,6 +223,9 @@ async def _worker(
         state.close()
     if status_server is not None:
         status_server.close()
+    if admin_server is not None:
+        admin_server.close()
+    await publisher.withdraw()
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)

@@ -265,6 +265,7 @@ class Exchange:
         ctx = self.ctx
         backend = conns.backend
         ctx.stats.upstream_connects += 1
+        began = time.monotonic()
         try:
             _, conn = await asyncio.wait_for(
                 ctx.loop.create_connection(
@@ -282,6 +283,8 @@ class Exchange:
             self._retry_or_fail(reason, sent=False)
             return
         self.connect_task = None
+        rec = ctx.recorder
+        rec.upstream(rec.connect, (self.up.name, backend.key), time.monotonic() - began)
         if self.done:
             conn.close()
             return
@@ -332,6 +335,9 @@ class Exchange:
             self._retry(sent=True)
             return False
         req = self.req
+        rec = self.ctx.recorder
+        rec.upstream(rec.first_byte, (self.up.name, upstream.owner.backend.key),
+                     time.monotonic() - self.started)  # fmt: skip
         self.status = status
         self.reason = upstream.reason
         self.upstream_keep_alive = upstream_keep_alive
@@ -463,6 +469,8 @@ class Exchange:
             self.up.budget.active_requests -= 1
             if self.retrying:
                 self.up.budget.release()
+        seconds = time.monotonic() - self.started
+        ctx.recorder.request(self, seconds)
         if log and ctx.access_log.enabled:
             ctx.access_log.request(
                 self.req.method,
@@ -470,7 +478,7 @@ class Exchange:
                 self.status,
                 self.reason,
                 self.backend,
-                time.monotonic() - self.started,
+                seconds,
                 self.bytes_out,
                 route.label if route is not None else b"no route",
             )

@@ -16,6 +16,7 @@ class RedisLink:
         self.where = where
         self.up = False
         self._ever_up = False
+        self.reconnects = 0  # times Redis came back after an outage, for metrics
 
     async def check_master(self, timeout: float) -> None:
         """Under Sentinel, follow a failover even when the old master still answers.
@@ -41,6 +42,7 @@ class RedisLink:
         if not self.up:
             self.up = True
             if self._ever_up:
+                self.reconnects += 1
                 log.warning("Redis at %s is reachable again", self.where)
             else:
                 log.info("connected to Redis at %s", self.where)
