@@ -376,3 +376,8 @@ from redlb.cli_routes import pool_group, route  # noqa: E402
 
 main.add_command(route)
 main.add_command(pool_group)
+from redlb.cli_ops import config_group, status, top  # noqa: E402
+
+main.add_command(status)
+main.add_command(top)
+main.add_command(config_group)

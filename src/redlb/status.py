@@ -70,7 +70,7 @@ def status_routes(
     ctx: ProxyContext, publisher: Publisher
 ) -> dict[bytes, Callable[[], tuple[int, bytes, bytes]]]:
     inst = publisher.instance
-    info = {"instance": inst.id, "host": inst.host, "version": inst.version}
+    info = {"id": inst.id, "host": inst.host, "version": inst.version}
 
     def live() -> tuple[int, bytes, bytes]:
         return 200, b"text/plain", b"live\n"
