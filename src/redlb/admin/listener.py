@@ -92,6 +92,7 @@ class AdminProtocol(asyncio.Protocol):
         self.busy = False
         self.closing = False
         self.refusal: Response | None = None  # sent once the requests before it are answered
+        self.too_large: tuple[int, str] | None = None
         self.task: asyncio.Task[None] | None = None
 
     # Protocol interface
@@ -106,10 +107,10 @@ class AdminProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(400, "upgrades are not supported")
-        except _TooLarge as exc:
-            self._refuse(exc.status, exc.message)
-        except httptools.HttpParserError:
-            self._refuse(400, "malformed HTTP request")
+        except (httptools.HttpParserError, _TooLarge):
+            # httptools wraps what a callback raises: the limit that tripped is kept here.
+            status, message = self.too_large or (400, "malformed HTTP request")
+            self._refuse(status, message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -128,18 +129,18 @@ class AdminProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > MAX_TARGET:
-            raise _TooLarge(414, "request target too long")
+            self._over(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
-            raise _TooLarge(431, "request header fields too large")
+            self._over(431, "request header fields too large")
         self.headers[name.lower()] = value
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
         if self.body_size > MAX_BODY:
-            raise _TooLarge(413, f"request body over {MAX_BODY} bytes")
+            self._over(413, f"request body over {MAX_BODY} bytes")
         self.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -161,6 +162,10 @@ class AdminProtocol(asyncio.Protocol):
         if not self.busy:
             self.busy = True
             self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    def _over(self, status: int, message: str) -> None:
+        self.too_large = (status, message)
+        raise _TooLarge(message)
 
     # Answering
 
@@ -210,7 +215,4 @@ class AdminProtocol(asyncio.Protocol):
 
 
 class _TooLarge(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    """A limit was passed (the status and message are in AdminProtocol.too_large)."""
