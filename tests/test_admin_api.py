@@ -252,9 +252,7 @@ def test_redis_down_is_503_not_500(redis_server, backends, start_proxy):
 # The OpenAPI document
 
 
-def test_openapi_served_is_the_checked_in_document(
-    redis_server, backends, start_proxy, token_file
-):
+def test_openapi_served_is_the_checked_in_document(redis_server, backends, start_proxy, token_file):
     redis_server.client().rpush("servers", backends[0].address)
     _, port = start_admin(start_proxy, redis_server, token_file=token_file)
     status, body, _ = admin_call(port, "GET", "/api/v1/openapi.json")
