@@ -98,7 +98,8 @@ def _scalar(where: str, key: str, option: click.Option, kind: Any, value: Any, c
 
 
 def _line_of(text: str, key: str) -> int:
-    pattern = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
+    name = rf"""(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')"""
+    pattern = re.compile(rf"^\s*(?:{name}\s*=|\[+\s*{name}\s*[.\]])")
     for number, line in enumerate(text.splitlines(), 1):
         if pattern.match(line):
             return number
