@@ -37,6 +37,7 @@ STATIC_TYPES = {
     ".js": b"text/javascript; charset=utf-8",
     ".css": b"text/css; charset=utf-8",
     ".json": b"application/json",
+    ".svg": b"image/svg+xml",
 }
 
 
@@ -63,6 +64,7 @@ class AdminApi:
         self.routes: list[Route] = [
             ("GET", re.compile(r"^/$"), self.index, False),
             ("GET", re.compile(r"^/static/(?P<name>[A-Za-z0-9_.-]+)$"), self.static_file, False),
+            ("GET", re.compile(r"^/favicon\.ico$"), self.favicon, False),
             ("GET", re.compile(rf"^{API}/openapi\.json$"), self.openapi, False),
             ("GET", re.compile(rf"^{API}/overview$"), self.overview, False),
             ("GET", re.compile(rf"^{API}/instances$"), self.instances, False),
@@ -127,6 +129,9 @@ class AdminApi:
 
     async def static_file(self, request: Request, name: str) -> Response:
         return self._static(name)
+
+    async def favicon(self, request: Request) -> Response:
+        return self._static("favicon.svg")
 
     async def openapi(self, request: Request) -> Response:
         if self.guard.required:
