@@ -45,4 +45,5 @@ def headless(browser: str, driver: str):  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__":  # `make test` runs this first
-    print("chromium: %s, chromedriver: %s" % ensure_chromium())
+    browser, driver = ensure_chromium()
+    print(f"chromium: {browser}, chromedriver: {driver}")
