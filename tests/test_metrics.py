@@ -129,6 +129,7 @@ def test_label_sets_are_capped():
             status=200,
             body_bytes=0,
             bytes_out=1,
+            first_byte=0.0005,
         )
         rec.request(ex, 0.001)  # type: ignore[arg-type]
     assert len(rec.requests) == MAX_SERIES + 1  # the capped ones share one "other" series

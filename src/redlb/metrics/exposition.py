@@ -24,10 +24,12 @@ from redlb.metrics.recorder import (
     BYTES_IN,
     BYTES_OUT,
     COUNT,
+    FB_COUNT,
+    FB_FIRST_BUCKET,
+    FB_SECONDS,
     FIRST_BUCKET,
     N_BUCKETS,
     SECONDS,
-    U_COUNT,
     U_FIRST_BUCKET,
     U_SECONDS,
 )
@@ -129,26 +131,33 @@ def _cumulative(buckets: list[float]) -> list[tuple[str, float]]:
 
 
 def _upstream(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
-    for field, name, doc in (
-        ("connect", "redlb_upstream_connect_seconds", "Time to open a backend connection"),
+    connect: dict[tuple[str, str], list[float]] = {}
+    first_byte: dict[tuple[str, str], list[float]] = {}
+    for snap in snapshots:
+        for pool, backend, series in snap["connect"]:
+            a = connect.setdefault((pool, backend), [0.0] * (1 + N_BUCKETS))
+            a[0] += series[U_SECONDS]
+            for i in range(N_BUCKETS):
+                a[1 + i] += series[U_FIRST_BUCKET + i]
+        for _, pool, backend, _, _, series in snap["requests"]:
+            if not series[FB_COUNT]:
+                continue
+            a = first_byte.setdefault((_labels(pool), _labels(backend)), [0.0] * (1 + N_BUCKETS))
+            a[0] += series[FB_SECONDS]
+            for i in range(N_BUCKETS):
+                a[1 + i] += series[FB_FIRST_BUCKET + i]
+    for acc, name, doc in (
+        (connect, "redlb_upstream_connect_seconds", "Time to open a backend connection"),
         (
-            "first_byte",
+            first_byte,
             "redlb_upstream_first_byte_seconds",
             "Time from a request's turn to the backend's response head",
         ),
     ):
-        acc: dict[tuple[str, str], list[float]] = {}
-        for snap in snapshots:
-            for pool, backend, series in snap[field]:
-                a = acc.setdefault((pool, backend), [0.0] * (2 + N_BUCKETS))
-                a[0] += series[U_COUNT]
-                a[1] += series[U_SECONDS]
-                for i in range(N_BUCKETS):
-                    a[2 + i] += series[U_FIRST_BUCKET + i]
         family = HistogramMetricFamily(name, doc, labels=["pool", "backend"])
         for key in sorted(acc):
             a = acc[key]
-            family.add_metric(list(key), _cumulative(a[2:]), a[1])
+            family.add_metric(list(key), _cumulative(a[1:]), a[0])
         yield family
 
 

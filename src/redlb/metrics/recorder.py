@@ -25,9 +25,12 @@ MAX_SERIES = 2000
 MAX_UPSTREAM_SERIES = 1000
 OTHER = "other"
 
-# A request series: count, bytes in, bytes out, seconds sum, then N_BUCKETS bucket counts.
-COUNT, BYTES_IN, BYTES_OUT, SECONDS = 0, 1, 2, 3
-FIRST_BUCKET = 4
+# A request series: count, bytes in, bytes out, seconds sum, responses from a backend and
+# their time-to-first-byte sum, then the duration buckets, then the first-byte buckets.
+COUNT, BYTES_IN, BYTES_OUT, SECONDS, FB_COUNT, FB_SECONDS = 0, 1, 2, 3, 4, 5
+FIRST_BUCKET = 6
+FB_FIRST_BUCKET = FIRST_BUCKET + N_BUCKETS
+SERIES_WIDTH = FB_FIRST_BUCKET + N_BUCKETS
 # An upstream timing series: count, seconds sum, then the bucket counts.
 U_COUNT, U_SECONDS, U_FIRST_BUCKET = 0, 1, 2
 
@@ -38,12 +41,11 @@ UpstreamKey = tuple[str, str]  # pool, backend
 class Recorder:
     """One worker's request counters, keyed by label set."""
 
-    __slots__ = ("connect", "first_byte", "requests")
+    __slots__ = ("connect", "requests")
 
     def __init__(self) -> None:
         self.requests: dict[RequestKey, list[float]] = {}
         self.connect: dict[UpstreamKey, list[float]] = {}
-        self.first_byte: dict[UpstreamKey, list[float]] = {}
 
     def request(self, ex: Exchange, seconds: float) -> None:
         """One finished exchange (called once, from Exchange._finish)."""
@@ -64,9 +66,14 @@ class Recorder:
         series[BYTES_OUT] += ex.bytes_out
         series[SECONDS] += seconds
         series[FIRST_BUCKET + bisect_left(BUCKETS, seconds)] += 1
+        first_byte = ex.first_byte
+        if first_byte:
+            series[FB_COUNT] += 1
+            series[FB_SECONDS] += first_byte
+            series[FB_FIRST_BUCKET + bisect_left(BUCKETS, first_byte)] += 1
 
     def upstream(self, table: dict[UpstreamKey, list[float]], key: UpstreamKey, s: float) -> None:
-        """A connect time or a time to first byte (``self.connect`` / ``self.first_byte``)."""
+        """A new connection's connect time (``self.connect``), off the keep-alive path."""
         series = table.get(key)
         if series is None:
             if len(table) >= MAX_UPSTREAM_SERIES:
@@ -82,5 +89,5 @@ class Recorder:
             series = self.requests.get(key)
             if series is not None:
                 return series
-        series = self.requests[key] = [0] * (FIRST_BUCKET + N_BUCKETS)
+        series = self.requests[key] = [0] * SERIES_WIDTH
         return series

@@ -75,7 +75,6 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
             for k, v in rec.requests.items()
         ],
         "connect": [[k[0], k[1], v] for k, v in rec.connect.items()],
-        "first_byte": [[k[0], k[1], v] for k, v in rec.first_byte.items()],
         "counters": counters,
         "gauges": {
             "active_requests": ctx.active_exchanges,

@@ -62,6 +62,7 @@ class Exchange:
         "connect_task",
         "ctx",
         "done",
+        "first_byte",
         "keep_client",
         "pending",
         "pending_bytes",
@@ -114,6 +115,7 @@ class Exchange:
         self.keep_client = req.keep_alive
         self.upstream_keep_alive = False
         self.bytes_out = 0
+        self.first_byte = 0.0
         self.started = 0.0
         self.done = False
 
@@ -335,9 +337,7 @@ class Exchange:
             self._retry(sent=True)
             return False
         req = self.req
-        rec = self.ctx.recorder
-        rec.upstream(rec.first_byte, (self.up.name, upstream.owner.backend.key),
-                     time.monotonic() - self.started)  # fmt: skip
+        self.first_byte = time.monotonic() - self.started  # for the metrics
         self.status = status
         self.reason = upstream.reason
         self.upstream_keep_alive = upstream_keep_alive
