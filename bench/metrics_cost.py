@@ -11,6 +11,7 @@ its per-request counters, the 1 s fleet heartbeat and a Prometheus scrape every 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -54,18 +55,16 @@ def main() -> None:
     log = (tmp / "access.log").open("ab")
     status_ports: dict[str, int] = {}
 
-    def redlb(name: str, pythonpath: str | None):
+    def redlb(name: str, pythonpath: str | None, launcher: list[str] | None = None):
         def start(port: int) -> subprocess.Popen:
             status = status_ports[name] = bench.free_port()
             env = None
             if pythonpath:
-                import os
-
                 env = dict(os.environ, PYTHONPATH=pythonpath)
-            return bench.pinned(bench.PROXY_CPU, [sys.executable, "-m", "redlb", "serve",
-                                                  "--listen", f"127.0.0.1:{port}", "--redis", url,
-                                                  "--workers", "1", "--status-listen",
-                                                  f"127.0.0.1:{status}"],
+            return bench.pinned(bench.PROXY_CPU, [*(launcher or [sys.executable, "-m", "redlb"]),
+                                                  "serve", "--listen", f"127.0.0.1:{port}",
+                                                  "--redis", url, "--workers", "1",
+                                                  "--status-listen", f"127.0.0.1:{status}"],
                                 stdout=log, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
 
         return start
@@ -74,6 +73,9 @@ def main() -> None:
         bench.Target("metrics off (base)", redlb("off", str(base_tree / "src")), client),
         bench.Target("metrics on", redlb("on", None), client),
     ]
+    if os.environ.get("BENCH_SPLIT"):  # this tree with the per-request recording a no-op
+        noop = [sys.executable, "-c", NOOP_LAUNCHER]
+        targets.append(bench.Target("on, recording no-op", redlb("noop", None, noop), client))
     rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
     try:
         for r in range(bench.ROUNDS):
@@ -111,8 +113,18 @@ def main() -> None:
                                        for k, v in rounds.items()})  # fmt: skip
 
 
+NOOP_LAUNCHER = """
+import sys
+from redlb.metrics.recorder import Recorder
+Recorder.request = lambda self, ex, seconds: None
+from redlb.cli import main
+sys.argv[0] = "redlb"
+main()
+"""
+
+
 def _scrape(ports: dict[str, int], target: bench.Target, stop: threading.Event) -> None:
-    name = "off" if "off" in target.name else "on"
+    name = "off" if "off" in target.name else "noop" if "no-op" in target.name else "on"
     while not stop.wait(1.0):
         with contextlib.suppress(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{ports[name]}/metrics", timeout=2).read()
