@@ -300,3 +300,27 @@ def test_schemathesis_against_the_openapi_document(
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:]
     assert " passed" in out.stdout
+
+
+def test_token_compared_in_constant_time(monkeypatch):
+    """Every check goes through hmac.compare_digest, whatever the header holds."""
+    import hmac
+
+    from redlb.admin import auth
+
+    calls: list[tuple[bytes, bytes]] = []
+
+    def recording(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", recording)
+    guard = auth.Guard(TOKEN)
+    assert guard.allows(b"Bearer " + TOKEN.encode())
+    assert guard.allows(b"bearer " + TOKEN.encode())
+    assert not guard.allows(b"Bearer " + TOKEN.encode()[:-1])
+    assert not guard.allows(b"Basic " + TOKEN.encode())  # right secret, wrong scheme
+    assert not guard.allows(b"")
+    assert not guard.allows(b"Bearer \xff\xfe")
+    assert len(calls) == 6
+    assert auth.Guard(None).allows(b"") and not auth.Guard(None).required
