@@ -309,10 +309,11 @@ def test_token_compared_in_constant_time(monkeypatch):
     from redlb.admin import auth
 
     calls: list[tuple[bytes, bytes]] = []
+    original = hmac.compare_digest
 
     def recording(a: bytes, b: bytes) -> bool:
         calls.append((a, b))
-        return hmac.compare_digest(a, b)
+        return original(a, b)
 
     monkeypatch.setattr(auth.hmac, "compare_digest", recording)
     guard = auth.Guard(TOKEN)
