@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(10)
         log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     medians = {
         name: {k: statistics.median(m[k] for m in ms) for k in ms[0]} for name, ms in rounds.items()
     }

@@ -8,6 +8,7 @@ the port between two worker restarts.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -41,13 +42,35 @@ class Instance:
 
 
 _current: Instance | None = None
+DIR_PREFIX = "redlb-metrics-"
+
+
+def _remove_dead_dirs() -> None:
+    """Metrics directories left by instances that were killed (SIGKILL skips the cleanup)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*-*"):
+        pid = path.name[len(DIR_PREFIX) :].partition("-")[0]
+        if not pid.isdigit() or path.owner() != _me():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+def _me() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def begin(config: Config) -> Instance:
     """Made by the process that forks the workers; they inherit it."""
     global _current
     host = socket.gethostname()
-    metrics_dir = Path(tempfile.mkdtemp(prefix="redlb-metrics-"))
+    _remove_dead_dirs()
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))
     instance = Instance(
         id=f"{host}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
         host=host,
@@ -73,7 +96,10 @@ def begin(config: Config) -> Instance:
 
 def current(config: Config) -> Instance:
     """The instance this process belongs to (made here for a worker run on its own)."""
-    return _current if _current is not None else begin(config)
+    if _current is not None:
+        return _current
+    atexit.register(end)  # e.g. `redlb demo`, which runs a worker without serve()
+    return begin(config)
 
 
 def end() -> None:
