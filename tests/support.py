@@ -713,7 +713,11 @@ def scrape(proxy: Proxy) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of /metrics: (name, labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, body = proxy.status("/metrics")
+    for _ in range(3):  # a worker killed by the test may take one connection down with it
+        status, body = proxy.status("/metrics")
+        if status:
+            break
+        time.sleep(0.1)
     assert status == 200, body
     out = {}
     for family in text_string_to_metric_families(body.decode()):
