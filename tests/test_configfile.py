@@ -140,3 +140,21 @@ def test_json_logs(redis_server, backends, start_proxy):
     assert lines[0]["bytes"] > 0 and lines[0]["ms"] >= 0
     events = [json.loads(line) for line in proxy.log().splitlines()]
     assert any("listening" in e["message"] and e["level"] == "info" for e in events)
+
+
+def test_the_readme_example_checks_out(tmp_path: Path):
+    from support import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "redlb.toml").write_text(block)
+    (tmp_path / "admin.token").write_text("x" * 32)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = run(["config", "check", "redlb.toml"])
+        shown = show(["--config", "redlb.toml"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    assert shown["workers"] == 4 and shown["log_format"] == "json"
