@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -167,3 +168,29 @@ def test_grafana_dashboard_names_only_real_metrics(redis_server, backends, start
         "redlb_upstream_connect_seconds_bucket",
     ):
         assert family in named, family
+
+
+def test_in_flight_returns_to_zero_when_a_client_drops_pipelined_requests(
+    redis_server, backends, start_proxy
+):
+    """Requests queued behind the first one on a connection that closes never started."""
+    import socket
+
+    redis_server.client().rpush("servers", backends[0].address)
+    proxy = start_proxy(redis_server.url)
+    backends[0].behaviour.delay = 0.3
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+        time.sleep(0.05)
+        sock.close()  # the first is in flight, three wait behind it
+    time.sleep(0.6)
+    backends[0].behaviour.delay = 0.0
+    assert proxy.get("/")[0] == 200
+    assert wait_for(lambda: metric_sum(scrape(proxy), "redlb_active_requests") == 0, 3), metric_sum(
+        scrape(proxy), "redlb_active_requests"
+    )
+    samples = scrape(proxy)
+    assert metric_sum(samples, "redlb_pool_active_requests", pool="servers") == 0
+    # No request that never started is counted, nor given a duration.
+    assert metric_sum(samples, "redlb_request_duration_seconds_sum") < 10

@@ -459,6 +459,8 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        if not self.started:  # queued behind another request when the client left: no
+            return  # count was taken, so none is given back (in flight went negative)
         if self.queued_since:
             self._leave_queue()
         self._release_slot()
