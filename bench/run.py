@@ -8,6 +8,7 @@ read from /proc for all of a proxy's processes; Redis commands per request from 
     make bench                       # or: .venv/bin/python bench/run.py
     BENCH_SECONDS=5 BENCH_ROUNDS=3   # per measurement, and rounds (defaults)
     BENCH_TARGETS=nginx,redlb,relay  # a subset; "relay" adds bench/relay.py, the uvloop floor
+    BENCH_ONLY=routing               # only the routing scenario (10,000 routes vs one pool)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -161,10 +163,12 @@ backend be
     return conf
 
 
-def run_wrk(port: int, path: str, connections: int, seconds: int = SECONDS) -> dict[str, float]:
+def run_wrk(
+    port: int, path: str, connections: int, seconds: int = SECONDS, host: str | None = None
+) -> dict[str, float]:
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-         f"http://127.0.0.1:{port}{path}"],
+         *(["-H", f"Host: {host}"] if host else []), f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, timeout=seconds + 30,
     ).stdout  # fmt: skip
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -208,13 +212,13 @@ class Target:
                 self.process.kill()
             self.process = None
 
-    def measure(self, path: str, connections: int) -> dict[str, float]:
+    def measure(self, path: str, connections: int, host: str | None = None) -> dict[str, float]:
         assert self.process is not None
         pid = self.process.pid
-        run_wrk(self.port, path, min(connections, 50), 1)  # warm-up: pools, leases, caches
+        run_wrk(self.port, path, min(connections, 50), 1, host)  # warm-up: pools, leases, caches
         cmds0 = int(self.redis.info("stats")["total_commands_processed"]) if self.redis else 0
         user0, system0 = cpu_seconds(pid)
-        result = run_wrk(self.port, path, connections)
+        result = run_wrk(self.port, path, connections, host=host)
         user1, system1 = cpu_seconds(pid)
         cmds = (
             (int(self.redis.info("stats")["total_commands_processed"]) - cmds0) if self.redis else 0
@@ -282,7 +286,10 @@ def main() -> None:
     only = os.environ.get("BENCH_ONLY")  # e.g. "ok, 50 conns" for a quick look
     wanted = [s for s in SCENARIOS if not only or s[0] == only]
     results: dict[str, dict[str, dict[str, float]]] = {}
+    routing: dict[str, float] = {}
     try:
+        if not only or only == "routing":
+            routing = routing_scenario(redis_port, backend_ports, redlb)
         for scenario, path, connections in wanted:
             rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
             for r in range(ROUNDS):
@@ -315,11 +322,118 @@ def main() -> None:
         "layout": f"proxy on CPU {PROXY_CPU}; wrk -t1 and nginx backends on CPU {LOAD_CPU}",
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if only == "routing":
+        (RESULTS / "routing.json").write_text(json.dumps({"machine": machine, "routing": routing}))
+        return
     (RESULTS / "latest.json").write_text(
-        json.dumps({"machine": machine, "results": results}, indent=2)
+        json.dumps({"machine": machine, "results": results, "routing": routing}, indent=2)
     )
     chart(results)
     print(f"\nwrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.png'}")
+
+
+# The routing scenario: 5,000 exact hosts, 1,000 wildcards, 4,000 path prefixes, 1,000 pools.
+ROUTE_POOLS = 1000
+ROUTED_HOST = "host77.example.com"
+
+
+def _routes(generation: int) -> dict[str, str]:
+    """The whole table; each generation sends every route to another pool."""
+    routes = {}
+    for i in range(5000):
+        routes[f"host{i}.example.com/"] = f"pool{(i + generation) % ROUTE_POOLS}"
+    for i in range(1000):
+        routes[f"*.wild{i}.example.org/"] = f"pool{(i * 7 + generation) % ROUTE_POOLS}"
+    for i in range(4000):
+        routes[f"/svc{i}/v{i % 3}"] = f"pool{(i * 13 + generation) % ROUTE_POOLS}"
+    return routes
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def routing_scenario(redis_port: int, backend_ports: list[int], redlb) -> dict[str, float]:
+    """One pool against 10,000 routes over 1,000 pools, same run, interleaved rounds.
+
+    The routed instance uses Redis database 1 (the single-pool one keeps database 0), so the
+    two never see each other's keys.  Reported: CPU per request of each and their ratio, the
+    worker's RSS of each, and p99 latency while the whole table is replaced every 0.5 s.
+    """
+    routed_db = redis.Redis(port=redis_port, db=1)
+    routed_db.flushdb()
+    pipe = routed_db.pipeline(transaction=False)
+    members = [f"127.0.0.1:{p}" for p in backend_ports]
+    for p in range(ROUTE_POOLS):
+        pipe.rpush(f"pool{p}", *members)
+    pipe.hset("redlb:routes", mapping=_routes(0))
+    pipe.execute()
+    client = redis.Redis(port=redis_port)
+    single = Target("redlb, one pool", redlb(), client)
+    routed = Target("redlb, 10,000 routes", redlb("--redis", f"redis://127.0.0.1:{redis_port}/1"),
+                    client)  # fmt: skip
+    rounds: dict[str, list[dict[str, float]]] = {single.name: [], routed.name: []}
+    for r in range(ROUNDS):
+        for target in (single, routed):
+            target.start()
+            try:
+                time.sleep(1.0)  # the table is loaded before the listener opens; let it settle
+                host = ROUTED_HOST if target is routed else None
+                result = target.measure("/ok", 50, host)
+                assert target.process is not None
+                result["rss_mb"] = _rss_mb(target.process.pid)
+                rounds[target.name].append(result)
+            finally:
+                target.stop()
+        print(f"  routing: round {r + 1}/{ROUNDS} done", file=sys.stderr, flush=True)
+    med = {
+        name: {k: statistics.median(m[k] for m in ms) for k in ms[0]} for name, ms in rounds.items()
+    }
+    # Replacing the whole table (10,000 HSET fields in one command) every 0.5 s under load.
+    routed.start()
+    stop = threading.Event()
+    reloads = 0
+
+    def reload() -> None:
+        nonlocal reloads
+        while not stop.wait(0.5):
+            reloads += 1
+            routed_db.hset("redlb:routes", mapping=_routes(reloads))
+
+    try:
+        time.sleep(1.0)
+        steady = run_wrk(routed.port, "/ok", 50, host=ROUTED_HOST)
+        thread = threading.Thread(target=reload, daemon=True)
+        thread.start()
+        during = run_wrk(routed.port, "/ok", 50, host=ROUTED_HOST)
+        stop.set()
+        thread.join()
+    finally:
+        routed.stop()
+    one, many = med[single.name], med[routed.name]
+    summary = {
+        "cpu_us_per_req_one_pool": one["cpu_us_per_req"],
+        "cpu_us_per_req_10k_routes": many["cpu_us_per_req"],
+        "cpu_ratio": many["cpu_us_per_req"] / one["cpu_us_per_req"],
+        "rps_one_pool": one["rps"],
+        "rps_10k_routes": many["rps"],
+        "redis_per_req_10k_routes": many["redis_per_req"],
+        "rss_mb_one_pool": one["rss_mb"],
+        "rss_mb_10k_routes": many["rss_mb"],
+        "rss_delta_mb": many["rss_mb"] - one["rss_mb"],
+        "p99_ms_steady": steady["p99_ms"],
+        "p99_ms_during_reloads": during["p99_ms"],
+        "p99_ratio": during["p99_ms"] / max(steady["p99_ms"], 1e-9),
+        "reloads": reloads,
+        "errors_during_reloads": during["errors"],
+    }
+    print("\n## routing: 10,000 routes over 1,000 pools vs one pool")
+    for key, value in summary.items():
+        print(f"{key:28} {value:10.3f}")
+    return summary
 
 
 def _cpu_model() -> str:

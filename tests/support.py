@@ -731,3 +731,27 @@ def metric_sum(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], nam
     """The sum of a metric's samples whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+# Observing redlb through Redis and /metrics (state tests)
+
+
+def command_calls(redis_server: RedisProcess, command: str) -> int:
+    """How many times Redis ran ``command`` (INFO commandstats), e.g. ``lrange``."""
+    stats = redis_server.client().info("commandstats").get(f"cmdstat_{command}", {})
+    return int(stats.get("calls", 0))
+
+
+def wait_resyncs(redis_server: RedisProcess, count: int, timeout: float = 10) -> None:
+    """Wait until redlb instances read the pool ``count`` more times (a read is one LRANGE)."""
+    start = command_calls(redis_server, "lrange")
+    assert wait_for(lambda: command_calls(redis_server, "lrange") >= start + count, timeout)
+
+
+def metric(proxy: Proxy, name: str) -> float | None:
+    """A value from the proxy's /metrics (counters with or without ``_total``), or None."""
+    status, body = proxy.status("/metrics")
+    if status != 200:
+        return None
+    match = re.search(rb"^%b(?:_total)? ([0-9.e+]+)$" % name.encode(), body, re.M)
+    return float(match.group(1)) if match else None

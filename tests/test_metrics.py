@@ -93,7 +93,7 @@ def test_labels_status_classes_and_histograms(redis_server, backends, start_prox
     assert metric_sum(samples, "redlb_upstream_connect_seconds_count") >= 1
     assert metric_sum(samples, "redlb_redis_up") == 1
     assert metric_sum(samples, "redlb_process_resident_memory_bytes") > 1e6
-    assert metric_sum(samples, "redlb_pool_members", pool="servers", state="healthy") == 1
+    assert metric_sum(samples, "redlb_pool_backends", pool="servers", state="healthy") == 1
 
 
 def test_pool_members_by_state_and_ejections(redis_server, backends, start_proxy):
@@ -108,7 +108,7 @@ def test_pool_members_by_state_and_ejections(redis_server, backends, start_proxy
     def states() -> dict[str, float]:
         samples = scrape(proxy)
         return {
-            s: metric_sum(samples, "redlb_pool_members", pool="servers", state=s)
+            s: metric_sum(samples, "redlb_pool_backends", pool="servers", state=s)
             for s in ("healthy", "ejected", "draining", "down")
         }
 
@@ -163,7 +163,7 @@ def test_grafana_dashboard_names_only_real_metrics(redis_server, backends, start
     for family in (
         "redlb_requests_total",
         "redlb_request_duration_seconds_bucket",
-        "redlb_pool_members",
+        "redlb_pool_backends",
         "redlb_redis_up",
         "redlb_upstream_connect_seconds_bucket",
     ):

@@ -133,6 +133,7 @@ def assert_reject(env: Env, case: str, out: bytes, closed: bool, close: bool = T
     if codes:
         assert got[0] in codes, f"{case}: status {got[0]} not in {codes}"
     assert not env.seen(case), f"{case}: reached the backend"
+    assert not env.raw_with(case), f"{case}: bytes of it reached the backend"  # even partly
     if close:
         assert closed, f"{case}: connection left open after a framing error"
 
@@ -299,7 +300,10 @@ def test_CTL_01_exact_bytes_at_the_backend(env: Env) -> None:
     raw = env.raw_with("CTL-01")
     assert raw.endswith(
         b"GET /adv/CTL-01/x HTTP/1.1\r\nHost: adv.test\r\nX-Forwarded-Host: adv.test\r\n"
-        b"X-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n\r\n"
+        b"X-Forwarded-For: 127.0.0.1\r\n"
+        b'Forwarded: for=127.0.0.1;host="adv.test";proto=http\r\n'
+        b"X-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
+        b"X-Forwarded-Port: %d\r\n\r\n" % env.proxy.port
     )
 
 

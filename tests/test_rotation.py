@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,4 +94,31 @@ def test_strict_mode_batches_concurrent_picks(redis_server, backends, start_prox
     calls = int(client.info("commandstats")["cmdstat_incrby"]["calls"]) - before
     assert sum(total.values()) == 1600
     assert max(total.values()) - min(total.values()) <= 1  # exact rotation: perfectly even
-    assert calls <= 1600  # never more than one round trip per request, usually far fewer
+    print(f"\nstrict mode, 16 clients x 100 requests: {calls} INCRBY calls")
+    # Sixteen clients at once: picks that meet share a round trip (about 5 a call here).
+    # Without batching this is exactly 1600.
+    assert calls <= 800, calls
+
+
+def test_a_stale_refill_claim_is_taken_over(redis_server):
+    """A claim on the next lease left by a worker that died long ago does not stop leasing."""
+    from redlb.store.client import make_client
+    from redlb.store.link import RedisLink
+    from redlb.store.rotation import _REFILL_SINCE, _REFILLING, CounterLease, Cursor
+
+    async def pick_past_the_claim() -> int:
+        link = RedisLink(make_client(redis_server.url, 0.25), "test")
+        link.up = True
+        cursor = Cursor(shared=True)
+        lease = CounterLease(link, "redlb:servers:rr", 0.25, cursor)
+        cursor.values[_REFILLING] = 4_000_000  # no such process
+        cursor.values[_REFILL_SINCE] = time.monotonic_ns() - 60 * 10**9
+        for _ in range(40):
+            lease.next_index()
+        assert lease.refill_task is not None
+        await lease.refill_task
+        await link.close()
+        return cursor.values[_REFILLING]
+
+    assert asyncio.run(pick_past_the_claim()) == 0
+    assert int(redis_server.client().get("redlb:servers:rr")) > 0

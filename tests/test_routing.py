@@ -96,6 +96,7 @@ def test_path_normalisation_decides_the_route_and_is_forwarded(redis_server, poo
         (b"/public%2F..%2Fadmin", admin, b"/public%2F..%2Fadmin"),  # %2F is not a separator
         (b"/public/a%2Fb", web, b"/public/a%2Fb"),
         (b"//public", web, b"/public"),
+        (b"/public/..;/admin", admin, b"/admin"),  # Tomcat reads "..;" as ".."
     ]
     for target, backend, forwarded in cases:
         response, _ = raw_exchange(
@@ -103,7 +104,8 @@ def test_path_normalisation_decides_the_route_and_is_forwarded(redis_server, poo
         )
         assert b" 200 " in response.split(b"\r\n")[0], target
         assert backend.received[-1].url == forwarded, target
-    for target in (b"/..", b"/../etc/passwd", b"/public/../../admin", b"/%2e%2e/x"):
+    for target in (b"/..", b"/../etc/passwd", b"/public/../../admin", b"/%2e%2e/x",
+                   b"/public\\..\\admin"):  # fmt: skip
         before = web.count() + admin.count()
         response, _ = raw_exchange(
             proxy.port, b"GET %b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % target
@@ -344,3 +346,89 @@ def test_ten_thousand_routes(redis_server, backends, start_proxy):
     print(f"\nRSS with 10,000 routes / 1,000 pools: {loaded / 2**20:.1f} MiB; "
           f"one pool: {baseline / 2**20:.1f} MiB; delta {(loaded - baseline) / 2**20:.1f} MiB")  # fmt: skip
     assert loaded - baseline < 64 * 2**20
+
+
+def test_each_pool_has_its_own_health_checks(redis_server, pools, start_proxy):
+    """health_path set on one pool: its prober takes a failing backend out of that pool only."""
+    a, b, _ = pools
+    redis_server.cli("RPUSH", "api", b.address)  # api: b0 healthy, b1 failing its checks
+    redis_server.cli("RPUSH", "web", a.address)  # web: b1 and b0, no health checks
+    redis_server.cli("HSET", "redlb:routes", "/api", "api", "/", "web")
+    redis_server.cli("HSET", "redlb:api:settings", "health_path", "/healthz",
+                     "health_interval", "0.1")  # fmt: skip
+    b.behaviour.status = 500
+    proxy = start_proxy(redis_server.url, "--eject-consecutive", "0")  # only the prober decides
+    assert wait_for(lambda: {served_by(proxy, "/api") for _ in range(4)} == {"b0"}, 5)
+    assert redis_server.cli("GET", f"redlb:api:health:{b.address}").strip() == "down", (
+        proxy.log(),
+        redis_server.cli("KEYS", "*"),
+    )
+    statuses = {get(proxy, "/")[0] for _ in range(4)}
+    assert statuses == {200, 500}  # the web pool has no health checks: b1 still serves there
+
+
+def test_redis_losing_its_data_keeps_the_last_known_routes(redis_server, pools, start_proxy):
+    """FLUSHALL (or a restart without persistence) is not "all routes deleted"."""
+    redis_server.cli("HSET", "redlb:routes", "api.example.com/", "api", "/", "web")
+    proxy = start_proxy(redis_server.url)
+    assert served_by(proxy, "/", "api.example.com") == "b0"
+    redis_server.cli("FLUSHALL")
+    assert wait_for(lambda: "redlb:routes and its epoch are both gone" in proxy.log(), 3)
+    assert served_by(proxy, "/", "api.example.com") == "b0"
+    assert served_by(proxy, "/", "other") == "b1"
+    # Deleting the routes on purpose (the epoch is there again once routes are read) works.
+    redis_server.cli("HSET", "redlb:routes", "/", "admin")
+    redis_server.cli("RPUSH", "admin", pools[2].address)
+    assert wait_for(lambda: served_by(proxy, "/", "api.example.com") == "b2", 1.0)
+    redis_server.cli("RPUSH", "servers", pools[0].address)
+    redis_server.cli("DEL", "redlb:routes")
+    assert wait_for(lambda: served_by(proxy, "/", "x") == "b0", 1.0)
+
+
+def test_routes_without_scripting_rights(redis_server, pools, start_proxy):
+    """An ACL user that may not EVAL still gets routes (read whole on each resync)."""
+    redis_server.cli("ACL", "SETUSER", "lb", "on", ">secret", "~*", "&*", "+@all",
+                     "-eval", "-evalsha")  # fmt: skip
+    redis_server.cli("HSET", "redlb:routes", "/", "api")
+    proxy = start_proxy(f"redis://lb:secret@127.0.0.1:{redis_server.port}/0")
+    assert served_by(proxy) == "b0"
+    redis_server.cli("HSET", "redlb:routes", "/", "web")
+    assert wait_for(lambda: served_by(proxy) == "b1", 1.0)
+    assert proxy.log().count("cannot run a script") == 1
+
+
+def test_each_pool_keeps_drain_and_its_own_rotation(redis_server, pools, start_proxy):
+    a, b, c = pools
+    redis_server.cli("RPUSH", "api", b.address, c.address)  # api: b0 b1 b2
+    redis_server.cli("HSET", "redlb:routes", "/", "api")
+    redis_server.cli("HSET", "redlb:api:settings", "rotation", "strict")
+    proxy = start_proxy(redis_server.url)
+    order = [served_by(proxy) for _ in range(6)]
+    assert sorted(order[:3]) == ["b0", "b1", "b2"] and order[:3] == order[3:]
+    assert redis_server.cli("GET", "redlb:api:rr").strip() not in ("", "0")
+    out = redlb(redis_server.url, "backend", "drain", b.address, "--pool", "api")
+    assert out.returncode == 0, out.stderr
+    assert wait_for(lambda: {served_by(proxy) for _ in range(6)} == {"b0", "b2"}, 1.0)
+
+
+def test_routes_and_settings_of_the_wrong_type_keep_what_was_known(
+    redis_server, pools, start_proxy
+):
+    redis_server.cli("HSET", "redlb:routes", "/", "api")
+    redis_server.cli("HSET", "redlb:api:settings", "max_body", "10")
+    proxy = start_proxy(redis_server.url)
+    assert served_by(proxy) == "b0"
+    with redis_server.client() as client:  # one transaction: never "no routes" in between
+        client.pipeline(transaction=True).set("redlb:routes", "oops").set(
+            "redlb:api:settings", "oops"
+        ).execute()
+    time.sleep(2.2)  # two resyncs: still served, each problem said once
+    assert served_by(proxy) == "b0"
+    assert request(proxy.port, "POST", "/", body=b"x" * 50, headers={"Host": "h"})[0] == 413
+    log = proxy.log()
+    assert log.count("redlb:routes holds a string") == 1, log
+    assert log.count("cannot read redlb:api:settings") == 1, log
+    assert "unreachable" not in log
+    redis_server.cli("DEL", "redlb:routes")
+    redis_server.cli("HSET", "redlb:routes", "/", "web")
+    assert wait_for(lambda: served_by(proxy) == "b1", 1.0)

@@ -134,13 +134,19 @@ def test_strip_prefix_and_host_header():
         (b"/a%2fb", b"/a%2fb"),
         (b"/..a/b.", b"/..a/b."),
         (b"/a/..", b"/"),
+        (b"/public/..;/admin", b"/admin"),
+        (b"/public/.;x/a", b"/public/a"),
+        (b"/a;v=1/b", b"/a;v=1/b"),
     ],
 )
 def test_normalise_path(raw, expected):
     assert normalise_path(raw) == expected
 
 
-@pytest.mark.parametrize("raw", [b"/..", b"/../x", b"/a/../../b", b"/%2e%2e/etc/passwd", b"/./.."])
+@pytest.mark.parametrize(
+    "raw",
+    [b"/..", b"/../x", b"/a/../../b", b"/%2e%2e/etc/passwd", b"/./..", b"/..;/x", b"/a\\..\\b"],
+)
 def test_dot_dot_above_root_is_refused(raw):
     with pytest.raises(BadPath):
         normalise_path(raw)

@@ -1,28 +1,47 @@
-"""The access log: one line per request, written in batches to stdout.
+"""The access log: one line per request, batched in the event loop, written by one thread.
 
 Each line begins as the seed printed it, ``GET / => 200 OK``, then the backend, the duration,
 the response body bytes and, once routes are configured, ``route=MATCH`` (or
 ``route=no route``).  Nothing is formatted when the log is off.
+
+A log reader that stops reading (a full pipe, a stopped ``less``) blocks the writer thread,
+never the event loop.  Stdout is left blocking: making an inherited descriptor non-blocking
+would change it for every process sharing it.  At most ``MAX_PENDING`` bytes wait for the
+thread; past that, batches are dropped and counted in ``dropped`` (lines) for the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import select
 import sys
+import threading
+from collections import deque
 
 from redlb.address import Backend
 
 FLUSH_DELAY = 0.05
 FLUSH_LINES = 256
+# Bytes handed to the writer thread and not yet written: seconds of log at a high request
+# rate, on top of the pipe's own buffer; a reader stalled for longer loses lines, not time.
+MAX_PENDING = 256 * 1024
 
 
 class AccessLog:
-    def __init__(self, enabled: bool, fd: int | None = None) -> None:
+    def __init__(self, enabled: bool, fd: int | None = None, max_pending: int = MAX_PENDING):
         self.enabled = enabled
         self.fd = sys.stdout.fileno() if fd is None else fd
         self.lines: list[bytes] = []
         self.flush_scheduled = False
+        self.dropped = 0  # lines lost because the reader did not keep up
+        self.max_pending = max_pending
+        # Shared with the writer thread, under ``ready``.
+        self.ready = threading.Condition()
+        self.batches: deque[bytes] = deque()
+        self.pending = 0
+        self.closing = False
+        self.writer: threading.Thread | None = None
 
     def request(
         self,
@@ -67,16 +86,58 @@ class AccessLog:
             asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
+        """Hand the batch to the writer thread; never waits for the reader."""
         self.flush_scheduled = False
         if not self.lines:
             return
-        data = b"".join(self.lines)
+        lines = self.lines
         self.lines = []
-        try:
-            while data:
-                written = os.write(self.fd, data)
-                data = data[written:]
-        except BlockingIOError:
-            pass  # a stalled log reader must not stall the proxy
-        except OSError:
-            self.enabled = False
+        if not self.enabled:
+            return
+        data = b"".join(lines)
+        with self.ready:
+            if self.pending + len(data) > self.max_pending:
+                self.dropped += len(lines)
+                return
+            self.batches.append(data)
+            self.pending += len(data)
+            self.ready.notify()
+        if self.writer is None:
+            self.writer = threading.Thread(target=self._write_batches, name="access-log")
+            self.writer.daemon = True  # a reader that never reads must not hold up the exit
+            self.writer.start()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Flush, then give the writer thread ``timeout`` seconds to finish."""
+        self.flush()
+        with self.ready:
+            self.closing = True
+            self.ready.notify()
+        if self.writer is not None:
+            self.writer.join(timeout)
+
+    def _write_batches(self) -> None:
+        while True:
+            with self.ready:
+                while not self.batches and not self.closing:
+                    self.ready.wait()
+                if not self.batches:
+                    return
+                data = self.batches.popleft()
+            size = len(data)
+            try:
+                self._write_all(data)
+            except OSError:
+                self.enabled = False  # stdout closed for good (EPIPE, EBADF): stop logging
+            with self.ready:
+                self.pending -= size
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except BlockingIOError:  # another process made the shared stdout non-blocking
+                select.select([], [self.fd], [], 1.0)
+                continue
+            view = view[written:]

@@ -122,6 +122,13 @@ def main() -> None:
     help="Seconds a backend may take to answer (and between body reads).",
 )
 @click.option(
+    "--send-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds a client may leave a response unread before it is cut off.",
+)
+@click.option(
     "--max-conns-per-backend",
     type=int,
     default=1024,

@@ -89,8 +89,11 @@ def route_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
     if not specs and not raw:
         click.echo(f"no routes: everything goes to the pool {pool!r}")
         return
+    health: dict[str, str] = {}  # many routes share a pool: ask Redis once per pool
     for spec in sorted(specs, key=lambda s: s.match.priority, reverse=True):
-        click.echo(f"{spec.match!s:40} {spec.value():30} {_pool_health(client, spec.pool)}")
+        if spec.pool not in health:
+            health[spec.pool] = _pool_health(client, spec.pool)
+        click.echo(f"{spec.match!s:40} {spec.value():30} {health[spec.pool]}")
 
 
 def _pool_health(client: Any, name: str) -> str:

@@ -51,6 +51,8 @@ class Config:
     keepalive_timeout: float = 15.0
     connect_timeout: float = 3.0
     upstream_timeout: float = 60.0
+    # A client that leaves its socket full this long is cut off (nginx send_timeout: 60 s).
+    send_timeout: float = 60.0
     drain_timeout: float = 30.0
 
     # Upstream
@@ -103,5 +105,7 @@ class Config:
             raise ValueError("--health-path must start with /")
         if not 0 <= self.eject_max_percent <= 100:
             raise ValueError("--eject-max-percent must be within 0..100")
+        if self.send_timeout <= 0:
+            raise ValueError("--send-timeout must be > 0")
         if self.max_body < 0:
             raise ValueError("--max-body must be >= 0")

@@ -6,13 +6,38 @@ Checkers push status here (active health, passive ejection, drain); strategies o
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from redlb.address import Backend
 
-log = logging.getLogger("redlb.pool")
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """What the pool says of each member, for describing changes (marks of non-members omitted)."""
+
+    members: frozenset[Backend] = frozenset()
+    down: frozenset[Backend] = frozenset()
+    draining: frozenset[Backend] = frozenset()
+    ejected: frozenset[Backend] = frozenset()
+
+
+def describe_changes(before: PoolView, after: PoolView) -> list[str]:
+    """One sentence per backend whose membership or status differs, in a stable order."""
+    lines: list[str] = []
+    for backends, what in (
+        (after.members - before.members, "added"),
+        (before.members - after.members, "removed"),
+        (after.draining - before.draining, "drained"),
+        ((before.draining & after.members) - after.draining, "undrained"),
+        (after.ejected - before.ejected, "ejected"),
+        ((before.ejected & after.members) - after.ejected, "ejection ended"),
+        (after.down - before.down, "health down"),
+        ((before.down & after.members) - after.down, "health up"),
+    ):
+        lines.extend(f"backend {b.key} {what}" for b in sorted(backends, key=lambda b: b.key))
+    return lines
 
 
 class Pool:
@@ -48,6 +73,16 @@ class Pool:
             now = self.clock()
             self.ejected = {b: now + left for b, left in ejected.items() if left > 0}
         self.rebuild()
+
+    def view(self) -> PoolView:
+        members = frozenset(self.members)
+        now = self.clock()
+        return PoolView(
+            members=members,
+            down=self.down & members,
+            draining=self.draining & members,
+            ejected=frozenset(b for b, until in self.ejected.items() if until > now) & members,
+        )
 
     def eject(self, backend: Backend, seconds: float) -> None:
         self.ejected[backend] = max(self.ejected.get(backend, 0.0), self.clock() + seconds)

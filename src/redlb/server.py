@@ -107,7 +107,7 @@ def supervise(config: Config, url: str) -> None:
         if slot < 0 or stopping:
             continue
         log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
-        cursor.recover()
+        cursor.recover(pid)
         if time.monotonic() - last_restart < 1.0:
             time.sleep(1.0)  # a crash loop must not spin
         last_restart = time.monotonic()
@@ -214,11 +214,16 @@ async def _worker(
     ctx.draining = True
     for client in list(ctx.clients):
         client.drain()
+    # Done means every response is answered and handed to the kernel: a complete response
+    # still buffered for a slow reader is not cut short (the send deadline bounds a reader
+    # that stopped, the drain deadline everything).
     deadline = time.monotonic() + config.drain_timeout
-    while ctx.active_exchanges and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (
+        ctx.active_exchanges or not all(client.flushed() for client in ctx.clients)
+    ):
         await asyncio.sleep(0.05)
     for client in list(ctx.clients):
-        client.abort()
+        client.end_drain()
     for state in ctx.pools.values():
         state.close()
     if status_server is not None:
@@ -229,7 +234,7 @@ async def _worker(
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
-    ctx.access_log.flush()
+    ctx.access_log.close()
     with contextlib.suppress(Exception):
         await link.close()
     log.info("worker %d stopped", worker)

@@ -4,6 +4,10 @@ Each backend has a lease in Redis (``SET NX PX``, renewed only by its owner).  T
 probes, applies rise/fall, and writes ``up``/``down`` with a TTL; every instance routes on
 what is written.  A prober that dies stops renewing, its lease expires, another takes over,
 and its stale verdict expires too (a missing verdict routes normally).
+
+The verdict outlives the lease (VERDICT_TTL > LEASE_TTL intervals): the instance taking over
+finds it still there and starts from it, so a failing backend stays down through a takeover
+instead of being written "up" again until ``fall`` failures.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
 
 log = logging.getLogger("redlb.health")
+
+LEASE_TTL = 3  # probe intervals
+VERDICT_TTL = 5  # probe intervals: long enough for another instance to take the lease over
 
 # KEYS: lease.  ARGV: instance id, ttl ms.  Returns 1 when this instance holds the lease.
 _LEASE = """
@@ -71,6 +78,7 @@ class HealthProber:
 
     async def run(self) -> None:
         interval = self.config.health_interval
+        log.info("active health checks every %.1f s as prober %s", interval, self.instance_id)
         while True:
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
             if not self.link.up:
@@ -85,14 +93,24 @@ class HealthProber:
     async def round(self) -> None:
         client = self.link.client
         members = list(dict.fromkeys(self.pool.members))
-        ttl_ms = int(self.config.health_interval * 3000)
+        if not members:
+            self.verdicts.clear()
+            return
+        lease_ms = int(self.config.health_interval * LEASE_TTL * 1000)
+        verdict_ms = int(self.config.health_interval * VERDICT_TTL * 1000)
         pipe = client.pipeline(transaction=False)
         for backend in members:
-            pipe.eval(_LEASE, 1, self.keys.probe_lease(backend), self.instance_id, ttl_ms)
-        held = await asyncio.wait_for(pipe.execute(), self.config.redis_timeout)
+            pipe.eval(_LEASE, 1, self.keys.probe_lease(backend), self.instance_id, lease_ms)
+        pipe.mget([self.keys.health(b) for b in members])
+        *held, shared = await asyncio.wait_for(pipe.execute(), self.config.redis_timeout)
         owned = [b for b, mine in zip(members, held, strict=True) if mine == 1]
+        mine = set(owned)
+        for backend, state in zip(members, shared, strict=True):
+            if backend in mine and backend not in self.verdicts:
+                # Taking over: go on from the fleet's verdict, not from a fresh "up".
+                self.verdicts[backend] = Verdict(up=state != b"down")
         for backend in list(self.verdicts):
-            if backend not in owned:
+            if backend not in mine:
                 del self.verdicts[backend]  # another instance probes it now
         if not owned:
             return
@@ -104,7 +122,7 @@ class HealthProber:
             if verdict.record(passed, self.config.health_rise, self.config.health_fall):
                 changed = True
                 log.warning("health check: %s is %s", backend, "UP" if verdict.up else "DOWN")
-            pipe.set(self.keys.health(backend), "up" if verdict.up else "down", px=ttl_ms)
+            pipe.set(self.keys.health(backend), "up" if verdict.up else "down", px=verdict_ms)
         if changed:
             pipe.publish(self.keys.events, "health")
         await asyncio.wait_for(pipe.execute(), self.config.redis_timeout)

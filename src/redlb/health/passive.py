@@ -15,7 +15,7 @@ from redlb.address import Backend
 from redlb.config import Config
 from redlb.pool import Pool
 from redlb.store.keys import Keys
-from redlb.store.link import RedisLink
+from redlb.store.link import RedisLink, describe_failure
 
 log = logging.getLogger("redlb.eject")
 
@@ -86,6 +86,8 @@ class Ejector:
                 self.timeout,
             )
         except Exception as exc:
-            log.warning("could not share the ejection of %s: %r", backend, exc)
+            log.warning(
+                "could not share the ejection of %s: Redis %s", backend, describe_failure(exc)[1]
+            )
             return
         self.pool.eject(backend, int(ms) / 1000.0)

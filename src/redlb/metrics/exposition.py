@@ -179,7 +179,7 @@ def _counters(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
     for key, name, doc in (
         ("ejections", "redlb_ejections", "Backends ejected by this instance (passive health)"),
         ("redis_reconnects", "redlb_redis_reconnects", "Times Redis came back after an outage"),
-        ("log_dropped", "redlb_access_log_dropped_lines", "Access log lines dropped"),
+        ("log_dropped", "redlb_access_log_dropped", "Access log lines dropped"),
         ("cpu_seconds", "redlb_process_cpu_seconds", "User and system CPU of all workers"),
     ):
         yield CounterMetricFamily(name, doc, value=total(key))
@@ -225,8 +225,9 @@ def _gauges(view: InstanceView) -> Iterator[Metric]:
 
 def _pools(view: InstanceView) -> Iterator[Metric]:
     members = GaugeMetricFamily(
-        "redlb_pool_members", "Backends of the pool by state", labels=["pool", "state"]
+        "redlb_pool_backends", "Backends of the pool by state", labels=["pool", "state"]
     )
+    all_members = all_healthy = 0
     size = GaugeMetricFamily("redlb_pool_size", "Valid entries of the pool", labels=["pool"])
     active = GaugeMetricFamily(
         "redlb_pool_active_requests", "Requests in flight to the pool", labels=["pool"]
@@ -248,6 +249,8 @@ def _pools(view: InstanceView) -> Iterator[Metric]:
         by_pool = {}
         for name, total, *counts, _ in freshest["pools"]:
             by_pool[name] = (total, counts)
+            all_members += total
+            all_healthy += counts[0]
             size.add_metric([name], total)
             active.add_metric([name], in_flight.get(name, 0))
             for state, count in zip(POOL_STATES, counts, strict=True):
@@ -256,6 +259,8 @@ def _pools(view: InstanceView) -> Iterator[Metric]:
             total, counts = by_pool.get(pool, (0, [0]))
             route_members.add_metric([route, pool], total)
             route_healthy.add_metric([route, pool], counts[0])
+    yield GaugeMetricFamily("redlb_pool_members", "Valid entries of every pool", value=all_members)
+    yield GaugeMetricFamily("redlb_pool_healthy", "Backends taking traffic", value=all_healthy)
     yield members
     yield size
     yield active

@@ -44,7 +44,7 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
     counters = {name: getattr(stats, name) for name in STATS_COUNTERS}
     counters["ejections"] = sum(state.pool.ejections for state in ctx.pools.values())
     counters["redis_reconnects"] = link.reconnects
-    counters["log_dropped"] = getattr(ctx.access_log, "dropped", 0)
+    counters["log_dropped"] = ctx.access_log.dropped
     usage = resource.getrusage(resource.RUSAGE_SELF)
     counters["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     pools = []

@@ -4,17 +4,29 @@ httptools parses; the callbacks validate and build a RequestHead; exchanges run 
 in arrival order (pipelined requests wait their turn, answered in order).  A malformed request
 is answered by the proxy (400, or the precise 4xx) and the connection is closed: once framing
 is in doubt nothing that follows on the connection can be trusted (RFC 9112 §6.3).
+
+Rules:
+1. A read is parsed whole before any request in it is started: bytes that follow a head in
+   the same read (a bad chunk size, say) are seen before the head can reach a backend.
+2. At most about _PIPELINE_DEPTH requests are parsed ahead; the rest of what a pipelining
+   client sent waits as bytes, reading paused, until the line is half empty again.
+3. Forwarding fields: list-valued ones (X-Forwarded-For, Forwarded) keep what the client sent
+   and get redlb's own element appended, the rightmost being the only trustworthy one;
+   single-valued ones (X-Forwarded-Host/-Proto/-Port, X-Real-IP) are always set by redlb.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 
 import httptools
 
-from redlb.proxy import errors
+from redlb.proxy import deadlines, errors
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.errors import Reject
 from redlb.proxy.exchange import Exchange, RequestHead
@@ -25,6 +37,7 @@ from redlb.proxy.rules import (
     check_transfer_encoding,
     check_version,
     drop_connection_named,
+    forwarded_node,
     normalise_target,
 )
 from redlb.routing import BadPath
@@ -38,15 +51,25 @@ _PAUSE_PIPELINE = 1  # a request is waiting behind the one in flight
 _PAUSE_BUFFER = 2  # body bytes are waiting for an upstream connection
 _PAUSE_UPLOAD = 4  # the backend is not taking the body as fast as it comes
 _PAUSE_REFUSED = 8  # the connection is finished; only the answer remains to be sent
+_PAUSE_BACKLOG = 16  # pipelined bytes are waiting to be parsed (rule 2)
 
-# Large reads are parsed in slices so that chunk-extension bytes can be counted (LIM-07).
-_FEED_SLICE = 16 * 1024
+# Requests parsed ahead on one connection, the one in flight included (rule 2).
+_PIPELINE_DEPTH = 32
+# Reads are parsed in slices, so that chunk-extension bytes can be counted (LIM-07) and so
+# that one read of tiny pipelined requests cannot make thousands of exchanges at once: a
+# slice holds at most slice/18 requests, checked against _PIPELINE_DEPTH after each.
+_FEED_SLICE = 16 * 1024  # inside the body of the only request
+_HEAD_SLICE = 2048  # a request head, most fit whole
+_PIPELINED_SLICE = 512  # once requests are queued behind the one in flight
 # Wire bytes a chunked body may spend on framing (size lines, extensions) beyond its data.
 _CHUNK_OVERHEAD_BASE = 4096
 _CHUNK_OVERHEAD_PER_CHUNK = 64
 
 # Fields never forwarded as received: hop-by-hop ones, and those redlb writes itself.
-_SET_BY_REDLB = REQUEST_DROP | {b"host", b"content-length", b"x-forwarded-for"}
+_SET_BY_REDLB = REQUEST_DROP | {b"host", b"content-length", b"x-forwarded-for", b"forwarded"}
+
+# SO_LINGER on, zero seconds: close() sends a reset, so a cut response looks cut.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 # Busy connections keep their parser between requests while there are at most this many
 # connections; past it, a parser is dropped as soon as its connection goes idle.
@@ -59,6 +82,8 @@ _IDLE, _HEADERS, _BODY = 0, 1, 2
 class ClientConnection(asyncio.Protocol):
     # Slots: ten thousand idle keep-alive connections should cost little memory each.
     __slots__ = (
+        "backlog",
+        "backlog_due",
         "body_received",
         "body_started_at",
         "checked_host",
@@ -67,11 +92,13 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "corked",
         "ctx",
-        "deadline",
         "eof",
         "forwarded",
         "header_bytes",
+        "header_deadline",
         "headers",
+        "idle_deadline",
+        "node",
         "parser",
         "parsing",
         "paused",
@@ -79,6 +106,7 @@ class ClientConnection(asyncio.Protocol):
         "phase",
         "queue",
         "refusal",
+        "send_deadline",
         "transport",
         "url",
     )
@@ -95,13 +123,19 @@ class ClientConnection(asyncio.Protocol):
         self.eof = False
         self.peer = b""
         self.forwarded = b""  # the closing fields of every request head, made once
+        self.node = b""  # the peer as a Forwarded node
         self.queue: list[Exchange] = []  # pipelined requests; rarely more than one
+        self.backlog: bytes | None = None  # received, not parsed yet (rule 2)
+        self.backlog_due = False
         self.paused = 0
         self.corked: list[bytes] | None = None
         self.closing = False
         self.refusal: Reject | None = None
         self.phase = _IDLE
-        self.deadline = 0.0
+        # One deadline per purpose (deadlines.py says who arms and disarms each).
+        self.header_deadline = 0.0
+        self.idle_deadline = 0.0
+        self.send_deadline = 0.0  # also "the client's socket is full", for the exchange
         self.body_started_at = 0.0
         self.checked_host = b""  # clients repeat their Host: it is validated once
         # Per-request (parse side) state
@@ -119,26 +153,47 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's own class
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
-        self.forwarded = _forwarded_fields(self.peer, self.peer)
+        self.node = forwarded_node(self.peer)
+        local = transport.get_extra_info("sockname")
+        port = b"X-Forwarded-Port: %d\r\n" % local[1] if local else b""
+        self.forwarded = b"X-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n%b\r\n" % (self.peer, port)
         self.ctx.clients.add(self)
         self.ctx.stats.client_connections += 1
         # Connecting and sending nothing is held to the header timeout too (slowloris).
-        self.deadline = time.monotonic() + self.ctx.config.header_timeout
+        self.header_deadline = time.monotonic() + self.ctx.config.header_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.refusal is not None or self.closing:
             return
+        if self.backlog is not None:  # reading is paused meanwhile; this keeps the order anyway
+            data = self.backlog + data
+            self.backlog = None
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Parse one read (rule 1), then start the request at the head of the line."""
         if self.phase == _IDLE:
             self.phase = _HEADERS
-            self.deadline = time.monotonic() + self.ctx.config.header_timeout
+            self.header_deadline = time.monotonic() + self.ctx.config.header_timeout
+        queue = self.queue
         try:
-            if len(data) <= _FEED_SLICE:
-                self._feed(data)
+            if len(data) <= _HEAD_SLICE and not queue:
+                self._feed(data)  # the common case: one small request
             else:
-                for start in range(0, len(data), _FEED_SLICE):
-                    if self.refusal is not None or self.closing:
+                start, end = 0, len(data)
+                while start < end and self.refusal is None and not self.closing:
+                    if len(queue) >= _PIPELINE_DEPTH:
+                        self.backlog = data[start:]
+                        self._pause(_PAUSE_BACKLOG)
                         break
-                    self._feed(data[start : start + _FEED_SLICE])
+                    if len(queue) > 1:
+                        step = _PIPELINED_SLICE
+                    elif self.parsing is not None:
+                        step = _FEED_SLICE
+                    else:
+                        step = _HEAD_SLICE
+                    self._feed(data[start : start + step] if start or step < end else data)
+                    start += step
         except Reject as reject:
             self.refuse(reject)
         except httptools.HttpParserError as exc:
@@ -149,6 +204,18 @@ class ClientConnection(asyncio.Protocol):
                 if cause is not None:
                     log.error("error handling a request", exc_info=cause)
                 self.refuse(Reject(400, "malformed request"))
+        if queue and not queue[0].started and not self.closing:
+            queue[0].start()
+
+    def _parse_backlog(self) -> None:
+        self.backlog_due = False
+        data = self.backlog
+        if data is None or self.closing or self.refusal is not None:
+            return
+        self.backlog = None
+        self._parse(data)
+        if self.backlog is None:
+            self._resume(_PAUSE_BACKLOG)
 
     def _feed(self, data: bytes) -> None:
         parser = self.parser
@@ -184,16 +251,19 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         self.transport = None
         self.ctx.clients.discard(self)
+        self.backlog = None
         while self.queue:
-            self.queue.pop(0).abort()
+            exchange = self.queue.pop(0)
+            if exchange.started:  # one never started has nothing to stop or count
+                exchange.abort()
 
     def pause_writing(self) -> None:
-        self.deadline = time.monotonic() + self.ctx.config.upstream_timeout
+        self.send_deadline = time.monotonic() + self.ctx.config.send_timeout
         if self.queue:
             self.queue[0].client_congested(True)
 
     def resume_writing(self) -> None:
-        self.deadline = 0.0
+        self.send_deadline = 0.0
         if self.queue:
             self.queue[0].client_congested(False)
 
@@ -207,11 +277,17 @@ class ClientConnection(asyncio.Protocol):
         self.chunks = 0
         self.chunk_wire = 0
         self.phase = _HEADERS
+        self.idle_deadline = 0.0
+        if not self.header_deadline:
+            # A head that follows a complete request in the same read (pipelining) gets
+            # its own header deadline too: data_received only arms one from idle.
+            self.header_deadline = time.monotonic() + self.ctx.config.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.ctx.config.max_request_line:
-            raise Reject(414, "request target too long")
+        limit = self.ctx.config.max_request_line
+        if len(self.url) > limit:
+            raise Reject(414, f"request target over {limit} bytes (--max-request-line)")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.parsing is not None:
@@ -219,8 +295,11 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value) + 4
         self.headers.append((name, value))
         config = self.ctx.config
-        if self.header_bytes > config.max_header_bytes or len(self.headers) > config.max_headers:
-            raise Reject(431, "request header fields too large")
+        if self.header_bytes > config.max_header_bytes:
+            limit = config.max_header_bytes
+            raise Reject(431, f"request header fields over {limit} bytes (--max-header-bytes)")
+        if len(self.headers) > config.max_headers:
+            raise Reject(431, f"more than {config.max_headers} header fields (--max-headers)")
 
     def on_headers_complete(self) -> None:
         req = self._request_head()
@@ -229,11 +308,9 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = exchange
         self.phase = _BODY
         self.body_started_at = time.monotonic()
-        self.deadline = 0.0
-        self.queue.append(exchange)
-        if len(self.queue) == 1:
-            exchange.start()
-        else:
+        self.header_deadline = 0.0
+        self.queue.append(exchange)  # started once the whole read is parsed (rule 1)
+        if len(self.queue) > 1:
             self._pause(_PAUSE_PIPELINE)
 
     def on_chunk_header(self) -> None:
@@ -244,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.parsing
         max_body = exchange.req.max_body if exchange is not None else self.ctx.config.max_body
         if max_body and self.body_received > max_body:
-            raise Reject(413, "request body too large")
+            raise _body_too_large(max_body)
         if exchange is not None:
             exchange.request_body(body)
 
@@ -252,7 +329,6 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.parsing
         self.parsing = None
         self.phase = _IDLE
-        self.deadline = 0.0
         if exchange is not None and not exchange.done:
             exchange.request_complete()
         elif exchange is not None:
@@ -277,6 +353,7 @@ class ClientConnection(asyncio.Protocol):
         te_values: list[bytes] = []
         connection_values: list[bytes] = []
         forwarded_for: list[bytes] = []
+        forwarded: list[bytes] = []
         content_length = -1
         expect_continue = False
         parts = [b""]  # the request line goes first, once the target is known
@@ -298,6 +375,8 @@ class ClientConnection(asyncio.Protocol):
                 connection_values.append(value)
             elif lowered == b"x-forwarded-for":
                 forwarded_for.append(value)
+            elif lowered == b"forwarded":
+                forwarded.append(value)
             elif lowered == b"expect":
                 if value.lower() != b"100-continue":
                     raise Reject(417, "only Expect: 100-continue is supported")
@@ -315,6 +394,10 @@ class ClientConnection(asyncio.Protocol):
         allowed = self.ctx.config.allowed_hosts
         if allowed and (host is None or _host_name(host) not in allowed):
             raise Reject(421, "this balancer does not serve that host")
+        if host is None:
+            # HTTP/1.0 without Host: the authority the client reached, the listener's own
+            # address (RFC 9112 §3.3), since HTTP/1.1 requires a Host (RFC 9112 §3.2).
+            host = self._local_authority()
         table = self.ctx.table
         route = table.single
         if route is None:  # routes are configured: the forwarded target is the normalised one
@@ -327,7 +410,7 @@ class ClientConnection(asyncio.Protocol):
             check_transfer_encoding(te_values, http10)
         max_body = route.target.config.max_body if route is not None else self.ctx.config.max_body
         if max_body and content_length > max_body:
-            raise Reject(413, "request body too large")
+            raise _body_too_large(max_body)
         has_body = chunked or content_length > 0
         upgrade = parser.should_upgrade()
         if upgrade and has_body:
@@ -344,17 +427,29 @@ class ClientConnection(asyncio.Protocol):
             append(b"Transfer-Encoding: chunked\r\n")
         elif content_length >= 0:
             append(b"Content-Length: %d\r\n" % content_length)
-        if route is not None and route.host_header is not None:
-            append(b"Host: %b\r\n" % route.host_header)
-            if host is not None:
-                append(b"X-Forwarded-Host: %b\r\n" % host)
-        elif host is not None:
-            append(b"Host: %b\r\nX-Forwarded-Host: %b\r\n" % (host, host))
         if forwarded_for:
             forwarded_for.append(self.peer)
-            append(_forwarded_fields(b", ".join(forwarded_for), self.peer))
+            x_forwarded_for = b", ".join(forwarded_for)
         else:
-            append(self.forwarded)
+            x_forwarded_for = self.peer
+        if forwarded:
+            forwarded.append(b"")  # redlb's element goes last
+        # A route may name the Host its pool expects; the client's stays in the X-Forwarded-Host
+        # and Forwarded fields.
+        upstream_host = host if route is None or route.host_header is None else route.host_header
+        append(
+            b"Host: %b\r\nX-Forwarded-Host: %b\r\nX-Forwarded-For: %b\r\n"
+            b'Forwarded: %bfor=%b;host="%b";proto=http\r\n'
+            % (
+                upstream_host,
+                host,
+                x_forwarded_for,
+                b", ".join(forwarded) if forwarded else b"",
+                self.node,
+                host,
+            )
+        )
+        append(self.forwarded)
         keep_alive = parser.should_keep_alive() and not self.ctx.draining
         return RequestHead(
             method=method,
@@ -392,8 +487,14 @@ class ClientConnection(asyncio.Protocol):
         """End the connection without a clean end of message (truncation stays visible)."""
         self.closing = True
         self.uncork()
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is not None:
+            # A reset, not a FIN: a close-delimited body (HTTP/1.0) cut short would look whole.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            transport.abort()
 
     def pause_for_buffer(self) -> None:
         self._pause(_PAUSE_BUFFER)
@@ -417,6 +518,9 @@ class ClientConnection(asyncio.Protocol):
         if not exchange.keep_client:
             self._close()
             return
+        if self.backlog is not None and not self.backlog_due and len(queue) <= _PIPELINE_DEPTH // 2:
+            self.backlog_due = True  # parsed from the loop: this may run inside a parse
+            self.ctx.loop.call_soon(self._parse_backlog)
         if queue:
             if len(queue) == 1:
                 self._resume(_PAUSE_PIPELINE)
@@ -429,7 +533,7 @@ class ClientConnection(asyncio.Protocol):
             self._close()
             return
         if self.phase == _IDLE:
-            self.deadline = time.monotonic() + self.ctx.config.keepalive_timeout
+            self.idle_deadline = time.monotonic() + self.ctx.config.keepalive_timeout
             if len(self.ctx.clients) > _KEEP_PARSERS_UP_TO:
                 self.parser = None  # so many connections that memory comes first
 
@@ -438,7 +542,24 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         if self.queue:
             self.queue[0].check_timeout(now)
-        if self.phase == _BODY and self.parsing is not None and not self.parsing.done:
+        verdict = deadlines.verdict(
+            now, self.header_deadline, self.idle_deadline, self.send_deadline
+        )
+        if verdict == deadlines.ABORT:
+            # Even a closing connection: its close waits for a flush that never comes.
+            # connection_lost then aborts the exchanges, which frees their backends.
+            self.abort()
+        elif self.closing:
+            return
+        elif verdict == deadlines.REFUSE:
+            self.header_deadline = 0.0
+            if self.phase == _IDLE and not self.queue:
+                self._close()  # connected and never sent a byte: nothing to answer
+            elif self.refusal is None:  # the first reason to refuse is the one answered
+                self._timeout_refusal()
+        elif verdict == deadlines.CLOSE:
+            self._close()
+        elif self.phase == _BODY and self.parsing is not None and not self.parsing.done:
             elapsed = now - self.body_started_at
             config = self.ctx.config
             if (
@@ -448,30 +569,50 @@ class ClientConnection(asyncio.Protocol):
                 and not self.paused
             ):
                 self._timeout_refusal()
-            return
-        if self.deadline and now > self.deadline:
-            if self.phase == _HEADERS:
-                self._timeout_refusal()
-            else:
-                self._close()  # idle keep-alive, or a client that stopped reading
         elif self.phase == _IDLE and not self.queue:
             self.parser = None  # between messages: nothing to keep (see __init__)
+
+    def flushed(self) -> bool:
+        """Nothing is left for this client: no exchange, no byte waiting to be sent."""
+        transport = self.transport
+        return not self.queue and (transport is None or not transport.get_write_buffer_size())
 
     def drain(self) -> None:
         """Graceful shutdown: close now if idle, else after the response in flight."""
         if not self.queue and self.phase == _IDLE:
             self._close()
 
+    def end_drain(self) -> None:
+        """The drain is over: a client whose answer is all handed to the kernel gets a clean
+        close (the kernel still delivers what it holds; a reset would discard it); any other
+        is cut off visibly."""
+        if self.flushed():
+            self._close()
+        else:
+            self.abort()
+
     # Internals
+
+    def _local_authority(self) -> bytes:
+        local = self.transport.get_extra_info("sockname") if self.transport else None
+        if not local:
+            return b"localhost"
+        address = local[0].encode()
+        if b":" in address:
+            address = b"[%b]" % address
+        return b"%b:%d" % (address, local[1])
 
     def refuse(self, reject: Reject) -> None:
         self.ctx.stats.rejected += 1
         self.refusal = reject
+        self.backlog = None
         self._pause(_PAUSE_REFUSED)
         exchange = self.parsing
         self.parsing = None
-        if exchange is not None and exchange is not (self.queue[0] if self.queue else None):
-            self.queue.remove(exchange)
+        if exchange is not None and (
+            not exchange.started or exchange is not (self.queue[0] if self.queue else None)
+        ):
+            self.queue.remove(exchange)  # never started: nothing of it was forwarded (rule 1)
         elif exchange is not None:
             # The request in flight is itself the bad one (e.g. body over the limit).
             self.queue.pop(0)
@@ -513,11 +654,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-def _forwarded_fields(forwarded_for: bytes, peer: bytes) -> bytes:
-    return b"X-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n\r\n" % (
-        forwarded_for,
-        peer,
-    )
+def _body_too_large(limit: int) -> Reject:
+    return Reject(413, f"request body over {limit} bytes (--max-body)")
 
 
 def _host_name(host: bytes) -> str:

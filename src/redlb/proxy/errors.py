@@ -19,8 +19,16 @@ class Reject(Exception):
         self.detail = detail
 
 
+# Python 3.11 still has the RFC 7231 names for these; RFC 9110 §15.5 renamed them.
+_RFC9110_PHRASES = {413: "Content Too Large", 414: "URI Too Long"}
+
+
+def _phrase_text(status: int) -> str:
+    return _RFC9110_PHRASES.get(status) or HTTPStatus(status).phrase
+
+
 def error_response(status: int, detail: str, close: bool = True) -> bytes:
-    phrase = HTTPStatus(status).phrase
+    phrase = _phrase_text(status)
     body = f"{status} {phrase}: {detail}\n".encode()
     connection = b"close" if close else b"keep-alive"
     return b"".join(
@@ -46,6 +54,7 @@ BAD_GATEWAY_REFUSED = (502, "the backend refused the connection")
 BAD_GATEWAY_RESET = (502, "the backend closed the connection before answering")
 BAD_GATEWAY_GARBAGE = (502, "the backend's reply was not valid HTTP")
 BAD_GATEWAY_TOO_BIG = (502, "the backend's response headers were too large")
+BAD_GATEWAY_FRAMING = (502, "the backend's response framing cannot be relayed")
 BAD_GATEWAY_UPGRADE = (502, "the backend switched protocols unasked")
 GATEWAY_TIMEOUT = (504, "the backend did not answer in time")
 CONNECT_TIMEOUT = (504, "connecting to the backend timed out")
@@ -63,4 +72,4 @@ def cached_response(status: int, detail: str, close: bool) -> bytes:
 
 
 def phrase(status: int) -> bytes:
-    return HTTPStatus(status).phrase.encode()
+    return _phrase_text(status).encode()

@@ -1,12 +1,16 @@
 """One request, top to bottom: pick a backend, get a connection, stream both ways, release.
 
-Retry rules (RFC 9110 §9.2.2, RFC 9112 §9.3.1):
-1. A connect failure sent nothing, so any method is retried on another backend.
-2. A request already sent is retried only if its method is idempotent, it was kept whole
-   (small enough to replay), and no response byte arrived; and only once.
-3. A 502/503/504 answer or a response timeout sends a replayable idempotent request to
-   another backend, before any byte of that answer reaches the client.
-4. Every retry needs a token from the retry budget.
+When it may be retried is retry.py's answer; what is resent is replay.py's whole copy.
+
+Body rules:
+1. ``pending`` holds what the current attempt still owes its backend and is never dropped
+   (bounded by pausing the client).  A retry of a sent request starts it again from the
+   replay copy, so the new backend gets every byte once, or the request is not retried.
+2. The backend's deadline runs only while the backend owes progress: from the end of the
+   request (or while it stops taking the body) to the end of the response.  An upload
+   is the client's pace (its body rate rule), a full client socket its send deadline.
+3. A client whose socket is full pauses every backend connection the exchange attaches,
+   not only the one attached when the socket filled up.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from redlb.address import Backend
 from redlb.proxy import errors
+from redlb.proxy.replay import ReplayBuffer
+from redlb.proxy.retry import may_retry
 from redlb.proxy.rules import drop_connection_named
 from redlb.proxy.upstream import BackendConnections, UpstreamConnection
 
@@ -27,8 +33,6 @@ if TYPE_CHECKING:
     from redlb.proxy.poolstate import PoolState
     from redlb.routing import Route
 
-# Up to this many request bytes are kept for a replay after the keep-alive race.
-REPLAY_LIMIT = 64 * 1024
 # Past this many buffered body bytes (no upstream yet), stop reading from the client.
 BUFFER_LIMIT = 256 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
@@ -94,9 +98,10 @@ class Exchange:
         # Request side
         self.pending: list[bytes] = []  # framed body bytes not yet written upstream
         self.pending_bytes = 0
-        self.replay: list[bytes] | None = []  # every framed body byte, while small enough
-        self.body_bytes = 0
+        # Idempotent requests only (nothing else is ever resent), made by the first body byte.
+        self.replay: ReplayBuffer | None = None
         self.request_done = False
+        self.body_bytes = 0  # for the metrics
         # Upstream side
         self.backend: Backend | None = None
         self.upstream: UpstreamConnection | None = None
@@ -155,6 +160,10 @@ class Exchange:
             return
         if self.req.chunked:
             self._send_body(b"0\r\n\r\n")
+        upstream = self.upstream
+        if upstream is not None and not self.client.send_deadline:
+            # Body rule 2: the backend has the whole request; the answer is its time now.
+            upstream.deadline = time.monotonic() + self.up.config.upstream_timeout
 
     def abort(self) -> None:
         """The client went away: stop everything, keep no upstream connection half-used."""
@@ -186,15 +195,17 @@ class Exchange:
         """The client's socket buffer is full (or drained): pause (resume) the backend."""
         upstream = self.upstream
         if upstream is None:
-            return
+            return  # _attach looks at the client's state (body rule 3)
         if congested:
             upstream.pause_reading()
             upstream.deadline = 0.0  # a slow reader is not a slow backend
         else:
             upstream.resume_reading()
-            upstream.deadline = time.monotonic() + self.up.config.upstream_timeout
+            if self.request_done or self.response_started:
+                upstream.deadline = time.monotonic() + self.up.config.upstream_timeout
 
-    # Picking and connecting
+    # Picking and connecting (with _can_retry and _no_backend, the only users of the pool
+    # and the strategy: those of self.up, the pool the routing table chose for the request)
 
     async def _pick_then_attempt(self) -> None:
         candidates = self.up.pool.healthy
@@ -294,25 +305,30 @@ class Exchange:
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        conn.deadline = time.monotonic() + self.up.config.upstream_timeout
-        pending = self.pending
-        if self.replay is not None and self.attempts > 1:
-            pending = self.replay  # a retry sends everything again
+        client = self.client
         head = self.req.head
+        pending = self.pending
         if pending:
             head = b"".join([head, *pending])
-        self.pending = []
-        self.pending_bytes = 0
+            self.pending = []
+            self.pending_bytes = 0
         conn.start(self, head, self.req.method == b"HEAD")
-        if self.client.paused:
-            self.client.unpause_for_buffer()
+        if client.send_deadline:
+            conn.pause_reading()  # body rule 3: the client is not taking what we have
+        elif self.request_done:
+            conn.deadline = time.monotonic() + self.up.config.upstream_timeout
+        if client.paused:
+            client.unpause_for_buffer()
+            client.pause_for_upload(False)  # a congested connection of a failed attempt
+
+    # The request body (body rule 1)
 
     def _send_body(self, framed: bytes) -> None:
-        replay = self.replay
-        if replay is not None:
-            replay.append(framed)
-            if self.body_bytes > REPLAY_LIMIT:
-                self.replay = None
+        if self.req.idempotent:
+            replay = self.replay
+            if replay is None:
+                replay = self.replay = ReplayBuffer()
+            replay.add(framed)
         upstream = self.upstream
         if upstream is not None:
             upstream.write(framed)
@@ -322,10 +338,19 @@ class Exchange:
         if self.pending_bytes > BUFFER_LIMIT:
             self.client.pause_for_buffer()
 
-    def upstream_congested(self, congested: bool) -> None:
-        self.client.pause_for_upload(congested)
-
     # Driven by the upstream connection
+
+    def upstream_congested(self, congested: bool) -> None:
+        """The backend stopped (resumed) taking the body: that wait is the backend's."""
+        self.client.pause_for_upload(congested)
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if congested:
+            if not upstream.deadline:
+                upstream.deadline = time.monotonic() + self.up.config.upstream_timeout
+        elif not self.request_done:
+            upstream.deadline = 0.0  # the upload goes at the client's pace again
 
     def response_head(self, status: int, upstream_keep_alive: bool) -> bool:
         """Forward the response head; False means it is dropped and the request retried."""
@@ -337,7 +362,10 @@ class Exchange:
             self._retry(sent=True)
             return False
         req = self.req
-        self.first_byte = time.monotonic() - self.started  # for the metrics
+        now = time.monotonic()
+        self.first_byte = now - self.started  # for the metrics
+        if not upstream.deadline and not self.client.send_deadline:
+            upstream.deadline = now + self.up.config.upstream_timeout  # early answer
         self.status = status
         self.reason = upstream.reason
         self.upstream_keep_alive = upstream_keep_alive
@@ -347,13 +375,19 @@ class Exchange:
             # Rare: the fields Connection names are hop-by-hop too (RFC 9110 §7.6.1).
             lines = drop_connection_named(lines, upstream.connection)
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, upstream.reason), *lines]
-        if req.method == b"HEAD" or status in NO_BODY_STATUSES:
+        # Framing is written here, after the drop above: the backend cannot remove it.
+        if upstream.length is not None:
+            parts.append(b"Content-Length: %b\r\n" % upstream.length)
+        elif req.method == b"HEAD" or status in NO_BODY_STATUSES:
             pass
-        elif upstream.chunked or not upstream.has_length:
-            if req.http10:
-                self.keep_client = False  # close-delimited: HTTP/1.0 knows no chunked
+        elif req.http10:
+            self.keep_client = False  # close-delimited: HTTP/1.0 knows no chunked
+        else:
+            self.rechunk = True
+            if upstream.codings:
+                # Codings other than chunked stay applied to the body: say so (RFC 9112 §6.1).
+                parts.append(b"Transfer-Encoding: %b, chunked\r\n" % upstream.codings)
             else:
-                self.rechunk = True
                 parts.append(b"Transfer-Encoding: chunked\r\n")
         if not self.request_done:
             self.keep_client = False  # the rest of the request body will not be read
@@ -405,7 +439,7 @@ class Exchange:
             return
         self._respond_error(reason)
 
-    # Endings
+    # Retries: retry.py says whether, the replay copy supplies the bytes
 
     def _retry_or_fail(self, reason: tuple[int, str], sent: bool, elsewhere: bool = False) -> None:
         if self._can_retry(sent, elsewhere):
@@ -414,19 +448,21 @@ class Exchange:
             self._respond_error(reason)
 
     def _can_retry(self, sent: bool, elsewhere: bool) -> bool:
-        """Whether the retry rules (module docstring) allow one more attempt.
-
-        ``elsewhere``: only worth it on another backend (it answered 5xx or timed out);
-        otherwise a new connection to the same one may do (the keep-alive race).
-        """
+        """Whether the retry rules (retry.py) allow one more attempt; takes a budget token."""
         ctx = self.ctx
         up = self.up
-        if self.attempts >= up.config.max_connect_attempts:
-            return False
-        healthy = up.pool.healthy
-        if not healthy or (elsewhere and all(b in self.tried for b in healthy)):
-            return False
-        if sent and not (self.req.idempotent and self.replay is not None and not self.replayed):
+        replay = self.replay
+        if not may_retry(
+            sent,
+            self.req.idempotent,
+            replay is None or replay.whole,
+            self.replayed,
+            self.attempts,
+            up.config.max_connect_attempts,
+            up.pool.healthy,
+            self.tried,
+            elsewhere,
+        ):
             return False
         if not self.retrying:
             if not up.budget.try_acquire():
@@ -438,8 +474,15 @@ class Exchange:
     def _retry(self, sent: bool) -> None:
         self.ctx.stats.retries += 1
         if sent:
+            # Body rule 1: the new attempt owes its backend everything from the first byte.
             self.replayed = True
+            replay = self.replay
+            if replay is not None:
+                self.pending = replay.copy()
+                self.pending_bytes = replay.size
         self._attempt()
+
+    # Endings
 
     def _no_backend(self) -> None:
         reason = errors.NO_BACKEND if self.up.pool.known else errors.NOT_READY

@@ -25,12 +25,15 @@ HOP_BY_HOP = frozenset(
         b"http2-settings",
     }
 )
-# Only the request side: credentials for this proxy, and what redlb sets itself.
+# Only the request side: credentials for this proxy, and the single-valued forwarding fields,
+# which redlb sets itself (a client's value is never passed on).  The list-valued ones,
+# X-Forwarded-For and Forwarded, are appended to instead: each hop adds its own element.
 REQUEST_DROP = HOP_BY_HOP | {
     b"proxy-authorization",
     b"expect",
     b"x-forwarded-proto",
     b"x-forwarded-host",
+    b"x-forwarded-port",
     b"x-real-ip",
 }
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -98,6 +101,35 @@ def check_transfer_encoding(values: list[bytes], http10: bool) -> None:
     if any(not c for c in codings) or codings.count(b"chunked") > 1:
         raise Reject(400, "malformed Transfer-Encoding")
     raise Reject(501, "only the chunked transfer coding is supported")
+
+
+def response_codings(values: list[bytes]) -> tuple[bool, bytes] | None:
+    """A response's Transfer-Encoding as (chunked is final, the other codings in order).
+
+    RFC 9112 §6.3: chunked final means chunked framing (llhttp decodes it); codings without
+    chunked mean the body runs to the close.  The other codings stay applied to the body, so
+    the caller must pass them on by name.  None: framing no recipient can rely on (chunked
+    twice, not final, or with parameters) - a 502, never a guess.
+    """
+    # Split the way llhttp does, so that both always agree on the framing: only spaces are
+    # OWS around "chunked" for llhttp ("chunked\t" is some other coding to it), and a
+    # trailing empty element makes chunked not final.  Where they could differ: None.
+    elements = [c.strip(b" ") for value in values for c in value.split(b",")]
+    chunked = [e.partition(b";")[0].strip().lower() == b"chunked" for e in elements]
+    others = [e.strip() for e in (elements if not any(chunked) else elements[:-1])]
+    others = [e for e in others if e]  # empty list elements are ignored (RFC 9110 §5.6.1)
+    if not any(chunked):
+        return (False, b", ".join(others)) if others else None
+    if sum(chunked) > 1 or elements[-1].lower() != b"chunked":
+        return None
+    return True, b", ".join(others)
+
+
+def forwarded_node(address: bytes) -> bytes:
+    """An address as a Forwarded ``for=`` value (RFC 7239 §6): IPv6 bracketed and quoted."""
+    if b":" in address:
+        return b'"[%b]"' % address
+    return address
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:

@@ -6,6 +6,9 @@ Rules:
    the backend is closing it, and reusing it would hand a stale reply to the next client.
 3. A response completes only after feed_data returns, so bytes trailing a response in the
    same read are seen (and poison the connection) before it can go back to the pool.
+4. The framing fields (Content-Length, Transfer-Encoding) are never copied into the head as
+   received: the exchange writes the framing it forwards by itself, after the fields that
+   Connection names are dropped, so a backend cannot strip it (RFC 9112 §6.3).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import httptools
 
 from redlb.address import Backend
 from redlb.proxy import errors
-from redlb.proxy.rules import HOP_BY_HOP
+from redlb.proxy.rules import HOP_BY_HOP, response_codings
 
 if TYPE_CHECKING:
     from redlb.proxy.exchange import Exchange
@@ -102,20 +105,23 @@ class UpstreamConnection(asyncio.Protocol):
         "broken",
         "chunked",
         "closed",
+        "codings",
         "connection",
         "deadline",
         "exchange",
         "finished",
-        "has_length",
         "head_bytes",
-        "hop_by_hop",
         "idle_since",
         "in_body",
+        "length",
         "lines",
         "no_body",
         "owner",
         "parser",
         "reason",
+        "set_aside",
+        "te",
+        "to_close",
         "transport",
     )
 
@@ -123,22 +129,29 @@ class UpstreamConnection(asyncio.Protocol):
         # Per-connection state
         self.owner = owner
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _response_parser(self)
         self.broken = False
         self.closed = False
         self.idle_since = 0.0
-        self.deadline = 0.0  # set while an exchange waits on this backend
+        # The backend owes progress by then: armed by the exchange from the end of the
+        # request (or while the body is not taken) to the end of the response; never while
+        # the client is the slow side (exchange.py, body rule 2).
+        self.deadline = 0.0
         # Per-response state
         self.exchange: Exchange | None = None
         self.no_body = False
         self.reason = b""
         # The head, sorted as it is parsed: end-to-end fields already serialised for the
-        # client, hop-by-hop ones counted, and only the framing facts kept from those.
+        # client; hop-by-hop and framing fields set aside (counted), only their facts kept.
         self.lines: list[bytes] = []
-        self.hop_by_hop = 0
+        self.set_aside = 0
         self.connection: list[bytes] = []  # Connection values naming more than keep-alive
-        self.has_length = False
-        self.chunked = False
+        self.length: bytes | None = None  # Content-Length, unless Transfer-Encoding overrides
+        self.te: list[bytes] | None = None  # Transfer-Encoding values
+        # Framing, decided once the head is complete (RFC 9112 §6.3):
+        self.chunked = False  # chunked is the final coding (llhttp decodes it)
+        self.codings = b""  # the other transfer codings, still applied to the body
+        self.to_close = False  # the body ends when the backend closes
         self.head_bytes = 0  # wire bytes read while the head is incomplete
         self.in_body = False
         self.body_started = False
@@ -184,6 +197,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
         elif isinstance(cause, _TooBig):
             self.fail(errors.BAD_GATEWAY_TOO_BIG)
+        elif isinstance(cause, _BadFraming):
+            self.fail(errors.BAD_GATEWAY_FRAMING)
         elif isinstance(cause, httptools.HttpParserUpgrade):
             self.fail(errors.BAD_GATEWAY_UPGRADE)
         else:
@@ -203,7 +218,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None:
             return
-        if self.in_body and not self.finished and not (self.has_length or self.chunked):
+        if self.in_body and not self.finished and self.to_close:
             # RFC 9112 §6.3 rule 8: the body ends at connection close.
             self.finished = True
             self._complete()
@@ -278,14 +293,19 @@ class UpstreamConnection(asyncio.Protocol):
         if lowered in HOP_BY_HOP:
             # RFC 9110 §7.6.1: never forwarded; only the framing and the names that
             # Connection adds to the hop-by-hop set matter.
-            self.hop_by_hop += 1
+            self.set_aside += 1
             if lowered == b"transfer-encoding":
-                self.chunked = True
+                if self.te is None:
+                    self.te = [value]
+                else:
+                    self.te.append(value)
             elif lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 self.connection.append(value)
             return
         if lowered == b"content-length":
-            self.has_length = True
+            self.set_aside += 1
+            self.length = value  # llhttp refuses a second one, and anything but digits
+            return
         self.lines.append(b"%b: %b\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
@@ -300,18 +320,26 @@ class UpstreamConnection(asyncio.Protocol):
             # client's Expect itself, and 103 hints are optional (RFC 9110 §15.2).
             self._new_head()
             return
-        if len(self.lines) + self.hop_by_hop > MAX_RESPONSE_HEADERS:
+        if len(self.lines) + self.set_aside > MAX_RESPONSE_HEADERS:
             raise _TooBig
+        exchange = self.exchange
+        assert exchange is not None
+        if self.te is not None:
+            if self.no_body or status in (204, 304):
+                self.length = None  # TE overrides CL; there is no body to frame either way
+            else:
+                self._transfer_codings(exchange.req.http10)
+        else:
+            self.to_close = self.length is None
         self.in_body = True
-        assert self.exchange is not None
-        accepted = self.exchange.response_head(status, parser.should_keep_alive())
+        accepted = exchange.response_head(status, parser.should_keep_alive())
         if not accepted:
             raise _Abandoned
         if self.no_body:
             # HEAD: llhttp cannot be told there is no body; start a fresh parser for the
             # next response instead, and count any byte that follows as a protocol error.
             self.finished = True
-            self.parser = httptools.HttpResponseParser(self)
+            self.parser = _response_parser(self)
 
     def on_body(self, body: bytes) -> None:
         if self.finished:
@@ -330,12 +358,30 @@ class UpstreamConnection(asyncio.Protocol):
     def _new_head(self) -> None:
         self.reason = b""
         self.lines = []
-        self.hop_by_hop = 0
+        self.set_aside = 0
         if self.connection:
             self.connection = []
-        self.has_length = False
+        self.length = None
+        self.te = None
         self.chunked = False
+        self.codings = b""
         self.head_bytes = 0
+
+    def _transfer_codings(self, to_http10: bool) -> None:
+        """Framing when Transfer-Encoding is present: it wins over any Content-Length."""
+        assert self.te is not None
+        framing = response_codings(self.te)
+        if framing is None:
+            raise _BadFraming
+        self.chunked, self.codings = framing
+        self.to_close = not self.chunked
+        if self.codings and to_http10:
+            raise _BadFraming  # RFC 9112 §6.1: no transfer coding to an HTTP/1.0 recipient
+        if self.length is not None or self.parser.get_http_version() == "1.0":
+            # TE with CL (RFC 9112 §6.3), or TE in HTTP/1.0 (§6.1): faulty framing; the CL
+            # is dropped, the body read as TE says, and the connection never reused.
+            self.length = None
+            self.broken = True
 
     def _complete(self) -> None:
         exchange = self.exchange
@@ -349,7 +395,18 @@ class UpstreamConnection(asyncio.Protocol):
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
+def _response_parser(conn: UpstreamConnection) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(conn)
+    # TE with CL: llhttp would stop; RFC 9112 §6.3 lets TE win (CL dropped, no reuse).
+    parser.set_dangerous_leniencies(lenient_chunked_length=True)
+    return parser
+
+
 class _TooBig(Exception):
+    pass
+
+
+class _BadFraming(Exception):
     pass
 
 

@@ -8,7 +8,7 @@ root.  The value is the pool (a Redis list key) optionally followed by ``strip-p
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redlb.routing.paths import BadPath, normalise_path
 
@@ -28,6 +28,11 @@ class Match:
     kind: int  # ANY, EXACT or WILDCARD
     host: str  # "" (any), "api.example.com", or the suffix ".example.com" of "*.example.com"
     prefix: str  # "/" or "/api": normalised, no trailing slash
+    # Made once here, so that building a table of thousands of routes makes nothing twice.
+    label: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", str(self).encode())
 
     def __str__(self) -> str:
         host = "*" + self.host if self.kind == WILDCARD else self.host
@@ -98,7 +103,11 @@ def _is_ip_literal(host: str) -> bool:
 
 def parse_route(match: str, value: str) -> RouteSpec:
     """A route from its hash field and value; BadRoute says what is wrong."""
-    parsed = parse_match(match)
+    return with_value(parse_match(match), value)
+
+
+def with_value(parsed: Match, value: str) -> RouteSpec:
+    """The route of an already parsed match and a hash value."""
     words = value.split()
     if not words:
         raise BadRoute("no pool named")

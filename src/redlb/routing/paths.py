@@ -7,7 +7,10 @@ Rules:
 2. Path: dot-segments removed and empty segments merged (RFC 3986 §5.2.4), ``%2E`` counted as
    the dot it encodes (§6.2.2.2) while ``%2F`` stays encoded; ``..`` above the root is
    refused.  The normalised path is what the backend receives, so a path that the backend
-   would resolve elsewhere (``/public/../admin``) is routed where it really goes.
+   would resolve elsewhere (``/public/../admin``) is routed where it really goes.  A segment
+   that is a dot-segment before a ``;`` parameter (``..;``, which Tomcat resolves as ``..``)
+   counts as one, and a raw backslash (not a URI character; some servers read it as ``/``)
+   is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ import re
 
 # After lower-casing: DNS-ish labels, or an IP literal in brackets.
 _HOST_NAME = re.compile(rb"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+# What may need normalising: one C call decides for the common path that needs nothing.
+_DOT_OR_EMPTY_SEGMENT = re.compile(rb"/\.|//|%2|\\").search
+# Clients repeat their Host: the normalised form of the recent ones, bounded.
+_HOSTS: dict[bytes, bytes] = {}
+_HOSTS_MAX = 4096
 
 
 class BadPath(ValueError):
@@ -24,6 +32,9 @@ class BadPath(ValueError):
 
 def normalise_host(host: bytes) -> bytes:
     """``Api.Example.COM.:8080`` -> ``api.example.com``; b"" stays b"" (no Host at all)."""
+    name = _HOSTS.get(host)
+    if name is not None:
+        return name
     if not host:
         return host
     name = host.lower()
@@ -37,13 +48,18 @@ def normalise_host(host: bytes) -> bytes:
             name = name[:-1]
     if _HOST_NAME.fullmatch(name) is None:
         raise BadPath("invalid Host for routing")
+    if len(_HOSTS) >= _HOSTS_MAX:
+        _HOSTS.clear()  # many distinct hosts (or a client making them up): start again
+    _HOSTS[host] = name
     return name
 
 
 def normalise_path(path: bytes) -> bytes:
     """The path (no query) with dot-segments removed and ``//`` merged."""
-    if b"/." not in path and b"//" not in path and b"%2" not in path:
+    if _DOT_OR_EMPTY_SEGMENT(path) is None:
         return path  # the common case: nothing to do, and no copy made
+    if b"\\" in path:
+        raise BadPath("a backslash in the path (percent-encode it)")
     segments = path.split(b"/")
     out: list[bytes] = []
     last = b""
@@ -52,6 +68,8 @@ def normalise_path(path: bytes) -> bytes:
         if not segment:
             continue
         plain = segment.replace(b"%2e", b".").replace(b"%2E", b".") if b"%" in segment else segment
+        if b";" in plain:
+            plain = plain[: plain.index(b";")]  # "..;x" is ".." to servlet containers
         if plain == b".":
             last = b""
             continue

@@ -12,7 +12,7 @@ does not grow with the number of hosts or routes, and no regular expression is i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -30,6 +30,14 @@ class Route(Generic[T]):
     prefix: bytes
     strip: bool  # strip a prefix other than "/"
     host_header: bytes | None
+
+
+def make_route(spec: RouteSpec, target: T) -> Route[T]:
+    match = spec.match
+    prefix = match.label[match.label.index(b"/") :]
+    host_header = spec.host_header.encode() if spec.host_header else None
+    strip = spec.strip_prefix and prefix != b"/"
+    return Route(spec, target, match.label, prefix, strip, host_header)
 
 
 class _HostRoutes(Generic[T]):
@@ -68,26 +76,32 @@ class RoutingTable(Generic[T]):
     def __init__(self, routes: Iterable[Route[T]], version: int = 0) -> None:
         self.routes: tuple[Route[T], ...] = tuple(routes)
         self.version = version
-        grouped: dict[tuple[int, str], dict[bytes, Route[T]]] = {}
-        for route in self.routes:
-            m = route.spec.match
-            grouped.setdefault((m.kind, m.host), {})[route.prefix] = route
-        exact: dict[bytes, _HostRoutes[T]] = {}
-        wildcards: dict[bytes, _HostRoutes[T]] = {}
-        any_host: _HostRoutes[T] | None = None
-        for (kind, host), by_prefix in grouped.items():
-            entry = _HostRoutes(by_prefix)
-            if kind == EXACT:
-                exact[host.encode()] = entry
-            elif kind == ANY:
-                any_host = entry
-            else:
-                wildcards[host.encode()] = entry
-        self.exact = exact
-        self.wildcards = wildcards
-        self.any = any_host
+        self.exact: dict[bytes, _HostRoutes[T]] = {}
+        self.wildcards: dict[bytes, _HostRoutes[T]] = {}
+        self.any: _HostRoutes[T] | None = None
         # No routes configured: one catch-all route, and the data path skips routing entirely.
         self.single: Route[T] | None = None
+        for _ in self._index(0):
+            pass
+
+    def _index(self, step: int) -> Iterator[None]:
+        """Group the routes by host; yield every ``step`` groups when step > 0."""
+        grouped: dict[tuple[int, str], dict[bytes, Route[T]]] = {}
+        for count, route in enumerate(self.routes, 1):
+            m = route.spec.match
+            grouped.setdefault((m.kind, m.host), {})[route.prefix] = route
+            if step and count % step == 0:
+                yield None
+        for count, ((kind, host), by_prefix) in enumerate(grouped.items(), 1):
+            entry = _HostRoutes(by_prefix)
+            if kind == EXACT:
+                self.exact[host.encode()] = entry
+            elif kind == ANY:
+                self.any = entry
+            else:
+                self.wildcards[host.encode()] = entry
+            if step and count % step == 0:
+                yield None
 
     @classmethod
     def default(cls, target: T, pool: str) -> RoutingTable[T]:
@@ -103,17 +117,28 @@ class RoutingTable(Generic[T]):
         cls, specs: Iterable[RouteSpec], targets: Mapping[str, T], version: int = 0
     ) -> RoutingTable[T]:
         """Routes whose pool has no target are left out (the caller made one for each)."""
+        for table in cls.build_in_steps(specs, targets, version):
+            if table is not None:
+                return table
+        raise AssertionError("build_in_steps ends with the table")
+
+    @classmethod
+    def build_in_steps(
+        cls, specs: Iterable[RouteSpec], targets: Mapping[str, T], version: int = 0, step: int = 500
+    ) -> Iterator[RoutingTable[T] | None]:
+        """build(), yielding None after every ``step`` routes, then the table: a caller on an
+        event loop lets requests run in between, so a big table never stalls them."""
         routes = []
-        for spec in specs:
+        for count, spec in enumerate(specs, 1):
             target = targets.get(spec.pool)
-            if target is None:
-                continue
-            prefix = spec.match.prefix.encode()
-            host_header = spec.host_header.encode() if spec.host_header else None
-            label = str(spec.match).encode()
-            strip = spec.strip_prefix and prefix != b"/"
-            routes.append(Route(spec, target, label, prefix, strip, host_header))
-        return cls(routes, version)
+            if target is not None:
+                routes.append(make_route(spec, target))
+            if count % step == 0:
+                yield None
+        table = cls([], version)
+        table.routes = tuple(routes)
+        yield from table._index(step)  # not visible to anyone before it is complete
+        yield table
 
     def find(self, host: bytes, path: bytes) -> Route[T] | None:
         """The route for a normalised host (b"" for none) and normalised path."""

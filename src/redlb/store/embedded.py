@@ -62,7 +62,7 @@ class EmbeddedRedis:
             "--dir", str(self.dir),
             "--appendonly", "yes",
             "--save", "",
-            "--notify-keyspace-events", "Klg",
+            "--notify-keyspace-events", "Klgh",
             "--pidfile", str(self.dir / "redis.pid"),
             "--logfile", str(self.dir / "redis.log"),
             "--daemonize", "no",

@@ -10,13 +10,16 @@ Given a pool key ``P`` (default ``servers``):
     The shared round-robin counter.  Default mode leases blocks with ``INCRBY``; strict mode
     takes exactly one number per request (batched ``INCRBY``).  Index = counter mod pool size.
 ``redlb:{P}:epoch`` (STRING)
-    Written once when redlb first sees this Redis.  If it vanishes together with ``P``, Redis
-    lost its data (restart without persistence, FLUSHALL): keep the last-known pool and say so
-    loudly.  If ``P`` is gone but the epoch is present, the pool really is empty: 503.
-``redlb:{P}:health:{backend}`` (STRING ``up``/``down``, TTL 3 probe intervals)
+    Written by the first instance that reads ``P`` as a real list, and only by such an
+    instance: one that knows no pool (new, restarted) never writes it, or it would turn lost
+    data into "empty" for the others.  If it vanishes together with ``P``, Redis lost its data
+    (restart without persistence, FLUSHALL): keep the last-known pool and say so loudly.  If
+    ``P`` is gone but the epoch is present, the pool really is empty: 503.
+``redlb:{P}:health:{backend}`` (STRING ``up``/``down``, TTL 5 probe intervals)
     Written by the one elected prober of that backend.  A missing key means "no news", which
-    routes normally: a dead prober must never take a healthy backend out.
-``redlb:{P}:probe:{backend}`` (STRING instance id, TTL)
+    routes normally: a dead prober must never take a healthy backend out.  It outlives the
+    lease so that the instance taking over starts from it.
+``redlb:{P}:probe:{backend}`` (STRING instance id, TTL 3 probe intervals)
     The prober lease: ``SET NX PX``, renewed by its owner only (Lua compare-and-expire).
 ``redlb:{P}:ejected:{backend}`` (STRING, TTL = ejection time)
     Passive ejection, keyed by backend identity (never list position) and always with a TTL.
@@ -42,6 +45,10 @@ Routing (one hash for the whole fleet):
     ``*.suffix/path`` (any depth of subdomain) or ``/path`` (any host); ``redis-cli HSET
     redlb:routes api.example.com/ api`` sends that host to the pool (list) ``api``.  While the
     hash is empty or missing, everything goes to ``--pool`` (``servers``) as before.
+``redlb:routes:epoch`` (STRING)
+    Written by redlb when it reads a non-empty routes hash.  Routes and epoch both gone: Redis
+    lost its data, the last-known table keeps serving (logged); routes gone, epoch present:
+    the routes were deleted, everything goes to ``--pool`` again.
 ``redlb:routes:events`` (pub/sub channel)
     ``redlb route`` publishes here after an edit; redis-cli edits arrive as keyspace events.
     One pub/sub connection per process listens to this, the routes hash and every routed pool.
@@ -66,6 +73,7 @@ from redlb.address import Backend
 
 ROUTES = "redlb:routes"
 ROUTES_EVENTS = "redlb:routes:events"
+ROUTES_EPOCH = "redlb:routes:epoch"
 FLEET_WORKERS = "redlb:fleet:workers"
 
 

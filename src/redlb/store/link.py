@@ -6,6 +6,12 @@ import asyncio
 import logging
 
 from redis.asyncio import Redis
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+)
 
 log = logging.getLogger("redlb.redis")
 
@@ -16,6 +22,7 @@ class RedisLink:
         self.where = where
         self.up = False
         self._ever_up = False
+        self._problem = ""  # the kind of failure last logged: said once, not per retry
         self.reconnects = 0  # times Redis came back after an outage, for metrics
 
     async def check_master(self, timeout: float) -> None:
@@ -47,15 +54,19 @@ class RedisLink:
             else:
                 log.info("connected to Redis at %s", self.where)
             self._ever_up = True
+            self._problem = ""
 
     def mark_down(self, reason: BaseException) -> None:
-        if self.up or not self._ever_up:
+        """Log a failure when Redis was up or the kind of failure changed; never per retry."""
+        kind, text = describe_failure(reason)
+        if self.up or kind != self._problem:
             log.error(
-                "Redis at %s is unreachable (%s); serving the last-known pool and retrying",
+                "Redis at %s %s; serving the last-known pool and retrying about once a second",
                 self.where,
-                reason.__class__.__name__ + (f": {reason}" if str(reason) else ""),
+                text,
             )
-            self._ever_up = True  # log the first failure once, not on every retry
+            self._ever_up = True
+            self._problem = kind
         self.up = False
 
     async def close(self) -> None:
@@ -64,3 +75,20 @@ class RedisLink:
 
 class MasterChanged(Exception):
     """The Sentinel master moved: reconnect and re-read everything."""
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """The kind of a Redis failure and a sentence for the log.
+
+    redis-py's own text for refused credentials is misleading (``HELLO must be called...``),
+    so those are named plainly; no message here can contain the password.
+    """
+    if isinstance(exc, AuthenticationError | AuthenticationWrongNumberOfArgsError):
+        return "auth", (
+            "refused redlb's password (AUTH failed: the password in --redis is wrong or was "
+            "changed on the server)"
+        )
+    if isinstance(exc, AuthorizationError | NoPermissionError):
+        return "acl", f"refused a command: the ACL user lacks a permission redlb needs ({exc})"
+    detail = exc.__class__.__name__ + (f": {exc}" if str(exc) else "")
+    return "unreachable", f"is unreachable ({detail})"

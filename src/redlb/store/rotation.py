@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import MutableSequence
 from typing import Any
 
-from redlb.store.link import RedisLink
+from redlb.store.link import RedisLink, describe_failure
 
 log = logging.getLogger("redlb.rotation")
 
-# Slots of a cursor: current index, end of current block, next block [start, end), refilling.
-_CUR, _END, _NEXT_START, _NEXT_END, _REFILLING = range(5)
+# Slots of a cursor: current index, end of current block, next block [start, end), the pid
+# leasing the next block (0: none) and since when (monotonic ns, system-wide on Linux).
+_CUR, _END, _NEXT_START, _NEXT_END, _REFILLING, _REFILL_SINCE = range(6)
+_SLOTS = 6
 MIN_BLOCK = 16
 MAX_BLOCK = 16384
 
@@ -42,18 +45,21 @@ class Cursor:
         self.values: MutableSequence[int]
         self.lock: Any
         if shared:
-            self.values = multiprocessing.RawArray("q", 5)
+            self.values = multiprocessing.RawArray("q", _SLOTS)
             self.lock = multiprocessing.Lock()
         else:
-            self.values = [0, 0, 0, 0, 0]
+            self.values = [0] * _SLOTS
             self.lock = _NoLock()
 
-    def recover(self) -> None:
-        """After a worker died: free the lock if it died holding it (held for µs otherwise)."""
+    def recover(self, dead_pid: int | None = None) -> None:
+        """After a worker died: free the lock if it died holding it (held for µs otherwise),
+        and its claim on the next lease, which nobody else would ever clear."""
         if self.lock.acquire(timeout=0.2):
             self.lock.release()
         else:
             self.lock.release()
+        if dead_pid is not None and self.values[_REFILLING] == dead_pid:
+            self.values[_REFILLING] = 0
 
 
 class CounterLease:
@@ -67,6 +73,10 @@ class CounterLease:
         self.retry_after = 0.0
         self.refill_task: asyncio.Task[None] | None = None
         self.fallback = 0
+        self.pid = os.getpid()
+        # A lease claimed longer ago than any refill can take was claimed by a worker that
+        # died mid-refill: take the claim over rather than stop leasing for good.
+        self.stale_claim_ns = int((2 * timeout + 2.0) * 1e9)
 
     def next_index(self) -> int:
         values = self.cursor.values
@@ -86,16 +96,20 @@ class CounterLease:
             values[_CUR] = index + 1
             refill = (
                 not values[_NEXT_END]
-                and not values[_REFILLING]
                 and values[_END] - index <= self.block // 2
+                and (not values[_REFILLING] or self._claim_is_stale())
             )
             if refill:
-                values[_REFILLING] = 1
+                values[_REFILLING] = self.pid
+                values[_REFILL_SINCE] = time.monotonic_ns()
         finally:
             lock.release()
         if refill:
             self._schedule_refill()
         return index
+
+    def _claim_is_stale(self) -> bool:
+        return time.monotonic_ns() - self.cursor.values[_REFILL_SINCE] > self.stale_claim_ns
 
     def _schedule_refill(self) -> None:
         now = time.monotonic()
@@ -127,6 +141,7 @@ class CounterLease:
             return
         lock = self.cursor.lock
         if not lock.acquire(timeout=1.0):
+            values[_REFILLING] = 0  # the block is lost; the next pick may lease another
             return
         try:
             if values[_CUR] >= values[_END]:
@@ -186,7 +201,10 @@ class StrictCounter:
                 return int(end) - count
             except Exception as exc:
                 if not self.degraded:
-                    log.error("strict rotation falls back to a local counter: %r", exc)
+                    log.error(
+                        "strict rotation falls back to a local counter: Redis %s",
+                        describe_failure(exc)[1],
+                    )
                     self.degraded = True
         start = self.local
         self.local += count

@@ -3,7 +3,10 @@
 Rules:
 1. One pub/sub connection per process listens to everything: the routes hash, its events
    channel, and the list, events channel and settings hash of every routed pool.  A message
-   re-reads only what it names; a full resync runs every ``resync_interval`` regardless.
+   re-reads only what it names.  The resync every ``resync_interval`` (the fallback for lost
+   messages) checks a digest of the routes computed inside Redis, and re-reads a rotating
+   slice of the pools (all of them while there are at most RESYNC_POOLS), so a thousand pools
+   cost an idle worker and Redis little (a fleet of 1,000 is re-read in about 2 minutes).
 2. A new table is complete before it is swapped in (one assignment): every pool it routes to
    has been read, so a request sees the old table or the new one, never a route without its
    pool.  Big tables are parsed in slices with the event loop free in between.
@@ -22,12 +25,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.client import PubSub
+from redis.exceptions import ResponseError
 
 from redlb.address import Backend
-from redlb.routing import BadRoute, RouteSpec, RoutingTable, parse_route
+from redlb.routing import BadRoute, Match, RouteSpec, RoutingTable, parse_match
 from redlb.routing.hipache import SCAN_PATTERN, frontend_route
+from redlb.routing.match import with_value
 from redlb.routing.settings import parse_settings, resolve
-from redlb.store.keys import ROUTES, ROUTES_EVENTS
+from redlb.store.keys import ROUTES, ROUTES_EPOCH, ROUTES_EVENTS
 from redlb.store.link import RedisLink
 from redlb.store.sync import PoolSync, _text
 
@@ -37,8 +42,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redlb.routes")
 
-SLICE = 500  # routes parsed, or pools read, between two yields to the event loop
+SLICE = 100  # routes parsed or indexed between two yields to the event loop (about 0.5 ms)
+POOL_SLICE = 500  # pools read in one pipeline
 MAX_ROUTES = 100_000
+# Pools re-read per resync: all of them up to this many, else this many or a 200th.  Edits
+# arrive by notification in milliseconds; the resync is the fallback (lost messages, health
+# verdicts expiring), and a thousand pools re-read every second would cost more Redis
+# commands than the requests themselves (the default rotation stays under 0.01 per request).
+RESYNC_POOLS = 8
+
+# The routes hash is re-read only when this changes (10,000 routes: 40 bytes, not 600 KB).
+# Like a pool's epoch, the routes' epoch is written by whoever reads a real hash: routes gone
+# with their epoch mean Redis lost its data (keep the last-known table), not "no routes".
+_ROUTES_DIGEST = """
+local all = redis.call('HGETALL', KEYS[1])
+if #all > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], '1')
+end
+return {redis.sha1hex(table.concat(all, '\\n')), redis.call('EXISTS', KEYS[2]), #all}
+"""
 
 
 class RouteSync(PoolSync):
@@ -58,6 +80,7 @@ class RouteSync(PoolSync):
         self.specs: list[RouteSpec] = []
         self.raw_routes: Any = None  # what was last read, to skip identical rebuilds
         self.parsed: dict[tuple[bytes, bytes], RouteSpec | str] = {}
+        self.matches: dict[bytes, Match] = {}  # field -> its parsed match
         self.warned_routes: set[tuple[bytes, bytes]] = set()
         self.warned_settings: dict[str, set[str]] = {}
         self.raw_settings: dict[str, Any] = {}
@@ -65,6 +88,11 @@ class RouteSync(PoolSync):
         self.routes_dirty = True
         self.dirty_pools: set[str] = set()
         self.last_full = 0.0
+        self.routes_digest: Any = None
+        self.scripts = True  # False once EVAL is refused (an ACL user): no digest, read whole
+        self.routes_lost = False
+        self.routes_problem: str | None = None  # the wrong type the routes key held, if any
+        self.resync_cursor = 0  # where the next resync's slice of pools starts
         # Subscriptions
         self.pubsub: PubSub | None = None
         self.db = 0
@@ -139,14 +167,25 @@ class RouteSync(PoolSync):
         for name in fresh:
             self.states[name] = self.make_state(name)
         dirty, self.dirty_pools = self.dirty_pools, set()
-        to_read = list(wanted) if full else [n for n in wanted if n in dirty or n in fresh]
-        for start in range(0, len(to_read), SLICE):
-            await self._read_pools([self.states[n] for n in to_read[start : start + SLICE]])
+        to_read = [n for n in wanted if n in dirty or n in fresh]
+        if full:
+            to_read = list(dict.fromkeys(to_read + self._resync_slice(wanted)))
+        for start in range(0, len(to_read), POOL_SLICE):
+            chunk = to_read[start : start + POOL_SLICE]
+            await self._read_pools([self.states[n] for n in chunk])
         await self.link.check_master(self.config.redis_timeout)
         self.link.mark_up()
         if routes_changed or fresh or not self.ctx.known:
             await self._swap(wanted)
         self.ctx.known = True
+
+    def _resync_slice(self, wanted: list[str]) -> list[str]:
+        count = max(RESYNC_POOLS, len(wanted) // 200)
+        if count >= len(wanted):
+            return wanted
+        start = self.resync_cursor % len(wanted)
+        self.resync_cursor = start + count
+        return (wanted[start:] + wanted[:start])[:count]
 
     def _wanted_pools(self) -> list[str]:
         if not self.specs and not self.hipache:
@@ -163,7 +202,9 @@ class RouteSync(PoolSync):
             )
             raw: Any = keys
         else:
-            raw = await asyncio.wait_for(client.hgetall(ROUTES), timeout + 1e-5 * len(self.parsed))
+            raw = await self._read_routes_hash(timeout)
+            if raw is None:
+                return None
         if raw == self.raw_routes:
             return None
         self.raw_routes = raw
@@ -188,14 +229,67 @@ class RouteSync(PoolSync):
                 await asyncio.sleep(0)
         self.parsed = parsed
         self.warned_routes = bad
+        if len(self.matches) > 2 * len(parsed) + 100:
+            self.matches = {f: s.match for (f, _), s in parsed.items() if not isinstance(s, str)}
         return specs
+
+    async def _read_routes_hash(self, timeout: float) -> Any:
+        """The routes hash, or None to keep the table (unchanged, or Redis lost its data)."""
+        client = self.link.client
+        digest: Any = None
+        kind = _text(await asyncio.wait_for(client.type(ROUTES), timeout))
+        if kind not in ("hash", "none"):
+            if self.routes_problem != kind:
+                log.error("%s holds a %s, not a hash: keeping the last-known routes", ROUTES, kind)
+                self.routes_problem = kind
+            return None
+        if self.routes_problem is not None:
+            log.info("%s is a hash again", ROUTES)
+            self.routes_problem = None
+        if self.scripts:
+            try:
+                digest, epoch, fields = await asyncio.wait_for(
+                    client.eval(_ROUTES_DIGEST, 2, ROUTES, ROUTES_EPOCH), timeout
+                )
+            except ResponseError as exc:  # scripting not allowed (ACL): read the hash whole
+                log.warning("cannot run a script (%s): the routes are read whole each resync", exc)
+                self.scripts = False
+        raw = None
+        if not self.scripts:
+            pipe = client.pipeline(transaction=False)
+            pipe.hgetall(ROUTES)
+            pipe.exists(ROUTES_EPOCH)
+            raw, epoch = await asyncio.wait_for(pipe.execute(), timeout + 1e-5 * len(self.parsed))
+            fields = len(raw)
+            if raw and not epoch:
+                await asyncio.wait_for(client.set(ROUTES_EPOCH, "1", nx=True), timeout)
+        elif digest == self.routes_digest:
+            return None
+        if not fields and not epoch and self.specs:
+            if not self.routes_lost:
+                log.error(
+                    "Redis lost its data (%s and its epoch are both gone): keeping the "
+                    "last-known %d routes until routes are written again",
+                    ROUTES,
+                    len(self.specs),
+                )
+                self.routes_lost = True
+            return None
+        self.routes_lost = False
+        if raw is None:
+            self.routes_digest = digest
+            raw = await asyncio.wait_for(client.hgetall(ROUTES), timeout + 1e-5 * len(self.parsed))
+        return raw
 
     def _parse(self, field: bytes, value: bytes) -> RouteSpec | str:
         shown = field[:80].decode("utf-8", "backslashreplace")
         try:
             if self.hipache:
                 return frontend_route(field.decode("utf-8"))
-            return parse_route(field.decode("utf-8"), value.decode("utf-8"))
+            match = self.matches.get(field)  # a reload that only moves routes to other pools
+            if match is None:  # parses no match again
+                match = self.matches[field] = parse_match(field.decode("utf-8"))
+            return with_value(match, value.decode("utf-8"))
         except UnicodeDecodeError:
             return f"{shown!r}: not UTF-8"
         except BadRoute as exc:
@@ -223,8 +317,9 @@ class RouteSync(PoolSync):
             kind_raw, entries, epoch, draining_raw, settings_raw = replies[5 * i : 5 * i + 5]
             if isinstance(kind_raw, Exception):
                 raise kind_raw
-            members = state.sync._members(_text(kind_raw), entries, bool(epoch))
-            if members is not None and not epoch:
+            kind = _text(kind_raw)
+            members = state.sync._members(kind, entries, bool(epoch))
+            if kind == "list" and not epoch:  # only a real list vouches for Redis's data
                 epochs.append(state.keys.epoch)
             self._apply_settings(state, settings_raw)
             read.append((state, members, draining_raw))
@@ -257,10 +352,17 @@ class RouteSync(PoolSync):
                 draining=state.sync._parse_set(draining_raw),
                 ejected=ejected,
             )
+            state.sync.log_changes()
+
+    def log_changes(self) -> None:
+        for state in list(self.states.values()):
+            state.sync.log_changes()
 
     def _apply_settings(self, state: PoolState, raw: Any) -> None:
         if isinstance(raw, Exception):
-            log.error("cannot read %s: %s", state.keys.settings, raw)
+            if self.raw_settings.get(state.name) != "unreadable":  # said once
+                log.error("cannot read %s (%s): keeping its settings", state.keys.settings, raw)
+                self.raw_settings[state.name] = "unreadable"
             return
         if raw == self.raw_settings.get(state.name):
             return
@@ -280,7 +382,12 @@ class RouteSync(PoolSync):
         if not self.specs and not self.hipache:
             table = RoutingTable.default(targets[self.config.pool], self.config.pool)
         else:
-            table = RoutingTable.build(self.specs, targets, ctx.table.version + 1)
+            version = ctx.table.version + 1
+            for step in RoutingTable.build_in_steps(self.specs, targets, version, SLICE):
+                if step is None:
+                    await asyncio.sleep(0)  # requests keep flowing on the old table meanwhile
+                else:
+                    table = step
         for state in targets.values():
             state.start_prober()
         ctx.table = table  # the one assignment every request sees either side of

@@ -2,12 +2,18 @@
 
 Rules:
 1. The request path never waits on this: it reads ``Pool.healthy``, which only changes here.
-2. Redis down or slow: keep the last-known pool, log the change once, reconnect with jittered
-   exponential backoff (capped), then re-subscribe and re-read everything.
+2. Redis down or slow: keep the last-known pool, log the change once, retry about once a
+   second (jittered, so a fleet spreads out; one quick retry after a blip), then re-subscribe
+   and re-read everything.  A cap of seconds would leave edits unseen that long after Redis
+   is back; an attempt is one connection, cheap at this rate.
 3. Push for speed (keyspace notifications + the events channel), a resync every
    ``resync_interval`` as the fallback for lost messages or notifications that are off.
 4. "The pool is empty" (epoch present) is not "Redis lost its data" (epoch gone too): the
-   first is served as 503, the second keeps the last-known pool and is logged loudly.
+   first is served as 503, the second keeps the last-known pool and is logged loudly.  Only
+   an instance that read a real list writes the epoch: one that knows no pool (new, or a
+   restarted worker) must not turn lost data into "empty" for every other instance.
+5. Every change of the pool (members, drain, ejection, health) is logged once per instance,
+   from the difference between what was last logged and what the pool is now.
 """
 
 from __future__ import annotations
@@ -15,23 +21,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from redlb.address import Backend, InvalidAddress, parse_backend
 from redlb.config import Config
-from redlb.pool import Pool
+from redlb.pool import Pool, PoolView, describe_changes
 from redlb.store.keys import Keys
 from redlb.store.link import MasterChanged, RedisLink
 
 log = logging.getLogger("redlb.sync")
 
-BACKOFF_START = 0.1
-BACKOFF_CAP = 5.0
+RETRY_AFTER_BLIP = 0.1  # the first retry after a session that worked a while ended
+BLIP_AFTER = 5.0  # seconds a session must have lasted to earn the quick retry
+RETRY_INTERVAL = 1.0  # then one attempt a second at most, jittered up to +50%
+MAX_CHANGE_LINES = 20  # per difference; a pool of thousands is summed up, not listed
 
 
 class PoolSync:
@@ -50,11 +59,14 @@ class PoolSync:
         self.on_connected = on_connected
         self.warned_entries: set[bytes] = set()
         self.problem: str | None = None  # the pool-level condition last logged
-        self.notifications_warned = False
+        self.push_warned: set[str] = set()  # each way of being told of edits lost, said once
+        self.draining_unreadable = False
+        self.logged_view = PoolView()  # the pool as the log last described it
 
     async def run(self) -> None:
-        backoff = BACKOFF_START
         while True:
+            was_up = False
+            started = time.monotonic()
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -62,11 +74,12 @@ class PoolSync:
             except MasterChanged:
                 continue  # already logged; reconnect to the new master at once
             except Exception as exc:
+                was_up = self.link.up
                 self.link.mark_down(exc)
-            else:
-                backoff = BACKOFF_START
-            await asyncio.sleep(random.uniform(0.5, 1.0) * backoff)
-            backoff = min(backoff * 2, BACKOFF_CAP)
+            self.log_changes()  # ejections that end while Redis is away are said too
+            blip = was_up and time.monotonic() - started >= BLIP_AFTER
+            delay = RETRY_AFTER_BLIP if blip else RETRY_INTERVAL
+            await asyncio.sleep(delay * random.uniform(1.0, 1.5))
 
     async def _session(self) -> None:
         client = self.link.client
@@ -80,13 +93,16 @@ class PoolSync:
             await self.sync_once()
             if self.on_connected is not None:
                 await self.on_connected()
+            subscribed = True
             while True:
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=self.config.resync_interval
-                )
-                while message is not None:  # coalesce a burst of edits into one read
-                    self.note(message)
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                if subscribed:
+                    try:
+                        await self._wait_for_news(pubsub)
+                    except NoPermissionError as exc:  # an ACL user without channel access
+                        subscribed = False
+                        self._warn_no_push("subscribe", f"cannot subscribe ({exc})")
+                else:
+                    await asyncio.sleep(self.config.resync_interval)
                 await self.sync_once()
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -97,6 +113,24 @@ class PoolSync:
 
     def note(self, message: dict[str, Any]) -> None:
         """A message arrived; the next sync_once runs after the burst (routes.py reads it)."""
+
+    async def _wait_for_news(self, pubsub: Any) -> None:
+        """Until a message or the resync interval; a burst of edits makes one read."""
+        message = await pubsub.get_message(
+            ignore_subscribe_messages=True, timeout=self.config.resync_interval
+        )
+        while message is not None:
+            self.note(message)
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+
+    def _warn_no_push(self, what: str, reason: str) -> None:
+        if what not in self.push_warned:
+            log.warning(
+                "%s; edits will be seen by the %.1f s resync instead",
+                reason,
+                self.config.resync_interval,
+            )
+            self.push_warned.add(what)
 
     async def _enable_notifications(self, client: Redis) -> None:
         """Turn on list/generic keyspace events if we may; else rely on the resync."""
@@ -115,15 +149,16 @@ class PoolSync:
             await asyncio.wait_for(
                 client.config_set("notify-keyspace-events", wanted), self.config.redis_timeout
             )
+            # A setting of the user's Redis changed: say so, with what it was.
+            log.warning(
+                "changed the Redis setting notify-keyspace-events from %r to %r so that "
+                "redis-cli edits of %r reach redlb at once",
+                flags,
+                wanted,
+                self.keys.pool,
+            )
         except ResponseError as exc:
-            if not self.notifications_warned:
-                log.warning(
-                    "cannot enable keyspace notifications (%s); redis-cli edits will be seen by "
-                    "the %.1f s resync instead",
-                    exc,
-                    self.config.resync_interval,
-                )
-                self.notifications_warned = True
+            self._warn_no_push("config", f"cannot enable keyspace notifications ({exc})")
 
     async def sync_once(self) -> None:
         """Read pool, drain set, health and ejection marks; apply them to the local pool."""
@@ -142,7 +177,7 @@ class PoolSync:
             raise kind_raw
         kind = _text(kind_raw)
         members = self._members(kind, entries, bool(epoch))
-        if members is not None and not epoch:
+        if kind == "list" and not epoch:
             await asyncio.wait_for(client.set(keys.epoch, "1", nx=True), timeout)
         known = members if members is not None else list(self.pool.members)
         down, ejected = await self._status(client, known)
@@ -150,6 +185,19 @@ class PoolSync:
         await self.link.check_master(timeout)
         self.link.mark_up()
         self.pool.update(members=members, down=down, draining=draining, ejected=ejected)
+        self.log_changes()
+
+    def log_changes(self) -> None:
+        """One line per change of the pool since the last call."""
+        view = self.pool.view()
+        if view == self.logged_view:
+            return
+        lines = describe_changes(self.logged_view, view)
+        self.logged_view = view
+        for line in lines[:MAX_CHANGE_LINES]:
+            log.info("pool %r: %s", self.keys.pool, line)
+        if len(lines) > MAX_CHANGE_LINES:
+            log.info("pool %r: and %d more changes", self.keys.pool, len(lines) - MAX_CHANGE_LINES)
 
     def _members(self, kind: str, entries: Any, epoch: bool) -> list[Backend] | None:
         """The members to use, or None to keep the last-known ones."""
@@ -164,6 +212,14 @@ class PoolSync:
                     level=logging.ERROR,
                 )
                 return None
+            if not epoch:
+                self._problem(
+                    "absent",
+                    "the pool %r does not exist and this instance knows no earlier pool "
+                    "(a new Redis, or one that lost its data): answering 503",
+                    self.keys.pool,
+                )
+                return []
             self._problem("empty", "the pool %r is empty: answering 503", self.keys.pool)
             return []
         if kind != "list":
@@ -221,8 +277,17 @@ class PoolSync:
 
     def _parse_set(self, raw: Any) -> list[Backend]:
         if isinstance(raw, Exception):
-            log.error("cannot read %s: %s", self.keys.draining, raw)
+            if not self.draining_unreadable:  # said once, not on every resync
+                log.error(
+                    "cannot read %s (%s): keeping the last-known drained backends",
+                    self.keys.draining,
+                    raw,
+                )
+                self.draining_unreadable = True
             return list(self.pool.draining)
+        if self.draining_unreadable:
+            log.info("%s is readable again", self.keys.draining)
+            self.draining_unreadable = False
         result = []
         for item in raw:
             try:
