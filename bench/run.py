@@ -9,6 +9,12 @@ read from /proc for all of a proxy's processes; Redis commands per request from 
     BENCH_SECONDS=5 BENCH_ROUNDS=3   # per measurement, and rounds (defaults)
     BENCH_TARGETS=nginx,redlb,relay  # a subset; "relay" adds bench/relay.py, the uvloop floor
     BENCH_ONLY=routing               # only the routing scenario (10,000 routes vs one pool)
+    BENCH_STRATEGIES=only            # just the strategy table (CPU per request vs round robin)
+    BENCH_STRATEGIES=off             # skip it
+
+After the proxy tables, every strategy runs the same scenario (STRATEGY_SCENARIO) as plain
+round robin, interleaved in the same rounds, and the table shows its CPU per request and
+Redis commands per request against round robin's.
 """
 
 from __future__ import annotations
@@ -43,6 +49,20 @@ SCENARIOS = [
     ("1 KB, 50 conns", "/1k", 50),
     ("100 KB, 50 conns", "/100k", 50),
     ("ok, 1000 conns", "/ok", 1000),
+]
+STRATEGY_SCENARIO = ("ok, 50 conns", "/ok", 50)
+# --strategy arguments compared with round robin (hash: on the client address; sticky: a
+# cookie wrk never sends back, so every answer also carries a Set-Cookie: the worst case).
+STRATEGY_VARIANTS = [
+    ("round_robin", []),
+    ("round_robin, weights 1:2:3", ["--strategy", "round_robin"]),
+    ("least_outstanding", ["--strategy", "least_outstanding"]),
+    ("least_conn", ["--strategy", "least_conn"]),
+    ("peak_ewma", ["--strategy", "peak_ewma"]),
+    ("hash (ip, bounded)", ["--strategy", "hash"]),
+    ("random", ["--strategy", "random"]),
+    ("first", ["--strategy", "first", "--max-conns-per-backend", "20"]),
+    ("round_robin + sticky", ["--sticky-cookie", "lb"]),
 ]
 
 
@@ -285,10 +305,14 @@ def main() -> None:
         targets = [t for t in targets if t.name in keep or t.name.startswith("redlb --no")]
     only = os.environ.get("BENCH_ONLY")  # e.g. "ok, 50 conns" for a quick look
     wanted = [s for s in SCENARIOS if not only or s[0] == only]
+    strategies_mode = os.environ.get("BENCH_STRATEGIES", "on")
+    if strategies_mode == "only":
+        wanted = []
     results: dict[str, dict[str, dict[str, float]]] = {}
+    strategy_rows: dict[str, dict[str, float]] = {}
     routing: dict[str, float] = {}
     try:
-        if not only or only == "routing":
+        if (not only or only == "routing") and strategies_mode != "only":
             routing = routing_scenario(redis_port, backend_ports, redlb)
         for scenario, path, connections in wanted:
             rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
@@ -305,6 +329,8 @@ def main() -> None:
                 for name, ms in rounds.items()
             }
             print_table(scenario, results[scenario])
+        if strategies_mode == "only" or (strategies_mode != "off" and not only):
+            strategy_rows = compare_strategies(redlb, client)
     finally:
         for target in targets:
             target.stop()
@@ -322,14 +348,67 @@ def main() -> None:
         "layout": f"proxy on CPU {PROXY_CPU}; wrk -t1 and nginx backends on CPU {LOAD_CPU}",
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if strategies_mode == "only":  # a partial run: leave the full run's results alone
+        (RESULTS / "strategies.json").write_text(
+            json.dumps({"machine": machine, "strategies": strategy_rows}, indent=2)
+        )
+        return
     if only == "routing":
         (RESULTS / "routing.json").write_text(json.dumps({"machine": machine, "routing": routing}))
         return
     (RESULTS / "latest.json").write_text(
-        json.dumps({"machine": machine, "results": results, "routing": routing}, indent=2)
+        json.dumps(
+            {
+                "machine": machine,
+                "results": results,
+                "routing": routing,
+                "strategies": strategy_rows,
+            },
+            indent=2,
+        )
     )
-    chart(results)
+    if results:
+        chart(results)
     print(f"\nwrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.png'}")
+
+
+def compare_strategies(redlb, client: redis.Redis) -> dict[str, dict[str, float]]:
+    """Every strategy against round robin: the same scenario, interleaved rounds, medians."""
+    _, path, connections = STRATEGY_SCENARIO
+    weighted = "round_robin, weights 1:2:3"
+    variants = [Target(name, redlb(*args), client) for name, args in STRATEGY_VARIANTS]
+    rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in variants}
+    members = [m.decode() for m in client.lrange("servers", 0, -1)]
+    for r in range(ROUNDS):
+        for target in variants:
+            if target.name == weighted:
+                client.hset(
+                    "redlb:servers:weights", mapping=dict(zip(members, "123", strict=False))
+                )
+            target.start()
+            try:
+                rounds[target.name].append(target.measure(path, connections))
+            finally:
+                target.stop()
+                client.delete("redlb:servers:weights")
+        print(f"  strategies: round {r + 1}/{ROUNDS} done", file=sys.stderr, flush=True)
+    rows = {
+        name: {k: statistics.median(m[k] for m in ms) for k in ms[0]} for name, ms in rounds.items()
+    }
+    base = rows["round_robin"]
+    print(f"\n## strategies ({STRATEGY_SCENARIO[0]}): CPU per request against round robin")
+    print(
+        "| strategy | req/s | p99 ms | errors | CPU µs/req | CPU vs round robin | Redis cmds/req |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['rps']:,.0f} | {r['p99_ms']:.2f} | {r['errors']:.0f} | "
+            f"{r['cpu_us_per_req']:.1f} | {r['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}x | "
+            f"{r['redis_per_req']:.4f} |"
+        )
+    sys.stdout.flush()
+    return rows
 
 
 # The routing scenario: 5,000 exact hosts, 1,000 wildcards, 4,000 path prefixes, 1,000 pools.

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -755,3 +756,129 @@ def metric(proxy: Proxy, name: str) -> float | None:
         return None
     match = re.search(rb"^%b(?:_total)? ([0-9.e+]+)$" % name.encode(), body, re.M)
     return float(match.group(1)) if match else None
+
+
+# Strategies: a backend that measures its own concurrency, and closed-loop clients
+
+
+class CountingBackend:
+    """Answers every GET after ``delay`` seconds and integrates its requests in flight.
+
+    ``average()`` is the time-weighted mean number of requests it held since ``reset()``:
+    what "its share of in-flight requests" means for a slow backend.
+    """
+
+    def __init__(self, loop: LoopThread, name: str, delay: float = 0.0) -> None:
+        self.loop = loop
+        self.name = name
+        self.delay = delay
+        self.port = free_port()
+        self.server: asyncio.AbstractServer | None = None
+        self.count = 0
+        self.inflight = 0
+        self.peak = 0
+        self.area = 0.0
+        self.since = time.monotonic()
+        self.changed = self.since
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> CountingBackend:
+        async def go() -> None:
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+        self.loop.run(go())
+        return self
+
+    def stop(self) -> None:
+        async def go() -> None:
+            if self.server is not None:
+                self.server.close()
+                self.server = None
+
+        self.loop.run(go())
+
+    def _step(self, delta: int) -> None:
+        now = time.monotonic()
+        self.area += self.inflight * (now - self.changed)
+        self.changed = now
+        self.inflight += delta
+        self.peak = max(self.peak, self.inflight)
+
+    def reset(self) -> None:
+        def go() -> None:
+            self._step(0)
+            self.area, self.count, self.peak = 0.0, 0, self.inflight
+            self.since = time.monotonic()
+
+        self.loop.loop.call_soon_threadsafe(go)
+        time.sleep(0.05)
+
+    def average(self) -> float:
+        result: Future[float] = Future()
+
+        def go() -> None:
+            self._step(0)
+            result.set_result(self.area / max(1e-9, time.monotonic() - self.since))
+
+        self.loop.loop.call_soon_threadsafe(go)
+        return result.result(5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = f"ok {self.name}".encode()
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head:
+                    break
+                self._step(+1)
+                try:
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                finally:
+                    self._step(-1)
+                self.count += 1
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+def closed_loop(
+    ports: list[int], clients_per_port: int, seconds: float, headers: dict[str, str] | None = None
+) -> Counter[int]:
+    """Keep-alive clients, each sending its next GET as soon as the last one is answered."""
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(port: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            while time.monotonic() < deadline:
+                conn.request("GET", "/", headers=headers or {"Host": "example.com"})
+                response = conn.getresponse()
+                response.read()
+                with lock:
+                    statuses[response.status] += 1
+        except (OSError, http.client.HTTPException):
+            with lock:
+                statuses[0] += 1
+        finally:
+            conn.close()
+
+    threads = [
+        threading.Thread(target=client, args=(port,), daemon=True)
+        for port in ports
+        for _ in range(clients_per_port)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 15)
+    return statuses

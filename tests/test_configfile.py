@@ -71,7 +71,8 @@ def test_every_serve_flag_has_a_key(tmp_path: Path):
         elif default is None:
             value = {"workers": "2", "redis": '"redis://127.0.0.1:6379/0"',
                      "health-path": '"/healthz"', "admin-listen": '"127.0.0.1:8200"',
-                     "admin-token-file": '"TOKEN"', "config": None}.get(key)  # fmt: skip
+                     "admin-token-file": '"TOKEN"', "sticky-cookie": '"SID"',
+                     "config": None}.get(key)  # fmt: skip
             if value is None:
                 continue
         else:

@@ -147,6 +147,7 @@ def test_grafana_dashboard_names_only_real_metrics(redis_server, backends, start
     proxy = start_proxy(redis_server.url, "--workers", "2")
     for _ in range(3):
         proxy.get("/")
+    assert wait_for(lambda: metric_sum(scrape(proxy), "redlb_requests_total") == 3, 5)
     samples = scrape(proxy)
     exported = {name for name, _ in samples}
     dashboard = json.loads(Path(GRAFANA).read_text())

@@ -11,7 +11,7 @@ import click
 import redis
 
 from redlb.address import InvalidAddress, parse_backend
-from redlb.config import Config
+from redlb.config import STRATEGIES, Config
 from redlb.configfile import config_option
 from redlb.store.client import redact
 from redlb.store.embedded import running_url
@@ -67,6 +67,39 @@ def main() -> None:
     show_default=True,
     help="lease: shared counter leased in blocks, no Redis on the request path; "
     "strict: exact shared rotation, one counter value per request.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(list(STRATEGIES)),
+    default="round_robin",
+    show_default=True,
+    help="How the default pool picks a backend (README: Strategies); per pool: redlb pool set.",
+)
+@click.option(
+    "--hash-key",
+    default="ip",
+    show_default=True,
+    help="What --strategy hash hashes: ip, path, header:NAME, cookie:NAME or query:NAME.",
+)
+@click.option(
+    "--hash-balance",
+    type=float,
+    default=0.25,
+    show_default=True,
+    help="Bounded loads for hash: no backend over (1 + this) x the average load; 0 = off.",
+)
+@click.option(
+    "--sticky-cookie",
+    "sticky",
+    default=None,
+    help="Sticky sessions: the name of the cookie that sends a client back to its backend.",
+)
+@click.option(
+    "--slow-start",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds over which a backend that joins or recovers ramps up to its weight.",
 )
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
 @click.option(
@@ -277,6 +310,13 @@ def _validated(addr: str) -> str:
         raise click.ClickException(f"{addr!r} is not a backend address: {exc}") from None
 
 
+def _validated_or_none(raw: str | bytes) -> str | None:
+    try:
+        return parse_backend(raw).key
+    except InvalidAddress:
+        return None
+
+
 @backend.command("add")
 @click.argument("addr")
 @_redis_options
@@ -303,6 +343,8 @@ def backend_rm(addr: str, redis_url: str | None, pool: str, state_dir: str) -> N
                 removed += int(client.lrem(pool, 0, raw))  # type: ignore[arg-type]
         except InvalidAddress:
             continue
+    if removed:
+        client.hdel(Keys(pool).weights, key)  # gone from the list: its weight goes too
     client.publish(Keys(pool).events, "edit")
     if not removed:
         raise click.ClickException(f"{key} is not in {pool}")
@@ -316,6 +358,11 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
     client = _connect(redis_url, state_dir)
     keys = Keys(pool)
     draining = set(client.smembers(keys.draining))
+    weights = {
+        _validated_or_none(k): int(v)
+        for k, v in client.hgetall(keys.weights).items()
+        if v.isdigit()
+    }
     for raw in client.lrange(pool, 0, -1):
         try:
             b = parse_backend(raw)
@@ -330,7 +377,34 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
             state.append(health.decode() if isinstance(health, bytes) else str(health))
         if b.key.encode() in draining:
             state.append("draining")
+        if weights.get(b.key, 1) != 1:
+            state.append(f"weight {weights[b.key]}")
         click.echo(f"{b.key:30} {', '.join(state) or 'ok'}")
+
+
+@backend.command("weight")
+@click.argument("addr")
+@click.argument("weight", type=int)
+@_redis_options
+def backend_weight(
+    addr: str, weight: int, redis_url: str | None, pool: str, state_dir: str
+) -> None:
+    """Give ADDR a weight of WEIGHT (1..1000; 1 is the default) in the pool."""
+    from redlb.store.weights import parse_weight
+
+    key = _validated(addr)
+    try:
+        parse_weight(str(weight))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    client = _connect(redis_url, state_dir)
+    keys = Keys(pool)
+    if weight == 1:
+        client.hdel(keys.weights, key)
+    else:
+        client.hset(keys.weights, key, str(weight))
+    client.publish(keys.events, "weight")
+    click.echo(f"{key} has weight {weight} in {pool}")
 
 
 @backend.command("drain")

@@ -6,9 +6,20 @@ import os
 from dataclasses import dataclass, field
 
 from redlb.address import parse_listen
+from redlb.balancer.requestkey import parse_cookie_name, parse_key_spec
 
 ROTATIONS = ("lease", "strict")
 LOG_FORMATS = ("text", "json")
+# How a pool picks a backend (README "Strategies"); round_robin uses --rotation.
+STRATEGIES = (
+    "round_robin",
+    "least_outstanding",
+    "least_conn",
+    "peak_ewma",
+    "hash",
+    "random",
+    "first",
+)
 
 
 @dataclass(slots=True)
@@ -23,6 +34,13 @@ class Config:
     state_dir: str = ".redlb"
     pool: str = "servers"
     rotation: str = "lease"
+
+    # Strategy (per pool through redlb:{P}:settings; these are the defaults)
+    strategy: str = "round_robin"
+    hash_key: str = "ip"  # ip, path, header:NAME, cookie:NAME, query:NAME
+    hash_balance: float = 0.25  # bounded loads: no backend over (1 + this) x average; 0 = off
+    sticky: str | None = None  # sticky-session cookie name; None = off
+    slow_start: float = 0.0  # seconds a joining backend ramps its weight over; 0 = off
     redis_timeout: float = 0.25
     resync_interval: float = 1.0
     max_pool_entries: int = 10_000
@@ -85,6 +103,15 @@ class Config:
         """Raise ValueError with one clear sentence for a bad combination."""
         if self.rotation not in ROTATIONS:
             raise ValueError(f"unknown rotation {self.rotation!r}; choose one of {ROTATIONS}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        parse_key_spec(self.hash_key)
+        if not 0 <= self.hash_balance <= 10:
+            raise ValueError("--hash-balance must be within 0..10")
+        if self.sticky is not None:
+            parse_cookie_name(self.sticky)
+        if not 0 <= self.slow_start <= 3600:
+            raise ValueError("--slow-start must be within 0..3600 seconds")
         parse_listen(self.listen)
         if self.status_listen:
             host, _ = parse_listen(self.status_listen)

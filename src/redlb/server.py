@@ -194,11 +194,13 @@ async def _worker(
     )
     ctx.listening = True
     log.info(
-        "worker %d listening on %s (%s, rotation %s)%s",
+        "worker %d listening on %s (%s, strategy %s)%s",
         worker,
         config.listen,
         f"pool {config.pool!r}" if ctx.table.single else f"{len(ctx.table.routes)} routes",
-        config.rotation,
+        f"round_robin, rotation {config.rotation}"
+        if config.strategy == "round_robin"
+        else config.strategy,
         f", status on {config.status_listen}" if config.status_listen else "",
     )
 

@@ -4,6 +4,7 @@ Each block of the shared counter (``INCRBY``) is a contiguous run of indices, an
 of a contiguous run gives every backend the same count within one.  So however requests are
 spread over instances, every backend's share stays even, while the request path only bumps a
 local cursor; the next block is fetched in the background before the current one runs out.
+With weights, the counter indexes nginx's smooth weighted period instead (balancer/wrr.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy
+from redlb.balancer.wrr import WeightedOrder
 from redlb.store.rotation import CounterLease
 
 
@@ -20,6 +22,9 @@ class LeasedRoundRobin(Strategy):
 
     def __init__(self, lease: CounterLease) -> None:
         self.lease = lease
+        self.weighted = WeightedOrder()
 
-    def pick(self, candidates: Sequence[Backend]) -> Backend:
-        return candidates[self.lease.next_index() % len(candidates)]
+    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+        weighted = self.weighted
+        order = weighted.order if candidates is weighted.seen else weighted.of(candidates)
+        return order[self.lease.next_index() % len(order)]

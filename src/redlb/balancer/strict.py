@@ -2,7 +2,8 @@
 
 Requests sent one after another to different instances go to consecutive backends.  Picks
 waiting at the same moment share one ``INCRBY n`` round trip, so throughput does not fall
-to one Redis round trip per request.
+to one Redis round trip per request.  With weights, the counter indexes nginx's smooth
+weighted period (balancer/wrr.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy
+from redlb.balancer.wrr import WeightedOrder
 from redlb.store.rotation import StrictCounter
 
 
@@ -20,10 +22,13 @@ class StrictRoundRobin(Strategy):
 
     def __init__(self, counter: StrictCounter) -> None:
         self.counter = counter
+        self.weighted = WeightedOrder()
 
-    def pick(self, candidates: Sequence[Backend]) -> Backend:
-        return candidates[self.counter.local_index() % len(candidates)]
+    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+        order = self.weighted.of(candidates)
+        return order[self.counter.local_index() % len(order)]
 
-    async def pick_async(self, candidates: Sequence[Backend]) -> Backend:
+    async def pick_async(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
         index = await self.counter.next_index()
-        return candidates[index % len(candidates)]
+        order = self.weighted.of(candidates)
+        return order[index % len(order)]

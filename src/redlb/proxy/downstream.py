@@ -409,6 +409,9 @@ class ClientConnection(asyncio.Protocol):
         if chunked:
             check_transfer_encoding(te_values, http10)
         max_body = route.target.config.max_body if route is not None else self.ctx.config.max_body
+        key = sticky = b""
+        if route is not None and route.target.reads_request:  # hashing or sticky pools only
+            key, sticky = route.target.request_keys(self.peer, target, self.headers)
         if max_body and content_length > max_body:
             raise _body_too_large(max_body)
         has_body = chunked or content_length > 0
@@ -462,6 +465,8 @@ class ClientConnection(asyncio.Protocol):
             expect_continue=expect_continue and has_body,
             route=route,
             max_body=max_body,
+            key=key,
+            sticky=sticky,
         )
 
     # Exchange interface

@@ -28,6 +28,7 @@ from redlb.proxy.rules import drop_connection_named
 from redlb.proxy.upstream import BackendConnections, UpstreamConnection
 
 if TYPE_CHECKING:
+    from redlb.balancer.load import LoadView
     from redlb.proxy.context import ProxyContext
     from redlb.proxy.downstream import ClientConnection
     from redlb.proxy.poolstate import PoolState
@@ -54,6 +55,8 @@ class RequestHead:
     expect_continue: bool
     route: Route[PoolState] | None = None  # None: routes are configured and none matched
     max_body: int = 0  # the route's pool's limit (0 = unlimited)
+    key: bytes = b""  # what a hashing pool hashes (balancer/requestkey.py)
+    sticky: bytes = b""  # the pool's sticky-session cookie, as sent
 
 
 class Exchange:
@@ -64,6 +67,8 @@ class Exchange:
         "bytes_out",
         "client",
         "connect_task",
+        "cookie",
+        "counted",
         "ctx",
         "done",
         "first_byte",
@@ -109,6 +114,8 @@ class Exchange:
         self.slot: BackendConnections | None = None  # holds one of the backend's connections
         self.queued_since = 0.0  # waiting for a connection to this backend since
         self.tried: list[Backend] = []
+        self.counted: LoadView | None = None  # the in-flight count this attempt is part of
+        self.cookie: bytes | None = None  # a sticky-session Set-Cookie line to add
         self.attempts = 0
         self.replayed = False
         self.retrying = False
@@ -141,8 +148,10 @@ class Exchange:
         up.requests += 1
         if self.req.expect_continue and not self.request_done:
             self.client.write(errors.CONTINUE_100)
-        if up.strategy.immediate:
-            self._attempt()
+        sticky = up.sticky
+        stuck = sticky.find(self.req.sticky, up.pool.healthy) if sticky is not None else None
+        if stuck is not None or up.strategy.immediate:
+            self._attempt(stuck)
         else:
             self.connect_task = ctx.loop.create_task(self._pick_then_attempt())
 
@@ -212,7 +221,7 @@ class Exchange:
         if not candidates:
             self._no_backend()
             return
-        backend = await self.up.strategy.pick_async(candidates)
+        backend = await self.up.strategy.pick_async(candidates, self.req.key)
         self.connect_task = None
         if not self.done:
             self._attempt(backend)
@@ -223,9 +232,20 @@ class Exchange:
             if not candidates:
                 self._no_backend()
                 return
-            backend = self.up.strategy.pick(candidates)
+            backend = self.up.strategy.pick(candidates, self.req.key)
             if self.tried and backend in self.tried:
                 backend = _another(candidates, self.tried, backend)
+        up = self.up
+        if self.counted is not None:  # a retry: the failed attempt is no longer in flight
+            self.counted.finished(self.tried[-1], time.monotonic() - self.started)
+            self.counted = None
+        if up.strategy.counts:
+            self.counted = up.load
+            up.load.started(backend)
+        sticky = up.sticky
+        if sticky is not None:
+            named = sticky.find(self.req.sticky, up.pool.healthy)
+            self.cookie = None if named == backend else sticky.set_cookie(backend)
         self.attempts += 1
         self.backend = backend
         self.tried.append(backend)
@@ -375,6 +395,8 @@ class Exchange:
             # Rare: the fields Connection names are hop-by-hop too (RFC 9110 §7.6.1).
             lines = drop_connection_named(lines, upstream.connection)
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, upstream.reason), *lines]
+        if self.cookie is not None:
+            parts.append(self.cookie)
         # Framing is written here, after the drop above: the backend cannot remove it.
         if upstream.length is not None:
             parts.append(b"Content-Length: %b\r\n" % upstream.length)
@@ -507,6 +529,9 @@ class Exchange:
         if self.queued_since:
             self._leave_queue()
         self._release_slot()
+        if self.counted is not None:
+            self.counted.finished(self.tried[-1], time.monotonic() - self.started)
+            self.counted = None
         ctx = self.ctx
         ctx.active_exchanges -= 1
         route = self.req.route

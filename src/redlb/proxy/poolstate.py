@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy
+from redlb.balancer.ewma import PeakEwma
+from redlb.balancer.first import FirstAvailable
 from redlb.balancer.leased import LeasedRoundRobin
+from redlb.balancer.least import LeastOutstanding
+from redlb.balancer.leastconn import LeastConnections
+from redlb.balancer.load import LoadView
+from redlb.balancer.maglev import MaglevHash
+from redlb.balancer.random_choice import RandomChoice
+from redlb.balancer.requestkey import KeySpec, cookie, parse_key_spec, request_key
+from redlb.balancer.sticky import StickyCookie
 from redlb.balancer.strict import StrictRoundRobin
 from redlb.config import Config
 from redlb.health.active import HealthProber
@@ -20,10 +30,15 @@ from redlb.health.passive import Ejector
 from redlb.pool import Pool
 from redlb.proxy.retry import RetryBudget
 from redlb.proxy.upstream import BackendConnections
+from redlb.store.inflight import InflightPublisher
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
 from redlb.store.rotation import CounterLease, Cursor, StrictCounter
+from redlb.store.sticky import load_secret
 from redlb.store.sync import PoolSync
+
+# Settings that make a new strategy object when they change.
+_STRATEGY_FIELDS = ("strategy", "rotation", "hash_key", "hash_balance", "max_conns_per_backend")
 
 
 class PoolState:
@@ -34,13 +49,19 @@ class PoolState:
         "cursor",
         "ejector",
         "instance_id",
+        "key_spec",
         "keys",
         "lease",
         "link",
+        "load",
         "name",
         "pool",
         "prober",
+        "publisher",
+        "reads_request",
         "requests",
+        "sticky",
+        "sticky_task",
         "strategy",
         "sync",
     )
@@ -62,17 +83,52 @@ class PoolState:
         self.requests = 0
         self.config = config
         self.lease: CounterLease | None = None
+        # In flight per backend: kept here, so that a strategy change keeps the counts.
+        self.load = LoadView()
+        self.key_spec: KeySpec | None = None
         self.strategy: Strategy = self._strategy(config)
+        self.pool.slow_start = config.slow_start
+        self.publisher: asyncio.Task[None] | None = None
+        # Sticky sessions: None until the fleet's secret is read from Redis.
+        self.sticky: StickyCookie | None = None
+        self.sticky_task: asyncio.Task[None] | None = None
+        self.reads_request = self.key_spec is not None or config.sticky is not None
         self.ejector = Ejector(self.pool, link, self.keys, config)
         self.budget = RetryBudget(config.retry_budget_percent, config.retry_min_concurrency)
 
     def _strategy(self, config: Config) -> Strategy:
+        name = config.strategy
+        self.key_spec = None
+        if name != "round_robin":
+            self.lease = None
+        if name == "least_outstanding":
+            return LeastOutstanding(self.load)
+        if name == "least_conn":
+            return LeastConnections(self.load)
+        if name == "peak_ewma":
+            return PeakEwma(self.load)
+        if name == "hash":
+            self.key_spec = parse_key_spec(config.hash_key)
+            return MaglevHash(self.load, config.hash_balance)
+        if name == "random":
+            return RandomChoice()
+        if name == "first":
+            return FirstAvailable(self.load, config.max_conns_per_backend)
         if config.rotation == "strict":
             self.lease = None
             counter = StrictCounter(self.link, self.keys.counter, config.redis_timeout)
             return StrictRoundRobin(counter)
         self.lease = CounterLease(self.link, self.keys.counter, config.redis_timeout, self.cursor)
         return LeasedRoundRobin(self.lease)
+
+    def request_keys(
+        self, peer: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[bytes, bytes]:
+        """(hash key, sticky cookie value) of a request to this pool."""
+        spec = self.key_spec
+        key = request_key(spec, peer, target, headers) if spec is not None else b""
+        name = self.config.sticky
+        return key, cookie(headers, name.encode()) if name is not None else b""
 
     def connections_to(self, backend: Backend) -> BackendConnections:
         conns = self.conns.get(backend.key)
@@ -89,8 +145,13 @@ class PoolState:
         if config == old:
             return
         self.config = config
-        if config.rotation != old.rotation:
+        if any(getattr(config, f) != getattr(old, f) for f in _STRATEGY_FIELDS):
+            self.stop_publisher()
             self.strategy = self._strategy(config)
+        self.pool.slow_start = config.slow_start
+        if config.sticky != old.sticky:
+            self.stop_sticky()
+        self.reads_request = self.key_spec is not None or config.sticky is not None
         self.ejector = Ejector(self.pool, self.link, self.keys, config)
         self.pool.max_eject_percent = config.eject_max_percent
         self.budget.percent = config.retry_budget_percent
@@ -99,11 +160,41 @@ class PoolState:
         if (config.health_path, config.health_interval) != (old.health_path, old.health_interval):
             self.stop_prober()
             self.start_prober()
+        self.start_shared()
 
     def start_prober(self) -> None:
         if self.config.health_path and self.prober is None:
             prober = HealthProber(self.link, self.keys, self.pool, self.config, self.instance_id)
             self.prober = asyncio.get_running_loop().create_task(prober.run())
+        self.start_shared()
+
+    def start_shared(self) -> None:
+        """The strategy's fleet-wide parts: in-flight publishing, the sticky secret."""
+        loop = asyncio.get_running_loop()
+        if self.strategy.fleet and self.publisher is None:
+            publisher = InflightPublisher(self.link, self.keys, self.load, self.instance_id,
+                                          self.config.redis_timeout)  # fmt: skip
+            self.publisher = loop.create_task(publisher.run())
+        name = self.config.sticky
+        if name is not None and self.sticky_task is None:
+            self.sticky_task = loop.create_task(self._keep_sticky(name))
+
+    async def _keep_sticky(self, name: str) -> None:
+        async for secret in load_secret(self.link, self.config.redis_timeout):
+            if self.sticky is None or self.sticky.secret != secret:
+                self.sticky = StickyCookie(name, secret, self.name)
+
+    def stop_publisher(self) -> None:
+        if self.publisher is not None:
+            self.publisher.cancel()
+            self.publisher = None
+            self.load.set_others({})
+
+    def stop_sticky(self) -> None:
+        self.sticky = None
+        if self.sticky_task is not None:
+            self.sticky_task.cancel()
+            self.sticky_task = None
 
     def stop_prober(self) -> None:
         if self.prober is not None:
@@ -113,6 +204,8 @@ class PoolState:
     def retire(self) -> None:
         """No route points here any more: requests in flight finish, nothing is kept idle."""
         self.stop_prober()
+        self.stop_publisher()
+        self.stop_sticky()
         for conns in self.conns.values():
             conns.max_idle = 0
             conns.close_all()
@@ -120,11 +213,13 @@ class PoolState:
     def expire(self, now: float) -> None:
         for conns in self.conns.values():
             conns.expire(now)
-        if self.pool.ejected:
-            self.pool.rebuild()  # ejections end on time even without a resync
+        if self.pool.ejected or self.pool.ramping:
+            self.pool.rebuild()  # ejections end and slow starts ramp on time, between resyncs
 
     def close(self) -> None:
         self.stop_prober()
+        self.stop_publisher()
+        self.stop_sticky()
         for conns in self.conns.values():
             conns.close_all()
         if self.lease is not None and self.lease.refill_task is not None:

@@ -11,7 +11,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from redlb.config import ROTATIONS, Config
+from redlb.balancer.requestkey import parse_cookie_name, parse_key_spec
+from redlb.config import ROTATIONS, STRATEGIES, Config
 
 
 def _float(low: float, high: float) -> Callable[[str], float]:
@@ -40,6 +41,20 @@ def _rotation(text: str) -> str:
     return text
 
 
+def _strategy(text: str) -> str:
+    if text not in STRATEGIES:
+        raise ValueError(f"must be one of {', '.join(STRATEGIES)}")
+    return text
+
+
+def _hash_key(text: str) -> str:
+    return str(parse_key_spec(text))
+
+
+def _sticky(text: str) -> str | None:
+    return None if text in ("", "off") else parse_cookie_name(text)
+
+
 def _health_path(text: str) -> str | None:
     if text in ("", "off"):
         return None
@@ -51,6 +66,11 @@ def _health_path(text: str) -> str | None:
 # key -> (Config field, parser, help)
 SETTINGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "rotation": ("rotation", _rotation, "lease or strict"),
+    "strategy": ("strategy", _strategy, "how a backend is picked (README: Strategies)"),
+    "hash_key": ("hash_key", _hash_key, "ip, path, header:NAME, cookie:NAME or query:NAME"),
+    "hash_balance": ("hash_balance", _float(0, 10), "bounded loads epsilon, 0 = off"),
+    "sticky": ("sticky", _sticky, "sticky-session cookie name, or off"),
+    "slow_start": ("slow_start", _float(0, 3600), "seconds a joining backend ramps over"),
     "health_path": ("health_path", _health_path, "active health check path, or off"),
     "health_interval": ("health_interval", _float(0.05, 3600), "seconds between probes"),
     "connect_timeout": ("connect_timeout", _float(0.001, 3600), "seconds"),

@@ -35,8 +35,24 @@ Given a pool key ``P`` (default ``servers``):
 ``redlb:{P}:settings`` (HASH, owned by the user)
     Per-pool settings over the ``serve`` flags (``redlb pool set``): ``rotation``,
     ``health_path``, ``health_interval``, ``connect_timeout``, ``upstream_timeout``,
-    ``retry_attempts``, ``retry_budget``, ``max_conns``, ``max_body``.  A bad value is skipped
-    with one warning naming the key.
+    ``retry_attempts``, ``retry_budget``, ``max_conns``, ``max_body``, ``strategy``,
+    ``hash_key``, ``hash_balance``, ``sticky``, ``slow_start``.  A bad value is skipped with
+    one warning naming the key.
+``redlb:{P}:weights`` (HASH, owned by the user)
+    field = backend, value = weight 1..1000 (absent: 1); ``redlb backend weight ADDR N`` or
+    ``redis-cli HSET redlb:servers:weights 10.0.0.1:8080 3``.  Every strategy that can
+    honours it (round robin becomes nginx's smooth weighted round robin).  Edits apply within
+    a second (keyspace notification, else the resync).
+``redlb:{P}:up-since`` (HASH, written by redlb, only with ``slow_start``)
+    field = backend, value = wall-clock seconds it (re)joined the healthy set, ``HSETNX`` by
+    the first instance that saw it join, ``HDEL`` when one sees it leave: the fleet ramps
+    its weight from one start.
+``redlb:{P}:inflight:{instance}`` (STRING ``backend=n,...``, TTL 2 s)
+    One instance's mean requests in flight per backend over the last 25 ms, rewritten every
+    25 ms (250 ms when idle) by least_outstanding / peak_ewma / bounded hash pools; a crashed
+    instance's counts expire.
+``redlb:{P}:inflight`` (ZSET instance -> last publish, ms)
+    Which instances publish: read once a second, pruned of instances silent for a minute.
 
 Routing (one hash for the whole fleet):
 
@@ -52,6 +68,9 @@ Routing (one hash for the whole fleet):
 ``redlb:routes:events`` (pub/sub channel)
     ``redlb route`` publishes here after an edit; redis-cli edits arrive as keyspace events.
     One pub/sub connection per process listens to this, the routes hash and every routed pool.
+``redlb:sticky-secret`` (STRING, written once by redlb)
+    The HMAC key of sticky-session cookies, ``SET NX`` by the first instance that needs it;
+    ``DEL`` rotates it (every cookie then names nothing and is replaced on the next answer).
 ``frontend:{HOST}`` (LIST, Hipache's schema, read with ``serve --hipache``)
     First element an identifier, then backend URLs; ``frontend:*.example.com`` for wildcards.
 
@@ -72,6 +91,8 @@ from dataclasses import dataclass
 from redlb.address import Backend
 
 ROUTES = "redlb:routes"
+# The sticky-session HMAC secret (STRING), created once with SET NX; deleting it rotates it.
+STICKY_SECRET = "redlb:sticky-secret"
 ROUTES_EVENTS = "redlb:routes:events"
 ROUTES_EPOCH = "redlb:routes:epoch"
 FLEET_WORKERS = "redlb:fleet:workers"
@@ -105,6 +126,21 @@ class Keys:
     @property
     def settings(self) -> str:
         return f"redlb:{self.pool}:settings"
+
+    @property
+    def weights(self) -> str:
+        return f"redlb:{self.pool}:weights"
+
+    @property
+    def up_since(self) -> str:
+        return f"redlb:{self.pool}:up-since"
+
+    @property
+    def inflight_index(self) -> str:
+        return f"redlb:{self.pool}:inflight"
+
+    def inflight(self, instance: str) -> str:
+        return f"redlb:{self.pool}:inflight:{instance}"
 
     def health(self, backend: Backend) -> str:
         return f"redlb:{self.pool}:health:{backend.key}"

@@ -35,6 +35,7 @@ from redlb.routing.settings import parse_settings, resolve
 from redlb.store.keys import ROUTES, ROUTES_EPOCH, ROUTES_EVENTS
 from redlb.store.link import RedisLink
 from redlb.store.sync import PoolSync, _text
+from redlb.store.weights import parse_up_since, parse_weights, queue_up_since
 
 if TYPE_CHECKING:
     from redlb.proxy.context import ProxyContext
@@ -84,6 +85,7 @@ class RouteSync(PoolSync):
         self.warned_routes: set[tuple[bytes, bytes]] = set()
         self.warned_settings: dict[str, set[str]] = {}
         self.raw_settings: dict[str, Any] = {}
+        self.warned_weights: dict[str, set[str]] = {}
         # What the messages since the last sync named.
         self.routes_dirty = True
         self.dirty_pools: set[str] = set()
@@ -121,6 +123,7 @@ class RouteSync(PoolSync):
             channels[keys.keyspace_channel(db)] = name
             channels[keys.events] = name
             channels[f"__keyspace@{db}__:{keys.settings}"] = name
+            channels[f"__keyspace@{db}__:{keys.weights}"] = name
         return channels
 
     async def _resubscribe(self) -> None:
@@ -310,11 +313,14 @@ class RouteSync(PoolSync):
             pipe.exists(keys.epoch)
             pipe.smembers(keys.draining)
             pipe.hgetall(keys.settings)
+            pipe.hgetall(keys.weights)
         replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout)
         read: list[tuple[PoolState, list[Backend] | None, Any]] = []
         epochs: list[str] = []
         for i, state in enumerate(states):
-            kind_raw, entries, epoch, draining_raw, settings_raw = replies[5 * i : 5 * i + 5]
+            kind_raw, entries, epoch, draining_raw, settings_raw, weights_raw = replies[
+                6 * i : 6 * i + 6
+            ]
             if isinstance(kind_raw, Exception):
                 raise kind_raw
             kind = _text(kind_raw)
@@ -322,6 +328,7 @@ class RouteSync(PoolSync):
             if kind == "list" and not epoch:  # only a real list vouches for Redis's data
                 epochs.append(state.keys.epoch)
             self._apply_settings(state, settings_raw)
+            self._apply_weights(state, weights_raw)
             read.append((state, members, draining_raw))
         pipe = client.pipeline(transaction=False)
         for key in epochs:
@@ -335,6 +342,10 @@ class RouteSync(PoolSync):
                 for backend in unique:
                     pipe.pttl(state.keys.ejected(backend))
             plan.append((state, members, draining_raw, unique))
+        ramps: list[tuple[PoolState, int]] = []
+        for state, *_ in plan:
+            if state.pool.slow_start > 0:
+                ramps.append((state, queue_up_since(pipe, state.keys, state.pool)))
         status = await asyncio.wait_for(pipe.execute(), timeout) if len(pipe) else []
         at = len(epochs)
         for state, members, draining_raw, unique in plan:
@@ -353,10 +364,26 @@ class RouteSync(PoolSync):
                 ejected=ejected,
             )
             state.sync.log_changes()
+        for state, queued in ramps:
+            at += queued
+            state.pool.update(up_since=parse_up_since(status[at - 1]))
 
     def log_changes(self) -> None:
         for state in list(self.states.values()):
             state.sync.log_changes()
+
+    def _apply_weights(self, state: PoolState, raw: Any) -> None:
+        if isinstance(raw, Exception):
+            log.error("cannot read %s: %s", state.keys.weights, raw)
+            return
+        weights, problems = parse_weights(raw)
+        warned = self.warned_weights.get(state.name, set())
+        for problem in problems:
+            if problem not in warned:
+                log.warning("pool %r: skipping %s", state.name, problem)
+        self.warned_weights[state.name] = set(problems)
+        if weights != state.pool.weights:
+            state.pool.weights = weights  # the update below rebuilds the snapshot
 
     def _apply_settings(self, state: PoolState, raw: Any) -> None:
         if isinstance(raw, Exception):
@@ -396,6 +423,7 @@ class RouteSync(PoolSync):
             self.states.pop(name).retire()
             self.raw_settings.pop(name, None)
             self.warned_settings.pop(name, None)
+            self.warned_weights.pop(name, None)
         if not table.single:
             log.info("routing table %d: %d routes over %d pools", table.version,
                      len(table.routes), len(targets))  # fmt: skip
