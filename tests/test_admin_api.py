@@ -328,3 +328,26 @@ def test_token_compared_in_constant_time(monkeypatch):
     assert not guard.allows(b"Bearer \xff\xfe")
     assert len(calls) == 6
     assert auth.Guard(None).allows(b"") and not auth.Guard(None).required
+
+
+def test_backend_weight(redis_server, backends, start_proxy):
+    r = redis_server.client()
+    r.rpush("servers", backends[0].address, backends[1].address)
+    _, port = start_admin(start_proxy, redis_server)
+    path = f"/api/v1/pools/servers/backends/{backends[1].address}/weight"
+    status, body, _ = admin_call(port, "PUT", path, {"weight": 3})
+    assert status == 200 and body["weight"] == 3
+    assert r.hgetall("redlb:servers:weights") == {backends[1].address.encode(): b"3"}
+    pool = admin_call(port, "GET", "/api/v1/pools/servers")[1]
+    assert {b["address"]: b["weight"] for b in pool["backends"]} == {
+        backends[0].address: 1,
+        backends[1].address: 3,
+    }
+    for bad in ({"weight": 0}, {"weight": 1001}, {"weight": "3"}, {"weight": True},
+                {"weight": 2, "x": 1}):  # fmt: skip
+        assert admin_call(port, "PUT", path, bad)[0] == 400, bad
+    assert r.hgetall("redlb:servers:weights") == {backends[1].address.encode(): b"3"}
+    assert admin_call(port, "PUT", "/api/v1/pools/servers/backends/127.0.0.1:9/weight",
+                      {"weight": 2})[0] == 404  # fmt: skip
+    assert admin_call(port, "PUT", path, {"weight": 1})[0] == 200
+    assert not r.exists("redlb:servers:weights")  # 1 is the default

@@ -35,9 +35,10 @@ def test_dashboard_follows_the_fleet_and_drains(redis_server, backends, start_pr
         redis_server.url, "--workers", "2", "--admin-listen", f"127.0.0.1:{admin}",
         "--admin-token-file", str(token_file), "--health-path", "/healthz",
         "--health-interval", "0.3", "--health-fall", "1", "--health-rise", "1",
-        "--no-access-log",
+        "--no-access-log", "--eject-consecutive", "0",  # up and down: the prober's verdict
     )  # fmt: skip
-    second = start_proxy(redis_server.url, "--no-access-log")  # the fleet has two instances
+    # The fleet has two instances.
+    second = start_proxy(redis_server.url, "--no-access-log", "--eject-consecutive", "0")
     ARTIFACTS.mkdir(exist_ok=True)
     driver = headless(browser, driver_path)
     try:
@@ -90,7 +91,7 @@ def test_dashboard_follows_the_fleet_and_drains(redis_server, backends, start_pr
 def _rate(driver, address: str) -> float:
     text = driver.execute_script(
         "const cells = document.querySelectorAll(arguments[0]);"
-        "return cells.length > 3 ? cells[3].textContent : '0';",
+        "return cells.length > 4 ? cells[4].textContent : '0';",
         f'tr[data-backend="{address}"] td',
     )
     try:

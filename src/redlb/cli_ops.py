@@ -83,28 +83,30 @@ def render(data: dict[str, Any]) -> Group:
     for bad in data["invalid_routes"]:
         routes.add_row(bad["match"], bad["value"], f"[red]INVALID: {bad['error']}[/red]")
     backends = Table(title="Backends", title_justify="left")
-    for name in ("pool", "backend", "state", "in flight", "req/s", "5xx (1 min)", "p50 ms",
-                 "p99 ms"):  # fmt: skip
+    for name in ("pool", "backend", "state", "weight", "in flight", "req/s", "5xx (1 min)",
+                 "p50 ms", "p99 ms"):  # fmt: skip
         backends.add_column(
             name, justify="left" if name in ("pool", "backend", "state") else "right"
         )
     for pool in data["pools"]:
         if pool.get("error"):
-            backends.add_row(pool["name"], "-", f"[red]{pool['error']}[/red]", "", "", "", "", "")
+            backends.add_row(
+                pool["name"], "-", f"[red]{pool['error']}[/red]", "", "", "", "", "", ""
+            )
         if not pool["backends"] and not pool.get("error"):
-            backends.add_row(pool["name"], "-", "[red]empty (503)[/red]", "", "", "", "", "")
+            backends.add_row(pool["name"], "-", "[red]empty (503)[/red]", "", "", "", "", "", "")
         for b in pool["backends"]:
             state = b["state"]
             if b["ejected_for"]:
                 state += f" {b['ejected_for']:.0f}s"
             backends.add_row(
                 pool["name"], b["address"], f"[{STATE_STYLE[b['state']]}]{state}[/]",
-                str(b["in_flight"]), f"{b['requests_per_second']:.1f}",
+                str(b["weight"]), str(b["in_flight"]), f"{b['requests_per_second']:.1f}",
                 f"{b['error_rate']:.1%}", _ms(b["p50_ms"]), _ms(b["p99_ms"]),
             )  # fmt: skip
         for bad in pool["invalid"]:
             backends.add_row(pool["name"], bad["entry"], f"[red]INVALID: {bad['error']}[/red]",
-                             "", "", "", "", "")  # fmt: skip
+                             "", "", "", "", "", "")  # fmt: skip
     return Group(instances, routes, backends)
 
 

@@ -28,6 +28,7 @@ from redlb.admin.listener import Request, Response, error, json_response
 from redlb.fleet import view
 from redlb.routing import BadRoute, parse_match, parse_route
 from redlb.store.keys import ROUTES, ROUTES_EVENTS, Keys
+from redlb.store.weights import MAX_WEIGHT
 
 API = "/api/v1"
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
@@ -79,6 +80,7 @@ class AdminApi:
             ("DELETE", re.compile(rf"^{API}/pools/{p}/backends/{b}$"), self.remove_backend, True),
             ("POST", re.compile(rf"^{API}/pools/{p}/backends/{b}/drain$"), self.drain, True),
             ("POST", re.compile(rf"^{API}/pools/{p}/backends/{b}/undrain$"), self.undrain, True),
+            ("PUT", re.compile(rf"^{API}/pools/{p}/backends/{b}/weight$"), self.set_weight, True),
             ("GET", re.compile(rf"^{API}/ejections$"), self.ejections, False),
             ("DELETE", re.compile(rf"^{API}/pools/{p}/ejections/{b}$"), self.clear_ejection,
              True),
@@ -303,6 +305,26 @@ class AdminApi:
         pipe.publish(keys.events, "drain")
         await pipe.execute()
         return json_response(200, {"pool": name, "address": backend.key, "draining": on})
+
+    async def set_weight(self, request: Request, pool: str, address: str) -> Response:
+        _no_query(request)
+        body = _body(request, required={"weight": int}, optional={})
+        weight = body["weight"]
+        if isinstance(weight, bool) or not 1 <= weight <= MAX_WEIGHT:
+            raise BadRequest(400, f"weight must be an integer within 1..{MAX_WEIGHT}")
+        name = _pool_name(pool)
+        backend = _backend(address)
+        if not await self._find(name, backend.key):
+            raise BadRequest(404, f"{backend.key} is not in {name}")
+        keys = Keys(name)
+        pipe = self.client.pipeline(transaction=True)
+        if weight == 1:
+            pipe.hdel(keys.weights, backend.key)  # 1 is the default: keep the hash small
+        else:
+            pipe.hset(keys.weights, backend.key, str(weight))
+        pipe.publish(keys.events, "weight")
+        await pipe.execute()
+        return json_response(200, {"pool": name, "address": backend.key, "weight": weight})
 
     async def clear_ejection(self, request: Request, pool: str, address: str) -> Response:
         _no_query(request)

@@ -17,6 +17,7 @@ from redlb.fleet.publisher import B_IN, B_OUT, E4, E5, LAT, REQ, WIDTH
 from redlb.metrics.recorder import BUCKETS
 from redlb.routing import BadRoute, parse_route
 from redlb.store.keys import FLEET_WORKERS, ROUTES, Keys, fleet_worker
+from redlb.store.weights import parse_weights
 
 STALE_AFTER = 5.0  # seconds without a heartbeat: the worker is gone
 MAX_POOL_READ = 10_000
@@ -163,7 +164,8 @@ async def pool(
     pipe.lrange(name, 0, MAX_POOL_READ - 1)
     pipe.smembers(keys.draining)
     pipe.hgetall(keys.settings)
-    kind, entries, draining_raw, settings = await pipe.execute()
+    pipe.hgetall(keys.weights)
+    kind, entries, draining_raw, settings, weights_raw = await pipe.execute()
     if text(kind) not in ("list", "none"):
         return {"name": name, "error": f"the key {name!r} is a {text(kind)}, not a list",
                 "backends": [], "invalid": [], "settings": {}}  # fmt: skip
@@ -178,6 +180,7 @@ async def pool(
         if backend not in backends:
             backends.append(backend)
     draining = {text(m) for m in draining_raw}
+    weights = {b.key: w for b, w in parse_weights(weights_raw)[0].items()}
     pipe = client.pipeline(transaction=False)
     for b in backends:
         pipe.get(keys.health(b))
@@ -192,6 +195,7 @@ async def pool(
             "health": text(health) if health is not None else None,
             "ejected_for": ttl / 1000 if ttl > 0 else None,
             "draining": b.key in draining,
+            "weight": weights.get(b.key, 1),
         }
         row["state"] = (
             "draining" if row["draining"]

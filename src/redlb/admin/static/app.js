@@ -103,7 +103,8 @@ function backendRow(pool, b) {
     el("td", {}, b.address),
     el("td", { class: "state state-" + b.state }, b.state +
       (b.ejected_for ? ` (${Math.ceil(b.ejected_for)}s)` : "")),
-    num(b.in_flight), num(fmt.rate(b.requests_per_second)), num(fmt.pct(b.error_rate)),
+    num(b.weight), num(b.in_flight), num(fmt.rate(b.requests_per_second)),
+    num(fmt.pct(b.error_rate)),
     num(fmt.ms(b.p50_ms)), num(fmt.ms(b.p99_ms)), num(b.requests_last_minute),
     el("td", {}, drain));
 }
@@ -117,11 +118,12 @@ function renderPools(data) {
       el("span", { class: "muted" }, `${healthy}/${pool.backends.length} healthy`)));
     const rows = pool.backends.map((b) => backendRow(pool.name, b));
     for (const bad of pool.invalid) {
-      rows.push(el("tr", {}, el("td", { colspan: 9, class: "muted" },
+      rows.push(el("tr", {}, el("td", { colspan: 10, class: "muted" },
         `invalid entry ${bad.entry}: ${bad.error}`)));
     }
     blocks.push(el("table", { class: "pool", "data-pool": pool.name },
-      el("thead", {}, el("tr", {}, ...["backend", "state", "in flight", "req/s", "5xx rate",
+      el("thead", {}, el("tr", {}, ...["backend", "state", "weight", "in flight", "req/s",
+        "5xx rate",
         "p50 ms", "p99 ms", "req last min", ""].map((h) => el("th", {}, h)))),
       el("tbody", {}, ...rows)));
   }
