@@ -318,9 +318,8 @@ def test_slowloris_after_a_complete_request(one_proxy):  # type: ignore[no-untyp
 
 
 def test_drain_delivers_a_response_buffered_for_a_slow_reader(one_proxy):  # type: ignore[no-untyped-def]
-    proxy = one_proxy(
-        "--drain-timeout", "60"
-    )  # a bound, not a speed: loaded CI machines read slowly
+    # The drain deadline is a bound, not a speed: a loaded machine reads 4 MB slowly.
+    proxy = one_proxy("--drain-timeout", "60")
     size = 4_000_000
     sock = _unread_socket(proxy.port)
     sock.sendall(b"GET /big/%d HTTP/1.1\r\nHost: t\r\n\r\n" % size)
@@ -333,7 +332,9 @@ def test_drain_delivers_a_response_buffered_for_a_slow_reader(one_proxy):  # typ
             if not chunk:
                 break
             data += chunk
-            time.sleep(0.02)  # about 800 kB/s: the tail is still buffered when the backend is done
+            # About 800 kB/s whatever size recv returns (a fixed sleep per recv read 200 kB/s
+            # here, past the drain timeout): the tail is still buffered when the backend is done.
+            time.sleep(len(chunk) / 800_000)
     except ConnectionResetError:
         pass
     sock.close()

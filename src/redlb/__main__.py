@@ -1,3 +1,8 @@
-from redlb.cli import main
+import sys
 
-main()
+try:  # Ctrl-C during the imports ends quietly too
+    from redlb.cli import main
+
+    main()
+except KeyboardInterrupt:
+    sys.exit(130)

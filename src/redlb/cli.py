@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -10,10 +12,11 @@ from typing import Any
 import click
 import redis
 
+from redlb import __version__
 from redlb.address import InvalidAddress, parse_backend
 from redlb.config import STRATEGIES, Config
 from redlb.configfile import config_option
-from redlb.store.client import redact
+from redlb.store.client import auth_problem, make_sync_client, redact
 from redlb.store.embedded import running_url
 from redlb.store.keys import Keys
 
@@ -31,14 +34,68 @@ def _setup_logging(verbose: bool, log_format: str = "text") -> None:
             handler.setFormatter(JsonFormatter())
 
 
+class Finite(click.ParamType):  # type: ignore[type-arg]
+    """A finite number (seconds, percent) within [low, high]; nan and inf are refused."""
+
+    name = "number"
+
+    def __init__(self, low: float, high: float = 86_400.0, low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        too_low = number <= self.low if self.low_open else number < self.low
+        if not math.isfinite(number) or too_low or number > self.high:
+            low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+            self.fail(f"{value} is not {low} and <= {self.high:g}", param, ctx)
+        return number
+
+
+class NonEmpty(click.ParamType):  # type: ignore[type-arg]
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not text.strip():
+            self.fail("must not be empty", param, ctx)
+        return text
+
+
+def _count(low: int, high: int = 1 << 31) -> click.IntRange:
+    return click.IntRange(low, high)
+
+
+MAX_WORKERS_PER_CPU = 4
+
+
+class OneLineErrors(click.Group):
+    """Every usage or runtime error is one line on stderr (exit 2 for usage, 1 otherwise)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
-        "--state-dir", default=".redlb", show_default=True,
+        "--state-dir", default=".redlb", type=NonEmpty(), show_default=True,
         help="Where the embedded Redis keeps its data.",
     )(func)  # fmt: skip
-    func = click.option("--pool", default="servers", show_default=True, help="The Redis list key.")(
-        func
-    )
+    func = click.option(
+        "--pool", default="servers", type=NonEmpty(), show_default=True, help="The Redis list key."
+    )(func)
     func = click.option(
         "--redis", "redis_url", envvar="REDLB_REDIS", default=None,
         help="redis://, rediss://, unix:// or redis+sentinel://h:p,h:p/master "
@@ -48,7 +105,8 @@ def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="redlb", message="%(prog)s %(version)s")
 def main() -> None:
     """redlb: an HTTP load balancer whose backend pool lives in a Redis list."""
 
@@ -83,7 +141,7 @@ def main() -> None:
 )
 @click.option(
     "--hash-balance",
-    type=float,
+    type=Finite(0, 10),
     default=0.25,
     show_default=True,
     help="Bounded loads for hash: no backend over (1 + this) x the average load; 0 = off.",
@@ -96,12 +154,19 @@ def main() -> None:
 )
 @click.option(
     "--slow-start",
-    type=float,
+    type=Finite(0, 3600),
     default=0.0,
     show_default=True,
     help="Seconds over which a backend that joins or recovers ramps up to its weight.",
 )
-@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count).")
+@click.option(
+    "--workers",
+    type=_count(1),
+    default=None,
+    help=f"Worker processes (default: CPU count; more than {MAX_WORKERS_PER_CPU} per CPU "
+    "needs --force-workers).",
+)
+@click.option("--force-workers", is_flag=True, help="Allow --workers beyond 4 per CPU.")
 @click.option(
     "--hipache",
     is_flag=True,
@@ -116,7 +181,7 @@ def main() -> None:
 @click.option("--no-access-log", is_flag=True, help="Do not log one line per request.")
 @click.option(
     "--max-body",
-    type=int,
+    type=_count(0),
     default=10 * 1024 * 1024,
     show_default=True,
     help="Largest request body in bytes (413 beyond); 0 = unlimited.",
@@ -125,80 +190,81 @@ def main() -> None:
     "--host",
     "hosts",
     multiple=True,
+    type=NonEmpty(),
     help="Answer only for this Host (repeatable); others get 421. Default: any.",
 )
-@click.option("--max-request-line", type=int, default=8192, show_default=True)
-@click.option("--max-header-bytes", type=int, default=16384, show_default=True)
-@click.option("--max-headers", type=int, default=100, show_default=True)
+@click.option("--max-request-line", type=_count(16, 1 << 20), default=8192, show_default=True)
+@click.option("--max-header-bytes", type=_count(64, 1 << 24), default=16384, show_default=True)
+@click.option("--max-headers", type=_count(1, 10_000), default=100, show_default=True)
 @click.option(
     "--header-timeout",
-    type=float,
+    type=Finite(0, low_open=True),
     default=10.0,
     show_default=True,
     help="Seconds for the whole request header phase (408 after).",
 )
 @click.option(
     "--body-min-rate",
-    type=int,
+    type=_count(0),
     default=500,
     show_default=True,
     help="Minimum upload rate in bytes/s after the grace period (0 = off).",
 )
-@click.option("--body-rate-grace", type=float, default=10.0, show_default=True)
-@click.option("--keepalive-timeout", type=float, default=15.0, show_default=True)
-@click.option("--connect-timeout", type=float, default=3.0, show_default=True)
+@click.option("--body-rate-grace", type=Finite(0), default=10.0, show_default=True)
+@click.option("--keepalive-timeout", type=Finite(0, low_open=True), default=15.0, show_default=True)
+@click.option("--connect-timeout", type=Finite(0, low_open=True), default=3.0, show_default=True)
 @click.option(
     "--upstream-timeout",
-    type=float,
+    type=Finite(0, low_open=True),
     default=60.0,
     show_default=True,
     help="Seconds a backend may take to answer (and between body reads).",
 )
 @click.option(
     "--send-timeout",
-    type=float,
+    type=Finite(0, low_open=True),
     default=60.0,
     show_default=True,
     help="Seconds a client may leave a response unread before it is cut off.",
 )
 @click.option(
     "--max-conns-per-backend",
-    type=int,
+    type=_count(0),
     default=1024,
     show_default=True,
     help="Connections per backend (0 = no cap); past it, requests wait in line.",
 )
 @click.option(
     "--max-queue-per-backend",
-    type=int,
+    type=_count(0),
     default=1024,
     show_default=True,
     help="Requests that may wait for a backend connection; beyond, 503.",
 )
 @click.option(
     "--queue-timeout",
-    type=float,
+    type=Finite(0, low_open=True),
     default=3.0,
     show_default=True,
     help="Seconds a request may wait for a backend connection (503 after).",
 )
 @click.option(
     "--drain-timeout",
-    type=float,
+    type=Finite(0),
     default=30.0,
     show_default=True,
     help="Seconds in-flight requests get to finish after SIGTERM.",
 )
-@click.option("--redis-timeout", type=float, default=0.25, show_default=True)
-@click.option("--resync-interval", type=float, default=1.0, show_default=True)
+@click.option("--redis-timeout", type=Finite(0.01), default=0.25, show_default=True)
+@click.option("--resync-interval", type=Finite(0.05), default=1.0, show_default=True)
 @click.option("--health-path", default=None, help="Enable active health checks on this path.")
-@click.option("--health-interval", type=float, default=2.0, show_default=True)
-@click.option("--health-timeout", type=float, default=1.0, show_default=True)
-@click.option("--health-rise", type=int, default=2, show_default=True)
-@click.option("--health-fall", type=int, default=3, show_default=True)
+@click.option("--health-interval", type=Finite(0.1), default=2.0, show_default=True)
+@click.option("--health-timeout", type=Finite(0.01), default=1.0, show_default=True)
+@click.option("--health-rise", type=_count(1, 1000), default=2, show_default=True)
+@click.option("--health-fall", type=_count(1, 1000), default=3, show_default=True)
 @click.option(
     "--eject-consecutive",
-    type=int,
+    type=_count(0),
     default=5,
     show_default=True,
     help="Consecutive connect failures/5xx that eject a backend (0 = never).",
@@ -209,9 +275,9 @@ def main() -> None:
     show_default=True,
     help="Whether 5xx answers count toward ejection (connect failures always do).",
 )
-@click.option("--eject-base-time", type=float, default=30.0, show_default=True)
-@click.option("--eject-max-percent", type=float, default=50.0, show_default=True)
-@click.option("--retry-budget-percent", type=float, default=20.0, show_default=True)
+@click.option("--eject-base-time", type=Finite(0, low_open=True), default=30.0, show_default=True)
+@click.option("--eject-max-percent", type=Finite(0, 100), default=50.0, show_default=True)
+@click.option("--retry-budget-percent", type=Finite(0, 100), default=20.0, show_default=True)
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
@@ -236,10 +302,13 @@ def serve(**options: Any) -> None:
     """Serve HTTP, balancing over the backends in the Redis list."""
     _setup_logging(options.pop("verbose"), options["log_format"])
     config = build_config(options)
+    from redlb.server import CannotStart
     from redlb.server import serve as run
 
     try:
         run(config)
+    except CannotStart as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot serve: {exc}") from None
 
@@ -257,6 +326,14 @@ def build_config(options: dict[str, Any]) -> Config:
     hosts = options.pop("hosts")
     workers = options.pop("workers")
     admin = options.pop("admin_listen")
+    force_workers = options.pop("force_workers")
+    cpus = os.cpu_count() or 1
+    if workers is not None and workers > MAX_WORKERS_PER_CPU * cpus and not force_workers:
+        raise click.BadParameter(
+            f"{workers} is more than {MAX_WORKERS_PER_CPU} per CPU ({cpus} CPUs); "
+            "add --force-workers if you mean it",
+            param_hint="'--workers'",
+        )
     config = Config(
         **{k: v for k, v in options.items() if k != "no_access_log"},
         access_log=not options["no_access_log"],
@@ -296,9 +373,12 @@ def _connect(redis_url: str | None, state_dir: str) -> redis.Redis:
             "(start `redlb serve` first, or pass --redis URL)"
         )
     try:
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        client = make_sync_client(url, 2.0)
         client.ping()
-    except (redis.RedisError, ValueError) as exc:
+    except (redis.RedisError, ValueError, OSError) as exc:
+        problem = auth_problem(exc)
+        if problem is not None:
+            raise click.ClickException(f"{problem} (at {redact(url)})") from None
         raise click.ClickException(f"cannot reach Redis at {redact(url)}: {exc}") from None
     return client
 
@@ -310,20 +390,64 @@ def _validated(addr: str) -> str:
         raise click.ClickException(f"{addr!r} is not a backend address: {exc}") from None
 
 
-def _validated_or_none(raw: str | bytes) -> str | None:
+def _entries(client: redis.Redis, pool: str) -> list[bytes]:
+    """The pool's raw entries; a key of another type is one clear error, not a traceback."""
+    for key, wanted in ((pool, b"list"), (Keys(pool).draining, b"set")):
+        kind = client.type(key)
+        if kind not in (wanted, b"none"):
+            text = kind.decode() if isinstance(kind, bytes) else str(kind)
+            raise click.ClickException(
+                f"{key!r} is a Redis {text}, not a {wanted.decode()}: "
+                "fix it with redis-cli (or use another --pool)"
+            )
+    return [bytes(e) for e in client.lrange(pool, 0, -1)]  # type: ignore[arg-type]
+
+
+def _readable(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _key_of(raw: str | bytes) -> str | None:
     try:
         return parse_backend(raw).key
     except InvalidAddress:
         return None
 
 
+def _taking_traffic(client: redis.Redis, pool: str, entries: list[bytes]) -> set[str]:
+    """Pool members that are neither draining, ejected nor reported down."""
+    keys = Keys(pool)
+    draining = {_readable(m) for m in client.smembers(keys.draining)}  # type: ignore[arg-type]
+    found = set()
+    for raw in entries:
+        try:
+            b = parse_backend(raw)
+        except InvalidAddress:
+            continue
+        if (
+            b.key in draining
+            or client.exists(keys.ejected(b))
+            or client.get(keys.health(b)) == b"down"
+        ):
+            continue
+        found.add(b.key)
+    return found
+
+
 @backend.command("add")
 @click.argument("addr")
+@click.option("--allow-duplicate", is_flag=True, help="Add ADDR again (it gets another share).")
 @_redis_options
-def backend_add(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
+def backend_add(
+    addr: str, allow_duplicate: bool, redis_url: str | None, pool: str, state_dir: str
+) -> None:
     """Append ADDR (host:port, http://host:port or [::1]:port) to the pool."""
     key = _validated(addr)
     client = _connect(redis_url, state_dir)
+    if not allow_duplicate and key in {_key_of(raw) for raw in _entries(client, pool)}:
+        raise click.ClickException(
+            f"{key} is already in {pool} (--allow-duplicate gives it a second share)"
+        )
     client.rpush(pool, key)
     client.publish(Keys(pool).events, "edit")
     click.echo(f"added {key} to {pool}")
@@ -331,24 +455,27 @@ def backend_add(addr: str, redis_url: str | None, pool: str, state_dir: str) -> 
 
 @backend.command("rm")
 @click.argument("addr")
+@click.option("--raw", is_flag=True, help="Remove entries whose text is exactly ADDR.")
 @_redis_options
-def backend_rm(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
-    """Remove every entry of the pool that names ADDR."""
-    key = _validated(addr)
+def backend_rm(addr: str, raw: bool, redis_url: str | None, pool: str, state_dir: str) -> None:
+    """Remove every entry of the pool that names ADDR (or, malformed, reads exactly ADDR)."""
     client = _connect(redis_url, state_dir)
+    entries = _entries(client, pool)
+    exact = {entry for entry in entries if _readable(entry) == addr}
+    if raw or (exact and _key_of(addr.encode()) is None):
+        targets, name = exact, addr
+    else:
+        name = _validated(addr)
+        targets = {entry for entry in entries if _key_of(entry) == name} | exact
     removed = 0
-    for raw in set(client.lrange(pool, 0, -1)):
-        try:
-            if parse_backend(raw).key == key:
-                removed += int(client.lrem(pool, 0, raw))  # type: ignore[arg-type]
-        except InvalidAddress:
-            continue
-    if removed:
-        client.hdel(Keys(pool).weights, key)  # gone from the list: its weight goes too
+    for entry in targets:
+        removed += int(client.lrem(pool, 0, entry))  # type: ignore[arg-type]
+    if removed and name in {_key_of(entry) for entry in targets}:
+        client.hdel(Keys(pool).weights, name)  # gone from the list: its weight goes too
     client.publish(Keys(pool).events, "edit")
     if not removed:
-        raise click.ClickException(f"{key} is not in {pool}")
-    click.echo(f"removed {key} from {pool} ({removed} entr{'y' if removed == 1 else 'ies'})")
+        raise click.ClickException(f"{name} is not in {pool}")
+    click.echo(f"removed {name} from {pool} ({removed} entr{'y' if removed == 1 else 'ies'})")
 
 
 @backend.command("ls")
@@ -357,17 +484,14 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
     """List the pool with each entry's state."""
     client = _connect(redis_url, state_dir)
     keys = Keys(pool)
+    entries = _entries(client, pool)
     draining = set(client.smembers(keys.draining))
-    weights = {
-        _validated_or_none(k): int(v)
-        for k, v in client.hgetall(keys.weights).items()
-        if v.isdigit()
-    }
-    for raw in client.lrange(pool, 0, -1):
+    weights = {_key_of(k): int(v) for k, v in client.hgetall(keys.weights).items() if v.isdigit()}
+    for raw in entries:
         try:
             b = parse_backend(raw)
         except InvalidAddress as exc:
-            click.echo(f"{raw!r:30} INVALID ({exc})")
+            click.echo(f"{_readable(raw):30} INVALID ({exc}; remove with: rm --raw TEXT)")
             continue
         state = []
         if client.exists(keys.ejected(b)):
@@ -380,6 +504,8 @@ def backend_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
         if weights.get(b.key, 1) != 1:
             state.append(f"weight {weights[b.key]}")
         click.echo(f"{b.key:30} {', '.join(state) or 'ok'}")
+    if entries and not _taking_traffic(client, pool, entries):
+        click.echo(f"warning: no backend in {pool} takes traffic (requests get 503)", err=True)
 
 
 @backend.command("weight")
@@ -409,10 +535,21 @@ def backend_weight(
 
 @backend.command("drain")
 @click.argument("addr")
+@click.option("--force", is_flag=True, help="Drain even the last backend taking traffic.")
 @_redis_options
-def backend_drain(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
+def backend_drain(addr: str, force: bool, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Stop new traffic to ADDR; its in-flight requests finish."""
-    key = _set_draining(addr, redis_url, pool, state_dir, draining=True)
+    key = _validated(addr)
+    client = _connect(redis_url, state_dir)
+    entries = _entries(client, pool)
+    if key not in {_key_of(raw) for raw in entries}:
+        raise click.ClickException(f"{key} is not in {pool}")
+    if _taking_traffic(client, pool, entries) <= {key} and not force:
+        raise click.ClickException(
+            f"{key} is the last backend taking traffic in {pool}; draining it means 503 "
+            "for every request (--force to drain it anyway)"
+        )
+    _set_draining(client, pool, key, draining=True)
     click.echo(f"draining {key}")
 
 
@@ -421,28 +558,28 @@ def backend_drain(addr: str, redis_url: str | None, pool: str, state_dir: str) -
 @_redis_options
 def backend_undrain(addr: str, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Send traffic to ADDR again."""
-    key = _set_draining(addr, redis_url, pool, state_dir, draining=False)
+    key = _validated(addr)
+    client = _connect(redis_url, state_dir)
+    _entries(client, pool)
+    if not client.sismember(Keys(pool).draining, key):
+        raise click.ClickException(f"{key} is not draining in {pool}")
+    _set_draining(client, pool, key, draining=False)
     click.echo(f"{key} takes traffic again")
 
 
-def _set_draining(
-    addr: str, redis_url: str | None, pool: str, state_dir: str, draining: bool
-) -> str:
-    key = _validated(addr)
-    client = _connect(redis_url, state_dir)
+def _set_draining(client: redis.Redis, pool: str, key: str, draining: bool) -> None:
     keys = Keys(pool)
     if draining:
         client.sadd(keys.draining, key)
     else:
         client.srem(keys.draining, key)
     client.publish(keys.events, "drain")
-    return key
 
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:8000", show_default=True)
 @click.option("--state-dir", default=".redlb/demo", show_default=True)
-@click.option("--requests", "count", default=10, show_default=True)
+@click.option("--requests", "count", type=_count(0, 10_000), default=10, show_default=True)
 @click.option("--exit", "exit_after", is_flag=True, help="Stop after the requests (no serving).")
 def demo(listen: str, state_dir: str, count: int, exit_after: bool) -> None:
     """Embedded Redis, three demo backends, the balancer, and ten requests to watch rotate."""

@@ -112,9 +112,15 @@ class Config:
             parse_cookie_name(self.sticky)
         if not 0 <= self.slow_start <= 3600:
             raise ValueError("--slow-start must be within 0..3600 seconds")
-        parse_listen(self.listen)
+        try:
+            parse_listen(self.listen)
+        except ValueError as exc:
+            raise ValueError(f"--listen: {exc}") from None
         if self.status_listen:
-            host, _ = parse_listen(self.status_listen)
+            try:
+                host, _ = parse_listen(self.status_listen)
+            except ValueError as exc:
+                raise ValueError(f"--status-listen: {exc}") from None
             if host not in ("127.0.0.1", "::1", "localhost"):
                 raise ValueError("the status listener must be on loopback (127.0.0.1 or ::1)")
         if self.log_format not in LOG_FORMATS:

@@ -87,7 +87,8 @@ def _scalar(where: str, key: str, option: click.Option, kind: Any, value: Any, c
         raise ConfigFileError(f"{where}: {key} must be a {kind.name}, not {value!r}")
     if isinstance(kind, click.types.IntParamType) and not isinstance(value, int):
         raise ConfigFileError(f"{where}: {key} must be an integer, not {value!r}")
-    if isinstance(kind, click.types.FloatParamType) and not isinstance(value, int | float):
+    numeric = isinstance(kind, click.types.FloatParamType) or kind.name == "number"
+    if numeric and not isinstance(value, int | float):
         raise ConfigFileError(f"{where}: {key} must be a number, not {value!r}")
     if isinstance(kind, click.types.StringParamType | click.Choice) and not isinstance(value, str):
         raise ConfigFileError(f"{where}: {key} must be a string, not {value!r}")

@@ -66,14 +66,14 @@ def run_demo(listen: str, state_dir: str, count: int, exit_after: bool) -> None:
     embedded = EmbeddedRedis(state_dir)
     url = embedded.start()
     try:
-        uvloop.run(_demo(listen, url, count, exit_after))
+        uvloop.run(_demo(listen, url, count, exit_after, state_dir))
     except KeyboardInterrupt:
         pass
     finally:
         embedded.stop()
 
 
-async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
+async def _demo(listen: str, url: str, count: int, exit_after: bool, state_dir: str) -> None:
     loop = asyncio.get_running_loop()
     host, _, port_text = listen.rpartition(":")
     port = int(port_text)
@@ -99,7 +99,7 @@ async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
     client.delete(pool.pool, pool.counter)
     client.rpush(pool.pool, *addresses)
     client.close()
-    redis_port = url.rsplit(":", 1)[1].split("/")[0]
+    redis_socket = url.removeprefix("unix://").partition("?")[0]
     # Name the commands as they can be typed here: the venv's, when not on PATH.
     beside_us = Path(sys.argv[0]).with_name("redis-cli")
     if not beside_us.exists():
@@ -124,9 +124,9 @@ async def _demo(listen: str, url: str, count: int, exit_after: bool) -> None:
             f"""
 Each line above is one request, and the backends take turns.  Try next:
   curl http://{host}:{port}/
-  {cli} -p {redis_port} LRANGE servers 0 -1      # the pool, a plain Redis list
-  {cli} -p {redis_port} LREM servers 0 {addresses[0]}   # applied within a second
-  {redlb} backend add {addresses[0]} --redis {url}
+  {cli} -s {redis_socket} LRANGE servers 0 -1      # the pool, a plain Redis list
+  {cli} -s {redis_socket} LREM servers 0 {addresses[0]}   # applied within a second
+  {redlb} backend add {addresses[0]} --state-dir {state_dir}
 Ctrl-C stops the demo.""",
             flush=True,
         )

@@ -1,7 +1,7 @@
 """Processes and lifecycle: embedded Redis, workers, listeners, signals, graceful drain.
 
 One worker is one process with one event loop (uvloop).  With ``--workers N`` a supervisor
-forks N workers that each bind the listen address with SO_REUSEPORT, restarts any that
+binds the listening sockets once and forks N workers that share them, restarts any that
 crash, and on SIGTERM forwards it and waits: each worker stops accepting, finishes what is in
 flight (bounded by ``--drain-timeout``) and exits.
 """
@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import redis
 import uvloop
 
 from redlb.address import parse_listen
@@ -32,8 +33,8 @@ from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
 from redlb.proxy.poolstate import PoolState
 from redlb.routing import RoutingTable
-from redlb.store.client import make_client, redact
-from redlb.store.embedded import EmbeddedRedis
+from redlb.store.client import auth_problem, make_client, make_sync_client, redact
+from redlb.store.embedded import EmbeddedRedis, die_with_parent
 from redlb.store.link import RedisLink
 from redlb.store.rotation import Cursor
 from redlb.store.routes import RouteSync
@@ -45,43 +46,113 @@ STARTUP_GRACE = 2.0
 
 
 def serve(config: Config) -> None:
-    """Run redlb until SIGTERM/SIGINT: embedded Redis if needed, then the worker(s)."""
+    """Run redlb until SIGTERM/SIGINT: listeners, embedded Redis if needed, then the worker(s)."""
+    # SIGTERM/SIGINT end the process at any point of startup, without a traceback.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
+    # Bound here, once: this process's workers share these sockets and nobody else can join
+    # them (no SO_REUSEPORT), so a second instance on the same port fails with "in use".
+    listener = bind_listener(config.listen)
+    status = bind_listener(config.status_listen) if config.status_listen else None
     embedded = None
     url = config.redis_url
-    if url is None:
+    if url is not None:
+        check_credentials(url, config.redis_timeout)
+    else:
         embedded = EmbeddedRedis(config.state_dir)
         url = embedded.start()
+    keeper = embedded.ensure_running if embedded is not None else None
     try:
         fleet_instance.begin(config)  # id, metrics directory, admin socket: shared by workers
         if config.workers == 1:
-            run_worker(config, url, Cursor())
+            run_worker(config, url, Cursor(), listener=listener, status=status, keeper=keeper)
         else:
-            supervise(config, url)
+            supervise(config, url, listener, status, keeper)
     finally:
         fleet_instance.end()
         if embedded is not None:
             embedded.stop()
 
 
-def supervise(config: Config, url: str) -> None:
+class CannotStart(Exception):
+    """A problem that waiting will not fix; the message is one line for the user."""
+
+
+def check_credentials(url: str, timeout: float) -> None:
+    """Refuse to start when Redis answers but refuses our credentials.
+
+    A Redis that is down is waited for (it may come up later); a wrong password will not
+    fix itself, and would otherwise look like an outage in every log line.
+    """
+    client = make_sync_client(url, max(timeout, 1.0))
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        problem = auth_problem(exc)
+        if problem is not None:
+            raise CannotStart(f"{problem} (at {redact(url)})") from None
+    finally:
+        client.close()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def bind_listener(address: str) -> socket.socket:
+    host, port = parse_listen(address)
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def supervise(
+    config: Config,
+    url: str,
+    listener: socket.socket,
+    status: socket.socket | None,
+    keeper: Callable[[], None] | None = None,
+) -> None:
     cursor = Cursor(shared=True)  # one rotation for the workers of this machine
     stopping = False
     children: dict[int, int] = {}
+    supervisor = os.getpid()
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
 
     def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 0
-            try:
-                run_worker(config, url, cursor, worker=slot)
-            except BaseException:
-                log.exception("worker %d crashed", slot)
-                code = 1
-            finally:
-                os._exit(code)
-        children[pid] = slot
+        # Signals stay blocked across fork so that a child never runs the supervisor's handler.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                die_with_parent()  # a SIGKILLed supervisor leaves no worker behind
+                if os.getppid() != supervisor:
+                    os._exit(0)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                code = 0
+                try:
+                    run_worker(config, url, cursor, slot, listener, status, keeper)
+                except BaseException:
+                    log.exception("worker %d crashed", slot)
+                    code = 1
+                finally:
+                    os._exit(code)
+            children[pid] = slot
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -93,12 +164,14 @@ def supervise(config: Config, url: str) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for slot in range(config.workers):
+        if stopping:
+            break
         spawn(slot)
-    log.info("supervising %d workers", config.workers)
+    log.info("supervising %d workers", len(children))
     last_restart = 0.0
     while children:
         try:
-            pid, status = os.wait()
+            pid, status_code = os.wait()
         except ChildProcessError:
             break
         except InterruptedError:
@@ -106,15 +179,24 @@ def supervise(config: Config, url: str) -> None:
         slot = children.pop(pid, -1)
         if slot < 0 or stopping:
             continue
-        log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status)
+        log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status_code)
         cursor.recover(pid)
         if time.monotonic() - last_restart < 1.0:
             time.sleep(1.0)  # a crash loop must not spin
         last_restart = time.monotonic()
-        spawn(slot)
+        if not stopping:
+            spawn(slot)
 
 
-def run_worker(config: Config, url: str, cursor: Cursor, worker: int = 0) -> None:
+def run_worker(
+    config: Config,
+    url: str,
+    cursor: Cursor,
+    worker: int = 0,
+    listener: socket.socket | None = None,
+    status: socket.socket | None = None,
+    keeper: Callable[[], None] | None = None,
+) -> None:
     # Requests free their objects by reference counting; the cyclic collector only has
     # long-lived state to scan, so it runs rarely and skips what startup created.
     gc.freeze()
@@ -123,7 +205,9 @@ def run_worker(config: Config, url: str, cursor: Cursor, worker: int = 0) -> Non
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    uvloop.run(_worker(config, url, cursor, worker))
+    uvloop.run(
+        _worker(config, url, cursor, worker, listener=listener, status=status, keeper=keeper)
+    )
 
 
 async def _worker(
@@ -132,6 +216,9 @@ async def _worker(
     cursor: Cursor,
     worker: int = 0,
     on_listening: Callable[[ProxyContext], Coroutine[Any, Any, None]] | None = None,
+    listener: socket.socket | None = None,
+    status: socket.socket | None = None,
+    keeper: Callable[[], None] | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     link = RedisLink(make_client(url, config.redis_timeout), redact(url))
@@ -162,6 +249,8 @@ async def _worker(
         loop.create_task(_sweep(ctx)),
         loop.create_task(publisher.run()),
     ]
+    if keeper is not None:
+        background.append(loop.create_task(_keep_embedded_redis(keeper)))
 
     # The status listener comes first: /-/live answers while the pool is still unknown.
     status_server = None
@@ -169,28 +258,26 @@ async def _worker(
         from redlb.status import StatusProtocol, status_routes  # prometheus only when needed
 
         routes = status_routes(ctx, publisher)
-        s_host, s_port = parse_listen(config.status_listen)
         status_server = await loop.create_server(
-            lambda: StatusProtocol(routes), s_host, s_port, reuse_port=True
+            lambda: StatusProtocol(routes),
+            sock=status or bind_listener(config.status_listen),
         )
     admin_server = None
     admin_socket = fleet_instance.current(config).admin_socket
     if admin_socket is not None:
         from redlb.admin.server import admin_protocol
 
-        admin_server = await loop.create_server(admin_protocol(ctx, link), sock=admin_socket)
-    # Take connections once the pool is known, so that a (re)started worker on a shared
-    # SO_REUSEPORT port does not answer 503 meanwhile; without Redis, listen anyway.
+        admin_server = await loop.create_server(admin_protocol(ctx, url), sock=admin_socket)
+    # Accept once the pool is known, so that a (re)started worker sharing the listening
+    # socket does not answer 503 meanwhile; with Redis down, accept at once (503 quickly
+    # beats connections waiting in the shared backlog).
     deadline = time.monotonic() + STARTUP_GRACE
-    while not ctx.known and time.monotonic() < deadline:
+    while not ctx.known and not (link.answered_once and not link.up):
+        if time.monotonic() > deadline:
+            break
         await asyncio.sleep(0.01)
-    host, port = parse_listen(config.listen)
     server = await loop.create_server(
-        lambda: ClientConnection(ctx),
-        host,
-        port,
-        reuse_port=config.workers > 1,
-        backlog=4096,
+        lambda: ClientConnection(ctx), sock=listener or bind_listener(config.listen), backlog=4096
     )
     ctx.listening = True
     log.info(
@@ -240,6 +327,17 @@ async def _worker(
     with contextlib.suppress(Exception):
         await link.close()
     log.info("worker %d stopped", worker)
+
+
+async def _keep_embedded_redis(ensure_running: Callable[[], None]) -> None:
+    """Whichever instance notices the shared embedded Redis gone starts it again."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await loop.run_in_executor(None, ensure_running)
+        except Exception as exc:
+            log.error("cannot restart the embedded Redis: %s", exc)
 
 
 async def _sweep(ctx: ProxyContext) -> None:

@@ -16,6 +16,9 @@ from redlb.fleet.publisher import Publisher
 from redlb.metrics import exposition, snapshot
 from redlb.proxy.context import ProxyContext
 
+# A scraper sends its request at once: a connection idle (or mid-request) this long is closed.
+STATUS_IDLE_TIMEOUT = 5.0
+
 
 class StatusProtocol(asyncio.Protocol):
     def __init__(self, routes: dict[bytes, Callable[[], tuple[int, bytes, bytes]]]) -> None:
@@ -23,9 +26,25 @@ class StatusProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's own class
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+
+    def _arm_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(STATUS_IDLE_TIMEOUT, self._idle)
+
+    def _idle(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -46,9 +65,14 @@ class StatusProtocol(asyncio.Protocol):
             self._send(404, b"text/plain", b"not found\n", close=False)
             return
         status, content_type, body = route()
-        self._send(status, content_type, body, close=not self.parser.should_keep_alive())
+        head_only = self.parser.get_method() == b"HEAD"
+        close = not self.parser.should_keep_alive()
+        self._send(status, content_type, body, close=close, head_only=head_only)
+        self._arm_timer()
 
-    def _send(self, status: int, content_type: bytes, body: bytes, close: bool) -> None:
+    def _send(
+        self, status: int, content_type: bytes, body: bytes, close: bool, head_only: bool = False
+    ) -> None:
         if self.transport is None:
             return
         self.transport.write(
@@ -59,7 +83,7 @@ class StatusProtocol(asyncio.Protocol):
                 content_type,
                 len(body),
                 b"Connection: close\r\n" if close else b"",
-                body,
+                b"" if head_only else body,
             )
         )
         if close:

@@ -108,7 +108,7 @@ class AdminApi:
                 if writes:
                     _check_content_type(request)
                 params = {k: unquote(v) for k, v in match.groupdict().items()}
-                response = await asyncio.wait_for(handler(request, **params), self.timeout * 8)
+                response = await asyncio.wait_for(handler(request, **params), self.timeout * 4)
             except BadRequest as exc:
                 return error(exc.status, exc.message)
             except (RedisError, OSError, TimeoutError) as exc:

@@ -1,4 +1,8 @@
-"""One worker's admin listener: the API over this worker's Redis client."""
+"""One worker's admin listener: the API over its own Redis client.
+
+Not the data plane's client: that one gives up after ``--redis-timeout`` (0.25 s) so that
+no request waits on Redis, while an operator's write should rather wait a second than fail.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,14 @@ from redlb.admin.api import AdminApi
 from redlb.admin.auth import Guard
 from redlb.admin.listener import AdminProtocol
 from redlb.proxy.context import ProxyContext
-from redlb.store.link import RedisLink
+from redlb.store.client import make_client
+
+ADMIN_REDIS_TIMEOUT = 2.0
 
 
-def admin_protocol(ctx: ProxyContext, link: RedisLink) -> Callable[[], AdminProtocol]:
+def admin_protocol(ctx: ProxyContext, url: str) -> Callable[[], AdminProtocol]:
     config = ctx.config
-    api = AdminApi(link.client, Guard(config.admin_token), config.pool, config.redis_timeout)
+    timeout = max(config.redis_timeout, ADMIN_REDIS_TIMEOUT)
+    client = make_client(url, timeout)
+    api = AdminApi(client, Guard(config.admin_token), config.pool, timeout)
     return lambda: AdminProtocol(api)

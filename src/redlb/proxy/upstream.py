@@ -177,7 +177,13 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.fail(errors.BAD_GATEWAY_UPGRADE)
         except httptools.HttpParserError as exc:
-            self._parse_failed(exc)
+            if self.finished:
+                # Rule 3: junk after a whole response poisons this connection only; the
+                # client already has its complete answer (and may have more requests queued).
+                self.broken = True
+                self._complete()
+            else:
+                self._parse_failed(exc)
         else:
             if self.finished:
                 self._complete()

@@ -25,6 +25,11 @@ class RedisLink:
         self._problem = ""  # the kind of failure last logged: said once, not per retry
         self.reconnects = 0  # times Redis came back after an outage, for metrics
 
+    @property
+    def answered_once(self) -> bool:
+        """True once the first attempt to reach Redis has either succeeded or failed."""
+        return self._ever_up
+
     async def check_master(self, timeout: float) -> None:
         """Under Sentinel, follow a failover even when the old master still answers.
 
