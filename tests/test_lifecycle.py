@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import socket
 import subprocess
@@ -206,3 +208,32 @@ def test_embedded_redis_with_a_state_dir_too_long_for_a_socket(tmp_path: Path, b
     finally:
         proxy.stop()
     assert wait_for(lambda: not _redis_servers_of(state), 5)
+
+
+# A stderr nobody reads never blocks a worker
+
+
+def test_stderr_nobody_reads_never_blocks_the_worker(redis_server, backends, tmp_path):
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = Proxy(redis_server.url, "-v", workdir=tmp_path / "piped")
+    os.mkfifo(proxy.log_path)  # redlb's stderr becomes a pipe that is never read
+    reader = os.open(proxy.log_path, os.O_RDONLY | os.O_NONBLOCK)
+    fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, 4096)
+    try:
+        proxy.start()
+        # Every pool edit makes the worker log a line or two: far more than the pipe holds.
+        client = redis_server.client()
+        stalls = []
+        for i in range(150):
+            extra = f"127.0.0.1:{20000 + i}"
+            client.rpush("servers", extra)
+            time.sleep(0.01)
+            client.lrem("servers", 0, extra)
+            if i % 10 == 0 and proxy.status("/-/live")[0] != 200:
+                stalls.append(i)
+        time.sleep(1)
+        assert proxy.status("/-/live")[0] == 200 and not stalls, stalls
+        assert proxy.get("/")[0] == 200
+    finally:
+        proxy.stop(timeout=10)
+        os.close(reader)

@@ -61,6 +61,8 @@ def parse_backend(raw: str | bytes) -> Backend:
             raise InvalidAddress(f"unsupported scheme {scheme!r} (only http)")
         if text.endswith("/"):
             text = text[:-1]
+        if text and ":" not in text.rpartition("]")[2]:
+            text += ":80"  # a URL without a port: http's own (Hipache's lists rely on it)
     if not text or any(c.isspace() or ord(c) < 0x21 or ord(c) > 0x7E for c in text):
         raise InvalidAddress("empty or contains whitespace/control characters")
     if text.startswith("["):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -16,22 +15,22 @@ from redlb import __version__
 from redlb.address import InvalidAddress, parse_backend
 from redlb.config import STRATEGIES, Config
 from redlb.configfile import config_option
+from redlb.logs import setup_logging
 from redlb.store.client import auth_problem, make_sync_client, redact
 from redlb.store.embedded import running_url
 from redlb.store.keys import Keys
 
 
 def _setup_logging(verbose: bool, log_format: str = "text") -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(verbose)
     if log_format == "json":
+        import logging
+
         from redlb.jsonlog import JsonFormatter
 
         for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonFormatter())
+            target = getattr(handler, "target", handler)  # the writer thread's handler
+            target.setFormatter(JsonFormatter())
 
 
 class Finite(click.ParamType):  # type: ignore[type-arg]

@@ -7,19 +7,52 @@ checking it with the parser every redlb uses, then publish on the routes' events
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import click
+import redis
 
 from redlb.address import InvalidAddress, parse_backend
 from redlb.cli import _connect, _redis_options
 from redlb.routing import BadRoute, RouteSpec, parse_match, parse_route
+from redlb.routing.match import check_pool
 from redlb.routing.settings import SETTINGS, parse_setting
 from redlb.store.keys import ROUTES, ROUTES_EVENTS, Keys
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def _redis_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """A refusal from Redis (a key of the wrong type, a lost connection) is an error message,
+    not a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except redis.ResponseError as exc:
+            raise click.ClickException(
+                f"Redis refused the command: {exc} (see `redis-cli TYPE KEY`)"
+            ) from None
+        except redis.RedisError as exc:
+            raise click.ClickException(f"Redis failed: {exc}") from None
+
+    return run
+
+
+def _pool_name(name: str) -> str:
+    try:
+        check_pool(name)
+    except BadRoute as exc:
+        raise click.ClickException(f"{exc} (one Redis list key, no spaces)") from None
+    return name
 
 
 @click.group()
@@ -33,6 +66,7 @@ def route() -> None:
 @click.option("--strip-prefix", is_flag=True, help="Remove the matched path prefix upstream.")
 @click.option("--host-header", default=None, help="The Host header sent to the pool.")
 @_redis_options
+@_redis_errors
 def route_add(
     match: str,
     pool_name: str,
@@ -43,6 +77,7 @@ def route_add(
     state_dir: str,
 ) -> None:
     """Send MATCH (host/path, *.example.com/, /api ...) to the list POOL."""
+    _pool_name(pool_name)
     value = " ".join([pool_name, *(["strip-prefix"] if strip_prefix else [])]
                      + ([f"host={host_header}"] if host_header else []))  # fmt: skip
     try:
@@ -61,12 +96,20 @@ def route_add(
 @route.command("rm")
 @click.argument("match")
 @_redis_options
+@_redis_errors
 def route_rm(match: str, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Remove the route for MATCH."""
     client = _connect(redis_url, state_dir)
     fields = [match]
     with contextlib.suppress(BadRoute):
-        fields.append(str(parse_match(match)))
+        wanted = parse_match(match)
+        fields.append(str(wanted))
+        # Also the fields a redis-cli user spelled otherwise (/api/, API.example.com/).
+        for raw in client.hkeys(ROUTES):
+            field = _text(raw)
+            with contextlib.suppress(BadRoute):
+                if parse_match(field) == wanted:
+                    fields.append(field)
     removed = int(client.hdel(ROUTES, *dict.fromkeys(fields)))
     client.publish(ROUTES_EVENTS, "route")
     if not removed:
@@ -76,6 +119,7 @@ def route_rm(match: str, redis_url: str | None, pool: str, state_dir: str) -> No
 
 @route.command("ls")
 @_redis_options
+@_redis_errors
 def route_ls(redis_url: str | None, pool: str, state_dir: str) -> None:
     """List the routes, most specific first, with each pool's size and health."""
     client = _connect(redis_url, state_dir)
@@ -126,10 +170,12 @@ def pool_group() -> None:
 @click.argument("pool_name", metavar="POOL")
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
 @_redis_options
+@_redis_errors
 def pool_set(
     pool_name: str, assignments: tuple[str, ...], redis_url: str | None, pool: str, state_dir: str
 ) -> None:
     """Set settings of POOL (KEY= with no value removes one); all or nothing."""
+    _pool_name(pool_name)
     to_set: dict[str, str] = {}
     to_clear: list[str] = []
     for item in assignments:
@@ -162,6 +208,7 @@ def pool_set(
 @pool_group.command("show")
 @click.argument("pool_name", metavar="POOL")
 @_redis_options
+@_redis_errors
 def pool_show(pool_name: str, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Show POOL's settings (unset ones follow the serve flags) and its backends."""
     client = _connect(redis_url, state_dir)

@@ -149,6 +149,7 @@ def supervise(
                     log.exception("worker %d crashed", slot)
                     code = 1
                 finally:
+                    logging.shutdown()  # the last lines reach stderr (bounded: never hangs)
                     os._exit(code)
             children[pid] = slot
         finally:

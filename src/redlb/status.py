@@ -2,7 +2,7 @@
 
 It shares the data plane's parser (httptools) and refuses anything but a plain GET.
 /metrics is the whole instance, summed over its workers (metrics/snapshot.py), whichever
-worker answers.
+worker answers; the per-route gauges (the same in every worker) come from this one.
 """
 
 from __future__ import annotations
@@ -15,9 +15,55 @@ import httptools
 from redlb.fleet.publisher import Publisher
 from redlb.metrics import exposition, snapshot
 from redlb.proxy.context import ProxyContext
+from redlb.proxy.poolstate import PoolState
 
+# A scrape refreshes this worker's snapshot unless it is younger than this (back-to-back
+# scrapes of a big routing table would otherwise rebuild it each time).
+SCRAPE_FRESHNESS = 0.25
 # A scraper sends its request at once: a connection idle (or mid-request) this long is closed.
 STATUS_IDLE_TIMEOUT = 5.0
+
+
+class RouteMetrics:
+    """Once routes are configured: each route with its pool's size and health, written as
+    Prometheus text directly (each pool's requests, summed over the workers, are in
+    metrics/exposition.py).  Ten thousand routes through
+    prometheus_client's objects held the event loop ~200 ms a scrape; the label part of every
+    line is made once per routing table here, and a scrape only writes the numbers."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.table: object = None
+        self.lines: list[tuple[bytes, PoolState]] = []
+
+    def render(self) -> bytes:
+        table = self.ctx.table
+        if table.single is not None:
+            return b""
+        if table is not self.table:
+            self.table = table
+            self.lines = [
+                (b'{pool="%b",route="%b"} ' % (_label(r.target.name), _label(r.label)), r.target)
+                for r in table.routes
+            ]
+        members = [b"redlb_route_members%b%d.0\n" % (k, len(s.pool.members)) for k, s in self.lines]
+        healthy = [b"redlb_route_healthy%b%d.0\n" % (k, len(s.pool.healthy)) for k, s in self.lines]
+        return b"".join(
+            [
+                b"# HELP redlb_route_members Valid entries of the route's pool\n"
+                b"# TYPE redlb_route_members gauge\n",
+                *members,
+                b"# HELP redlb_route_healthy Backends of the route's pool taking traffic\n"
+                b"# TYPE redlb_route_healthy gauge\n",
+                *healthy,
+            ]
+        )
+
+
+def _label(value: str | bytes) -> bytes:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    raw = value.encode() if isinstance(value, str) else value
+    return raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b'"', b'\\"')
 
 
 class StatusProtocol(asyncio.Protocol):
@@ -108,9 +154,12 @@ def status_routes(
             return 503, b"text/plain", b"not ready: no pool read from Redis yet\n"
         return 200, b"text/plain", b"ready\n"
 
+    per_route = RouteMetrics(ctx)
+
     def metrics() -> tuple[int, bytes, bytes]:
-        publisher.write_snapshot()  # this worker's share is never older than the others'
+        publisher.write_snapshot(SCRAPE_FRESHNESS)  # never older than the others' share
         view = snapshot.read_all(inst.metrics_dir)
-        return 200, b"text/plain; version=0.0.4", exposition.render(view, info)
+        body = exposition.render(view, info) + per_route.render()
+        return 200, b"text/plain; version=0.0.4", body
 
     return {b"/-/live": live, b"/-/ready": ready, b"/metrics": metrics}

@@ -51,14 +51,19 @@ class Publisher:
         self.worker = worker
         self.member = f"{instance.id}/{worker}"
         self.redis_latency = 0.0
+        self.written = 0.0  # monotonic time of the last snapshot file
         self.published = 0  # Redis commands sent, for the cost test and the docs
         self.ticks = 0
         self.previous: dict[BackendKey, list[float]] = {}
         self.window: deque[dict[BackendKey, list[float]]] = deque()
         self.minute: dict[BackendKey, list[float]] = {}
 
-    def write_snapshot(self) -> None:
-        """This worker's metrics file, fresh (also called right before a scrape)."""
+    def write_snapshot(self, max_age: float = 0.0) -> None:
+        """This worker's metrics file, at most ``max_age`` seconds old (0: now)."""
+        now = time.monotonic()
+        if max_age and now - self.written < max_age:
+            return  # back-to-back scrapes: the file is fresh enough
+        self.written = now
         snap = snapshot.take(self.ctx, self.link, self.worker, self.redis_latency)
         snapshot.write(self.instance.metrics_dir, snap)
 

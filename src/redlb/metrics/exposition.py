@@ -232,37 +232,21 @@ def _pools(view: InstanceView) -> Iterator[Metric]:
     active = GaugeMetricFamily(
         "redlb_pool_active_requests", "Requests in flight to the pool", labels=["pool"]
     )
-    route_members = GaugeMetricFamily(
-        "redlb_route_members", "Valid entries of the route's pool", labels=["route", "pool"]
-    )
-    route_healthy = GaugeMetricFamily(
-        "redlb_route_healthy",
-        "Backends of the route's pool taking traffic",
-        labels=["route", "pool"],
-    )
     freshest = view.freshest
     if freshest is not None:
         in_flight: dict[str, float] = {}
         for snap in view.live:
             for row in snap["pools"]:
                 in_flight[row[0]] = in_flight.get(row[0], 0) + row[6]
-        by_pool = {}
         for name, total, *counts, _ in freshest["pools"]:
-            by_pool[name] = (total, counts)
             all_members += total
             all_healthy += counts[0]
             size.add_metric([name], total)
             active.add_metric([name], in_flight.get(name, 0))
             for state, count in zip(POOL_STATES, counts, strict=True):
                 members.add_metric([name, state], count)
-        for route, pool in freshest["routes"]:
-            total, counts = by_pool.get(pool, (0, [0]))
-            route_members.add_metric([route, pool], total)
-            route_healthy.add_metric([route, pool], counts[0])
     yield GaugeMetricFamily("redlb_pool_members", "Valid entries of every pool", value=all_members)
     yield GaugeMetricFamily("redlb_pool_healthy", "Backends taking traffic", value=all_healthy)
     yield members
     yield size
     yield active
-    yield route_members
-    yield route_healthy

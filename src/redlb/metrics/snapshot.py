@@ -63,9 +63,6 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
                 state.budget.active_requests,
             ]
         )
-    routes = [] if ctx.table.single is not None else [
-        [route.label.decode(), route.target.name] for route in ctx.table.routes
-    ]  # fmt: skip
     return {
         "pid": os.getpid(),
         "worker": worker,
@@ -85,7 +82,6 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
             "open_fds": _open_fds(),
         },
         "pools": pools,
-        "routes": routes,
     }
 
 

@@ -140,7 +140,9 @@ class Exchange:
         ctx.active_exchanges += 1
         ctx.stats.requests += 1
         if self.req.route is None:
-            if self.request_done:  # else request_complete answers, keeping the connection
+            # Else request_complete answers, keeping the connection; but a client waiting
+            # for 100 Continue sends no body until it hears: the 404 now (RFC 9110 §10.1.1).
+            if self.request_done or self.req.expect_continue:
                 self._respond_error(errors.NO_ROUTE)
             return
         up = self.up

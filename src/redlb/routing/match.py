@@ -7,6 +7,7 @@ root.  The value is the pool (a Redis list key) optionally followed by ``strip-p
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -86,8 +87,9 @@ def parse_match(text: str) -> Match:
         raw = path.encode("ascii")
     except UnicodeEncodeError:
         raise BadRoute("the path must be ASCII (percent-encode the rest)") from None
-    if any(c <= 0x20 or c >= 0x7F or c in b"?#" for c in raw):
-        raise BadRoute("the path may not hold spaces, controls, '?' or '#'")
+    if any(c <= 0x20 or c >= 0x7F or c in b"?#;" for c in raw):
+        # ';' too: matching ignores segment parameters (paths.py rule 3)
+        raise BadRoute("the path may not hold spaces, controls, '?', '#' or ';'")
     try:
         prefix = normalise_path(raw).decode("ascii")
     except BadPath as exc:
@@ -98,7 +100,21 @@ def parse_match(text: str) -> Match:
 
 
 def _is_ip_literal(host: str) -> bool:
-    return host.startswith("[") and host.endswith("]") and len(host) > 2
+    """``[::1]``: a route for an IPv6 literal must be one (a request's Host could match
+    nothing else).  IPv4 addresses are plain labels."""
+    if not (host.startswith("[") and host.endswith("]")):
+        return False
+    try:
+        ipaddress.IPv6Address(host[1:-1])
+    except ValueError:
+        return False
+    return True
+
+
+def check_pool(pool: str) -> None:
+    """BadRoute unless ``pool`` can name a pool: one printable Redis key, not redlb's own."""
+    if not _POOL.fullmatch(pool) or pool.startswith("redlb:"):
+        raise BadRoute(f"invalid pool name {pool[:80]!r}")
 
 
 def parse_route(match: str, value: str) -> RouteSpec:
@@ -112,8 +128,7 @@ def with_value(parsed: Match, value: str) -> RouteSpec:
     if not words:
         raise BadRoute("no pool named")
     pool = words[0]
-    if not _POOL.fullmatch(pool) or pool.startswith("redlb:"):
-        raise BadRoute(f"invalid pool name {pool[:80]!r}")
+    check_pool(pool)
     strip = False
     host_header = None
     for word in words[1:]:

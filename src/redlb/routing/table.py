@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from redlb.routing.match import ANY, EXACT, Match, RouteSpec
-from redlb.routing.paths import normalise_host, normalise_path
+from redlb.routing.paths import (
+    drop_segments,
+    match_path,
+    normalise_host,
+    normalise_path,
+)
 
 T = TypeVar("T")
 
@@ -175,6 +180,11 @@ class RoutingTable(Generic[T]):
         if mark >= 0:
             path, query = target[:mark], target[mark:]
         path = normalise_path(path)
+        if b";" in path:  # segment parameters: matched without them (paths.py rule 3)
+            route = self.find(name, match_path(path))
+            if route is not None and route.strip:
+                path = drop_segments(path, route.prefix.count(b"/"))
+            return route, path + query if query else path
         route = self.find(name, path)
         if route is not None and route.strip:
             path = path[len(route.prefix) :] or b"/"

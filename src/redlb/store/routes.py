@@ -64,6 +64,24 @@ return {redis.sha1hex(table.concat(all, '\\n')), redis.call('EXISTS', KEYS[2]), 
 """
 
 
+def _one_spelling(
+    kept: tuple[bytes, RouteSpec], other: tuple[bytes, RouteSpec]
+) -> tuple[bytes, RouteSpec]:
+    """Two fields of one match (``/api`` and ``/api/``, ``API.x/`` and ``api.x/``): the same
+    one wins whatever the hash order (lower case, then the shortest, then the first in
+    byte order), said when they disagree."""
+    first, second = sorted((kept, other), key=lambda f: (f[0] != f[0].lower(), len(f[0]), f[0]))
+    if first[1].value() != second[1].value():
+        log.warning(
+            "routes %r and %r are the same match %s: using %r",
+            first[0][:80].decode("utf-8", "backslashreplace"),
+            second[0][:80].decode("utf-8", "backslashreplace"),
+            first[1].match,
+            first[0][:80].decode("utf-8", "backslashreplace"),
+        )
+    return first
+
+
 class RouteSync(PoolSync):
     def __init__(
         self,
@@ -214,7 +232,7 @@ class RouteSync(PoolSync):
         items: Iterable[tuple[bytes, bytes]] = (
             ((k, b"") for k in raw) if self.hipache else raw.items()
         )
-        specs: list[RouteSpec] = []
+        chosen: dict[Match, tuple[bytes, RouteSpec]] = {}
         parsed: dict[tuple[bytes, bytes], RouteSpec | str] = {}
         bad: set[tuple[bytes, bytes]] = set()
         for count, item in enumerate(items, 1):
@@ -226,10 +244,13 @@ class RouteSync(PoolSync):
                 bad.add(item)
                 if item not in self.warned_routes:
                     log.warning("skipping route %s", spec)
+            elif spec.match in chosen:
+                chosen[spec.match] = _one_spelling(chosen[spec.match], (item[0], spec))
             else:
-                specs.append(spec)
+                chosen[spec.match] = (item[0], spec)
             if count % SLICE == 0:
                 await asyncio.sleep(0)
+        specs = [spec for _, spec in chosen.values()]
         self.parsed = parsed
         self.warned_routes = bad
         if len(self.matches) > 2 * len(parsed) + 100:
