@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: lint
+test: lint browser
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The dashboard test drives Debian's chromium + chromium-driver; installed here when missing.
+browser: $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| $(BIN)/python tests/browser.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import re
 import signal
@@ -681,6 +682,56 @@ def peak_rss(pid: int) -> Any:
     finally:
         stop.set()
         thread.join()
+
+
+# Operations: the admin API and /metrics, read as a client would
+
+
+def admin_call(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, http.client.HTTPResponse]:
+    """One admin API call; the body is sent as JSON, the answer parsed as JSON when it is."""
+    sent = dict(headers or {})
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        sent.setdefault("Content-Type", "application/json")
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    status, raw, resp = request(port, method, path, body=data, headers=sent)
+    parsed: Any = raw
+    if resp.getheader("Content-Type", "").startswith("application/json"):
+        parsed = json.loads(raw) if raw else None
+    return status, parsed, resp
+
+
+def scrape(proxy: Proxy) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of /metrics: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(3):  # a worker killed by the test may take one connection down with it
+        status, body = proxy.status("/metrics")
+        if status:
+            break
+        time.sleep(0.1)
+    assert status == 200, body
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric_sum(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+               **labels: str) -> float:  # fmt: skip
+    """The sum of a metric's samples whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 # Observing redlb through Redis and /metrics (state tests)

@@ -14,14 +14,23 @@ import redis
 from redlb import __version__
 from redlb.address import InvalidAddress, parse_backend
 from redlb.config import STRATEGIES, Config
+from redlb.configfile import config_option
 from redlb.logs import setup_logging
 from redlb.store.client import auth_problem, make_sync_client, redact
 from redlb.store.embedded import running_url
 from redlb.store.keys import Keys
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
     setup_logging(verbose)
+    if log_format == "json":
+        import logging
+
+        from redlb.jsonlog import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            target = getattr(handler, "target", handler)  # the writer thread's handler
+            target.setFormatter(JsonFormatter())
 
 
 class Finite(click.ParamType):  # type: ignore[type-arg]
@@ -109,7 +118,9 @@ def main() -> None:
     """redlb: an HTTP load balancer whose backend pool lives in a Redis list."""
 
 
-@main.command()
+# Every serve flag can come from REDLB_<NAME> (REDLB_MAX_BODY=...) or a --config file.
+@main.command(context_settings={"auto_envvar_prefix": "REDLB"})
+@config_option(lambda: serve_command())
 @click.option(
     "--listen", default="127.0.0.1:8000", show_default=True, help="host:port to serve on."
 )
@@ -274,13 +285,54 @@ def main() -> None:
 @click.option("--eject-base-time", type=Finite(0, low_open=True), default=30.0, show_default=True)
 @click.option("--eject-max-percent", type=Finite(0, 100), default=50.0, show_default=True)
 @click.option("--retry-budget-percent", type=Finite(0, 100), default=20.0, show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Access log and event log lines as text or one JSON object each.",
+)
+@click.option(
+    "--admin-listen",
+    default=None,
+    help="host:port for the admin API and dashboard (off by default); off loopback it "
+    "needs a token.",
+)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File holding the admin API token (or env REDLB_ADMIN_TOKEN; never a flag).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def serve(**options: Any) -> None:
     """Serve HTTP, balancing over the backends in the Redis list."""
-    _setup_logging(options.pop("verbose"))
+    _setup_logging(options.pop("verbose"), options["log_format"])
+    config = build_config(options)
+    from redlb.server import CannotStart
+    from redlb.server import serve as run
+
+    try:
+        run(config)
+    except CannotStart as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve: {exc}") from None
+
+
+def build_config(options: dict[str, Any]) -> Config:
+    """The serve options (flags, env, file, defaults already merged by click) -> a Config."""
+    from redlb.admin.auth import TokenError, load_token
+
+    options.pop("config", None)
+    try:
+        admin_token = load_token(options.pop("admin_token_file", None))
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
     status = options.pop("status_listen")
     hosts = options.pop("hosts")
     workers = options.pop("workers")
+    admin = options.pop("admin_listen")
     force_workers = options.pop("force_workers")
     cpus = os.cpu_count() or 1
     if workers is not None and workers > MAX_WORKERS_PER_CPU * cpus and not force_workers:
@@ -294,6 +346,8 @@ def serve(**options: Any) -> None:
         access_log=not options["no_access_log"],
         status_listen=None if status == "off" else status,
         allowed_hosts=frozenset(h.lower() for h in hosts),
+        admin_listen=None if admin in (None, "off") else _admin_address(admin),
+        admin_token=admin_token,
     )
     if workers is not None:
         config.workers = workers
@@ -303,15 +357,16 @@ def serve(**options: Any) -> None:
         raise click.UsageError(str(exc)) from None
     if config.redis_url is not None:
         _check_url(config.redis_url)
-    from redlb.server import CannotStart
-    from redlb.server import serve as run
+    return config
 
-    try:
-        run(config)
-    except CannotStart as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot serve: {exc}") from None
+
+def serve_command() -> click.Command:
+    return serve
+
+
+def _admin_address(text: str) -> str:
+    """A bare port means loopback: ``--admin-listen 8200`` is 127.0.0.1:8200."""
+    return f"127.0.0.1:{text}" if text.isdigit() else text
 
 
 def _check_url(url: str) -> None:
@@ -564,3 +619,8 @@ from redlb.cli_routes import pool_group, route  # noqa: E402
 
 main.add_command(route)
 main.add_command(pool_group)
+from redlb.cli_ops import config_group, status, top  # noqa: E402
+
+main.add_command(status)
+main.add_command(top)
+main.add_command(config_group)

@@ -9,6 +9,7 @@ from redlb.address import parse_listen
 from redlb.balancer.requestkey import parse_cookie_name, parse_key_spec
 
 ROTATIONS = ("lease", "strict")
+LOG_FORMATS = ("text", "json")
 # How a pool picks a backend (README "Strategies"); round_robin uses --rotation.
 STRATEGIES = (
     "round_robin",
@@ -47,6 +48,11 @@ class Config:
 
     # Logging
     access_log: bool = True
+    log_format: str = "text"  # or "json": access log and events, one JSON object a line
+
+    # Operations (admin/): API + dashboard listener; off unless given.
+    admin_listen: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # from a file or the env only
 
     # Request limits (0 = unlimited for max_body only)
     max_request_line: int = 8 * 1024
@@ -117,6 +123,15 @@ class Config:
                 raise ValueError(f"--status-listen: {exc}") from None
             if host not in ("127.0.0.1", "::1", "localhost"):
                 raise ValueError("the status listener must be on loopback (127.0.0.1 or ::1)")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"unknown log format {self.log_format!r}; choose one of {LOG_FORMATS}")
+        if self.admin_listen:
+            host, _ = parse_listen(self.admin_listen)
+            if host not in ("127.0.0.1", "::1", "localhost") and not self.admin_token:
+                raise ValueError(
+                    "the admin listener is off loopback: give a token (--admin-token-file "
+                    "or REDLB_ADMIN_TOKEN) or listen on 127.0.0.1 / ::1"
+                )
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
         if self.health_path is not None and not self.health_path.startswith("/"):

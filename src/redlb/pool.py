@@ -71,6 +71,7 @@ class Pool:
         # Transitions this pool saw since the store last took them (for redlb:{P}:up-since).
         self.joined: set[Backend] = set()
         self.left: set[Backend] = set()
+        self.ejections = 0  # by this process, for metrics
 
     def update(
         self,

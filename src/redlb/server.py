@@ -24,9 +24,11 @@ from typing import Any
 import redis
 import uvloop
 
-from redlb.accesslog import AccessLog
 from redlb.address import parse_listen
 from redlb.config import Config
+from redlb.fleet import instance as fleet_instance
+from redlb.fleet.publisher import Publisher
+from redlb.jsonlog import access_log
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
 from redlb.proxy.poolstate import PoolState
@@ -61,11 +63,13 @@ def serve(config: Config) -> None:
         url = embedded.start()
     keeper = embedded.ensure_running if embedded is not None else None
     try:
+        fleet_instance.begin(config)  # id, metrics directory, admin socket: shared by workers
         if config.workers == 1:
             run_worker(config, url, Cursor(), listener=listener, status=status, keeper=keeper)
         else:
             supervise(config, url, listener, status, keeper)
     finally:
+        fleet_instance.end()
         if embedded is not None:
             embedded.stop()
 
@@ -239,7 +243,7 @@ async def _worker(
         config=config,
         table=RoutingTable.default(default, config.pool),
         pools={config.pool: default},
-        access_log=AccessLog(config.access_log),
+        access_log=access_log(config.access_log, config.log_format),
         loop=loop,
     )
 
@@ -248,9 +252,11 @@ async def _worker(
         if lease is not None and not lease.cursor.values[1]:
             await lease.refill()
 
+    publisher = Publisher(ctx, link, fleet_instance.current(config), worker)
     background = [
         loop.create_task(RouteSync(link, ctx, make_state, primed).run()),
         loop.create_task(_sweep(ctx)),
+        loop.create_task(publisher.run()),
     ]
     if keeper is not None:
         background.append(loop.create_task(_keep_embedded_redis(keeper)))
@@ -260,11 +266,17 @@ async def _worker(
     if config.status_listen:
         from redlb.status import StatusProtocol, status_routes  # prometheus only when needed
 
-        routes = status_routes(ctx, link)
+        routes = status_routes(ctx, publisher)
         status_server = await loop.create_server(
             lambda: StatusProtocol(routes),
             sock=status or bind_listener(config.status_listen),
         )
+    admin_server = None
+    admin_socket = fleet_instance.current(config).admin_socket
+    if admin_socket is not None:
+        from redlb.admin.server import admin_protocol
+
+        admin_server = await loop.create_server(admin_protocol(ctx, url), sock=admin_socket)
     # Accept once the pool is known, so that a (re)started worker sharing the listening
     # socket does not answer 503 meanwhile; with Redis down, accept at once (503 quickly
     # beats connections waiting in the shared backlog).
@@ -314,6 +326,9 @@ async def _worker(
         state.close()
     if status_server is not None:
         status_server.close()
+    if admin_server is not None:
+        admin_server.close()
+    await publisher.withdraw()
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)

@@ -63,6 +63,7 @@ class Ejector:
         self.failures.pop(backend, None)
         log.warning("ejecting %s after %d consecutive failures", backend, count)
         self.pool.eject(backend, self.base)
+        self.pool.ejections += 1
         if self.link.up:
             task = asyncio.get_running_loop().create_task(self._share(backend))
             self.tasks.add(task)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from redlb.accesslog import AccessLog
 from redlb.config import Config
+from redlb.metrics.recorder import Recorder
 from redlb.proxy.poolstate import PoolState
 from redlb.routing import RoutingTable
 
@@ -38,6 +39,7 @@ class ProxyContext:
     access_log: AccessLog
     loop: asyncio.AbstractEventLoop
     stats: Stats = field(default_factory=Stats)
+    recorder: Recorder = field(default_factory=Recorder)  # per-request metrics
     clients: set[ClientConnection] = field(default_factory=set)
     active_exchanges: int = 0
     known: bool = False  # routes and pools read from Redis at least once

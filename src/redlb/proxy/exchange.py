@@ -63,6 +63,7 @@ class Exchange:
     __slots__ = (
         "attempts",
         "backend",
+        "body_bytes",
         "bytes_out",
         "client",
         "connect_task",
@@ -70,6 +71,7 @@ class Exchange:
         "counted",
         "ctx",
         "done",
+        "first_byte",
         "keep_client",
         "pending",
         "pending_bytes",
@@ -104,6 +106,7 @@ class Exchange:
         # Idempotent requests only (nothing else is ever resent), made by the first body byte.
         self.replay: ReplayBuffer | None = None
         self.request_done = False
+        self.body_bytes = 0  # for the metrics
         # Upstream side
         self.backend: Backend | None = None
         self.upstream: UpstreamConnection | None = None
@@ -124,6 +127,7 @@ class Exchange:
         self.keep_client = req.keep_alive
         self.upstream_keep_alive = False
         self.bytes_out = 0
+        self.first_byte = 0.0
         self.started = 0.0
         self.done = False
 
@@ -156,6 +160,7 @@ class Exchange:
     def request_body(self, data: bytes) -> None:
         if self.req.route is None:
             return  # no route: the body is read and dropped, then 404
+        self.body_bytes += len(data)
         framed = b"%x\r\n%b\r\n" % (len(data), data) if self.req.chunked else data
         self._send_body(framed)
 
@@ -295,6 +300,7 @@ class Exchange:
         ctx = self.ctx
         backend = conns.backend
         ctx.stats.upstream_connects += 1
+        began = time.monotonic()
         try:
             _, conn = await asyncio.wait_for(
                 ctx.loop.create_connection(
@@ -312,6 +318,8 @@ class Exchange:
             self._retry_or_fail(reason, sent=False)
             return
         self.connect_task = None
+        rec = ctx.recorder
+        rec.upstream(rec.connect, (self.up.name, backend.key), time.monotonic() - began)
         if self.done:
             conn.close()
             return
@@ -376,8 +384,10 @@ class Exchange:
             self._retry(sent=True)
             return False
         req = self.req
+        now = time.monotonic()
+        self.first_byte = now - self.started  # for the metrics
         if not upstream.deadline and not self.client.send_deadline:
-            upstream.deadline = time.monotonic() + self.up.config.upstream_timeout  # early answer
+            upstream.deadline = now + self.up.config.upstream_timeout  # early answer
         self.status = status
         self.reason = upstream.reason
         self.upstream_keep_alive = upstream_keep_alive
@@ -516,6 +526,8 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        if not self.started:  # queued behind another request when the client left: no
+            return  # count was taken, so none is given back (in flight went negative)
         if self.queued_since:
             self._leave_queue()
         self._release_slot()
@@ -529,6 +541,8 @@ class Exchange:
             self.up.budget.active_requests -= 1
             if self.retrying:
                 self.up.budget.release()
+        seconds = time.monotonic() - self.started
+        ctx.recorder.request(self, seconds)
         if log and ctx.access_log.enabled:
             ctx.access_log.request(
                 self.req.method,
@@ -536,7 +550,7 @@ class Exchange:
                 self.status,
                 self.reason,
                 self.backend,
-                time.monotonic() - self.started,
+                seconds,
                 self.bytes_out,
                 route.label if route is not None else b"no route",
             )

@@ -73,6 +73,15 @@ Routing (one hash for the whole fleet):
     ``DEL`` rotates it (every cookie then names nothing and is replaced on the next answer).
 ``frontend:{HOST}`` (LIST, Hipache's schema, read with ``serve --hipache``)
     First element an identifier, then backend URLs; ``frontend:*.example.com`` for wildcards.
+
+The fleet (fleet/publisher.py writes, fleet/view.py reads; two commands a second a worker):
+
+``redlb:fleet:workers`` (ZSET, member ``INSTANCE/WORKER``, score = last heartbeat, Unix s)
+    Who is alive: readers take the members seen in the last few seconds.  Members older than
+    a minute are pruned by the publishers.
+``redlb:fleet:worker:{INSTANCE}/{WORKER}`` (STRING JSON, TTL 5 s)
+    The worker's identity (instance id, host, pid, version, start time, listeners, routes)
+    and its counters per backend: the last second and the last minute (latency buckets).
 """
 
 from __future__ import annotations
@@ -86,6 +95,12 @@ ROUTES = "redlb:routes"
 STICKY_SECRET = "redlb:sticky-secret"
 ROUTES_EVENTS = "redlb:routes:events"
 ROUTES_EPOCH = "redlb:routes:epoch"
+FLEET_WORKERS = "redlb:fleet:workers"
+
+
+def fleet_worker(member: str) -> str:
+    """The heartbeat document of one worker (``member`` = ``INSTANCE/WORKER``)."""
+    return f"redlb:fleet:worker:{member}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ class RedisLink:
         self.up = False
         self._ever_up = False
         self._problem = ""  # the kind of failure last logged: said once, not per retry
+        self.reconnects = 0  # times Redis came back after an outage, for metrics
 
     @property
     def answered_once(self) -> bool:
@@ -53,6 +54,7 @@ class RedisLink:
         if not self.up:
             self.up = True
             if self._ever_up:
+                self.reconnects += 1
                 log.warning("Redis at %s is reachable again", self.where)
             else:
                 log.info("connected to Redis at %s", self.where)

@@ -1,0 +1,206 @@
+"""Each worker, once a second: its metrics snapshot to disk and its heartbeat to Redis.
+
+Redis cost, at any load: one pipeline a second of two commands (``SET`` the worker's
+document with a 5 s TTL, ``ZADD`` it to the index), plus a ``ZREMRANGEBYSCORE`` every 30 s
+to prune the index: 2.03 commands a second a worker.  The document's size grows with the
+backends this worker served in the last minute (capped at ``MAX_BACKENDS``), never with
+the request rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from redlb.metrics import snapshot
+from redlb.metrics.recorder import COUNT, FIRST_BUCKET, N_BUCKETS, OTHER
+from redlb.store.keys import FLEET_WORKERS, fleet_worker
+
+if TYPE_CHECKING:
+    from redlb.fleet.instance import Instance
+    from redlb.proxy.context import ProxyContext
+    from redlb.store.link import RedisLink
+
+log = logging.getLogger("redlb.fleet")
+
+INTERVAL = 1.0
+TTL_MS = 5000
+WINDOW = 60  # intervals in "the last minute"
+PRUNE_EVERY = 30  # intervals
+PRUNE_AFTER = 60.0  # seconds without a heartbeat
+MAX_BACKENDS = 500
+
+# Per backend and interval: requests, 4xx, 5xx, bytes in, bytes out, then latency buckets.
+REQ, E4, E5, B_IN, B_OUT, LAT = 0, 1, 2, 3, 4, 5
+WIDTH = LAT + N_BUCKETS
+
+BackendKey = tuple[str, str]  # pool, backend
+
+
+class Publisher:
+    def __init__(self, ctx: ProxyContext, link: RedisLink, instance: Instance, worker: int):
+        self.ctx = ctx
+        self.link = link
+        self.instance = instance
+        self.worker = worker
+        self.member = f"{instance.id}/{worker}"
+        self.redis_latency = 0.0
+        self.written = 0.0  # monotonic time of the last snapshot file
+        self.published = 0  # Redis commands sent, for the cost test and the docs
+        self.ticks = 0
+        self.previous: dict[BackendKey, list[float]] = {}
+        self.window: deque[dict[BackendKey, list[float]]] = deque()
+        self.minute: dict[BackendKey, list[float]] = {}
+
+    def write_snapshot(self, max_age: float = 0.0) -> None:
+        """This worker's metrics file, at most ``max_age`` seconds old (0: now)."""
+        now = time.monotonic()
+        if max_age and now - self.written < max_age:
+            return  # back-to-back scrapes: the file is fresh enough
+        self.written = now
+        snap = snapshot.take(self.ctx, self.link, self.worker, self.redis_latency)
+        snapshot.write(self.instance.metrics_dir, snap)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(INTERVAL)
+            try:
+                self.write_snapshot()
+            except OSError as exc:
+                log.warning("cannot write the metrics snapshot: %s", exc)
+            document = self.document(self.tick())
+            await self.publish(document)
+
+    # Counting (pure: the recorder's cumulative counters -> per-interval deltas)
+
+    def tick(self) -> dict[BackendKey, list[float]]:
+        """The last interval's counts per backend; the minute window moves by one."""
+        current = by_backend(self.ctx.recorder.requests)
+        delta: dict[BackendKey, list[float]] = {}
+        for key, now in current.items():
+            before = self.previous.get(key)
+            d = now if before is None else [a - b for a, b in zip(now, before, strict=True)]
+            if d[REQ]:
+                delta[key] = d
+        self.previous = current
+        self.window.append(delta)
+        minute = self.minute
+        for key, d in delta.items():
+            acc = minute.get(key)
+            if acc is None:
+                minute[key] = list(d)
+            else:
+                for i, v in enumerate(d):
+                    acc[i] += v
+        if len(self.window) > WINDOW:
+            for key, d in self.window.popleft().items():
+                acc = minute[key]
+                for i, v in enumerate(d):
+                    acc[i] -= v
+                if not acc[REQ]:
+                    del minute[key]
+        self.ticks += 1
+        return delta
+
+    def document(self, last: dict[BackendKey, list[float]]) -> dict[str, Any]:
+        ctx = self.ctx
+        inst = self.instance
+        in_flight: dict[BackendKey, int] = {}
+        for name, state in ctx.pools.items():
+            for key, conns in state.conns.items():
+                busy = conns.busy + len(conns.waiters)
+                if busy:
+                    in_flight[(name, key)] = busy
+        keys = sorted(set(self.minute) | set(in_flight))[:MAX_BACKENDS]
+        zero = [0.0] * WIDTH
+        backends = [
+            [pool, backend, in_flight.get((pool, backend), 0),
+             _ints(last.get((pool, backend), zero)), _ints(self.minute.get((pool, backend), zero))]
+            for pool, backend in keys
+        ]  # fmt: skip
+        table = ctx.table
+        routes = [] if table.single is not None else [r.label.decode() for r in table.routes]
+        return {
+            "instance": inst.id,
+            "host": inst.host,
+            "pid": inst.pid,
+            "version": inst.version,
+            "started": inst.started,
+            "listen": inst.listen,
+            "admin": inst.admin_listen,
+            "worker": self.worker,
+            "worker_pid": os.getpid(),
+            "time": time.time(),
+            "interval": INTERVAL,
+            "pools": sorted(ctx.pools),
+            "routes": routes[:100],
+            "route_count": len(routes),
+            "active_requests": ctx.active_exchanges,
+            "open_connections": len(ctx.clients),
+            "redis_latency": self.redis_latency,
+            "draining": ctx.draining,
+            "backends": backends,
+        }
+
+    async def publish(self, document: dict[str, Any]) -> None:
+        if not self.link.up:
+            return  # the pool sync reconnects; a heartbeat would only add timeouts
+        now = time.time()
+        pipe = self.link.client.pipeline(transaction=False)
+        pipe.set(fleet_worker(self.member), json.dumps(document, separators=(",", ":")),
+                 px=TTL_MS)  # fmt: skip
+        pipe.zadd(FLEET_WORKERS, {self.member: now})
+        commands = 2
+        if self.ticks % PRUNE_EVERY == 1:
+            pipe.zremrangebyscore(FLEET_WORKERS, "-inf", now - PRUNE_AFTER)
+            commands += 1
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(pipe.execute(), self.ctx.config.redis_timeout * 4)
+        except Exception as exc:  # a slow or dead Redis: the next tick tries again
+            log.debug("fleet heartbeat failed: %r", exc)
+            return
+        self.redis_latency = time.monotonic() - started
+        self.published += commands
+
+    async def withdraw(self) -> None:
+        """On a clean stop: leave the registry at once instead of after the TTL."""
+        if not self.link.up:
+            return
+        pipe = self.link.client.pipeline(transaction=False)
+        pipe.delete(fleet_worker(self.member))
+        pipe.zrem(FLEET_WORKERS, self.member)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pipe.execute(), self.ctx.config.redis_timeout * 4)
+
+
+def by_backend(requests: dict[Any, list[float]]) -> dict[BackendKey, list[float]]:
+    """The recorder's request series summed per (pool, backend)."""
+    out: dict[BackendKey, list[float]] = {}
+    for (_, pool, backend, _, klass), series in requests.items():
+        if not backend or backend == OTHER:
+            continue
+        acc = out.get((pool, backend))
+        if acc is None:
+            acc = out[(pool, backend)] = [0.0] * WIDTH
+        count = series[COUNT]
+        acc[REQ] += count
+        if klass == 4:
+            acc[E4] += count
+        elif klass == 5:
+            acc[E5] += count
+        acc[B_IN] += series[1]
+        acc[B_OUT] += series[2]
+        for i in range(N_BUCKETS):
+            acc[LAT + i] += series[FIRST_BUCKET + i]
+    return out
+
+
+def _ints(values: list[float]) -> list[int]:
+    return [int(v) for v in values]

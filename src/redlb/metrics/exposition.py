@@ -1,0 +1,252 @@
+"""The instance's summed metrics as Prometheus text (names and types follow its conventions).
+
+Label cardinality: request series are capped per worker (recorder.MAX_SERIES label sets,
+then ``other``); pools and routes come from the routing table, itself capped by RouteSync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from redlb.metrics.recorder import (
+    BUCKETS,
+    BYTES_IN,
+    BYTES_OUT,
+    COUNT,
+    FB_COUNT,
+    FB_FIRST_BUCKET,
+    FB_SECONDS,
+    FIRST_BUCKET,
+    N_BUCKETS,
+    SECONDS,
+    U_FIRST_BUCKET,
+    U_SECONDS,
+)
+from redlb.metrics.snapshot import POOL_STATES, STATS_COUNTERS, InstanceView
+
+BOUNDS = [*(repr(b) for b in BUCKETS), "+Inf"]
+CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def render(view: InstanceView, info: dict[str, str]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ViewCollector(view, info))
+    return generate_latest(registry)
+
+
+class _ViewCollector(Collector):
+    def __init__(self, view: InstanceView, info: dict[str, str]) -> None:
+        self.view = view
+        self.info = info
+
+    def collect(self) -> Iterator[Metric]:
+        view = self.view
+        yield from _requests(view.snapshots)
+        yield from _upstream(view.snapshots)
+        yield from _counters(view.snapshots)
+        yield from _gauges(view)
+        yield from _pools(view)
+        info = InfoMetricFamily("redlb_instance", "This redlb instance")
+        info.add_metric([], self.info)
+        yield info
+
+
+def _labels(name: str) -> str:
+    return name or "none"
+
+
+def _requests(snapshots: Iterable[dict[str, Any]]) -> Iterator[Metric]:
+    counts: dict[tuple[str, ...], float] = {}
+    bytes_in: dict[tuple[str, ...], float] = {}
+    bytes_out: dict[tuple[str, ...], float] = {}
+    hist: dict[tuple[str, ...], list[float]] = {}
+    per_pool: dict[str, float] = {}
+    for snap in snapshots:
+        for route, pool, backend, method, klass, series in snap["requests"]:
+            where: tuple[str, ...] = (route or "default", _labels(pool), _labels(backend))
+            full = (*where, CLASSES.get(klass, "none"), method)
+            counts[full] = counts.get(full, 0) + series[COUNT]
+            bytes_in[where] = bytes_in.get(where, 0) + series[BYTES_IN]
+            bytes_out[where] = bytes_out.get(where, 0) + series[BYTES_OUT]
+            acc = hist.setdefault(where, [0.0] * (1 + N_BUCKETS))
+            acc[0] += series[SECONDS]
+            for i in range(N_BUCKETS):
+                acc[1 + i] += series[FIRST_BUCKET + i]
+            if pool:
+                per_pool[pool] = per_pool.get(pool, 0) + series[COUNT]
+    total = CounterMetricFamily(
+        "redlb_requests",
+        "Requests answered, by route, pool, backend, status class and method",
+        labels=["route", "pool", "backend", "code_class", "method"],
+    )
+    for labels, value in sorted(counts.items()):
+        total.add_metric(list(labels), value)
+    yield total
+    where_labels = ["route", "pool", "backend"]
+    received = CounterMetricFamily(
+        "redlb_request_body_bytes", "Request body bytes received from clients", labels=where_labels
+    )
+    sent = CounterMetricFamily(
+        "redlb_response_body_bytes", "Response body bytes sent to clients", labels=where_labels
+    )
+    duration = HistogramMetricFamily(
+        "redlb_request_duration_seconds",
+        "Time from a request's turn to its last response byte",
+        labels=where_labels,
+    )
+    for where in sorted(hist):
+        received.add_metric(list(where), bytes_in[where])
+        sent.add_metric(list(where), bytes_out[where])
+        acc = hist[where]
+        duration.add_metric(list(where), _cumulative(acc[1:]), acc[0])
+    yield received
+    yield sent
+    yield duration
+    pool_requests = CounterMetricFamily(
+        "redlb_pool_requests", "Requests routed to the pool", labels=["pool"]
+    )
+    for pool, value in sorted(per_pool.items()):
+        pool_requests.add_metric([pool], value)
+    yield pool_requests
+
+
+def _cumulative(buckets: list[float]) -> list[tuple[str, float]]:
+    out = []
+    running = 0.0
+    for bound, count in zip(BOUNDS, buckets, strict=True):
+        running += count
+        out.append((bound, running))
+    return out
+
+
+def _upstream(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
+    connect: dict[tuple[str, str], list[float]] = {}
+    first_byte: dict[tuple[str, str], list[float]] = {}
+    for snap in snapshots:
+        for pool, backend, series in snap["connect"]:
+            a = connect.setdefault((pool, backend), [0.0] * (1 + N_BUCKETS))
+            a[0] += series[U_SECONDS]
+            for i in range(N_BUCKETS):
+                a[1 + i] += series[U_FIRST_BUCKET + i]
+        for _, pool, backend, _, _, series in snap["requests"]:
+            if not series[FB_COUNT]:
+                continue
+            a = first_byte.setdefault((_labels(pool), _labels(backend)), [0.0] * (1 + N_BUCKETS))
+            a[0] += series[FB_SECONDS]
+            for i in range(N_BUCKETS):
+                a[1 + i] += series[FB_FIRST_BUCKET + i]
+    for acc, name, doc in (
+        (connect, "redlb_upstream_connect_seconds", "Time to open a backend connection"),
+        (
+            first_byte,
+            "redlb_upstream_first_byte_seconds",
+            "Time from a request's turn to the backend's response head",
+        ),
+    ):
+        family = HistogramMetricFamily(name, doc, labels=["pool", "backend"])
+        for key in sorted(acc):
+            a = acc[key]
+            family.add_metric(list(key), _cumulative(a[1:]), a[0])
+        yield family
+
+
+def _counters(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
+    def total(key: str) -> float:
+        return sum(float(snap["counters"].get(key, 0)) for snap in snapshots)
+
+    docs = {
+        "rejected": "Malformed or over-limit requests refused by redlb",
+        "proxy_errors": "Responses generated by redlb itself (no backend answer)",
+        "retries": "Requests retried on another connection or backend",
+        "retries_refused": "Retries refused by the retry budget",
+        "upstream_connects": "New backend connections opened",
+        "upstream_reuses": "Requests sent on a pooled backend connection",
+        "client_connections": "Client connections accepted",
+    }
+    for key, name in STATS_COUNTERS.items():
+        yield CounterMetricFamily(name, docs[key], value=total(key))
+    for key, name, doc in (
+        ("ejections", "redlb_ejections", "Backends ejected by this instance (passive health)"),
+        ("redis_reconnects", "redlb_redis_reconnects", "Times Redis came back after an outage"),
+        ("log_dropped", "redlb_access_log_dropped", "Access log lines dropped"),
+        ("cpu_seconds", "redlb_process_cpu_seconds", "User and system CPU of all workers"),
+    ):
+        yield CounterMetricFamily(name, doc, value=total(key))
+
+
+def _gauges(view: InstanceView) -> Iterator[Metric]:
+    live = view.live
+
+    def total(key: str) -> float:
+        return sum(float(snap["gauges"].get(key, 0)) for snap in live)
+
+    yield GaugeMetricFamily("redlb_workers", "Worker processes running", value=len(live))
+    yield GaugeMetricFamily(
+        "redlb_active_requests", "Requests in flight", value=total("active_requests")
+    )
+    yield GaugeMetricFamily(
+        "redlb_open_connections", "Open client connections", value=total("open_connections")
+    )
+    yield GaugeMetricFamily(
+        "redlb_redis_up",
+        "1 when Redis answers every worker",
+        value=min((snap["gauges"]["redis_up"] for snap in live), default=0),
+    )
+    yield GaugeMetricFamily(
+        "redlb_redis_latency_seconds",
+        "Slowest worker's last Redis round trip (the fleet heartbeat)",
+        value=max((snap["gauges"]["redis_latency_seconds"] for snap in live), default=0.0),
+    )
+    yield GaugeMetricFamily(
+        "redlb_process_resident_memory_bytes",
+        "Resident memory of all workers",
+        value=total("resident_memory_bytes"),
+    )
+    yield GaugeMetricFamily(
+        "redlb_process_open_fds", "Open file descriptors of all workers", value=total("open_fds")
+    )
+    yield GaugeMetricFamily(
+        "redlb_metrics_series",
+        "Request label sets held (capped per worker; past it, counted as 'other')",
+        value=sum(len(snap["requests"]) for snap in view.snapshots),
+    )
+
+
+def _pools(view: InstanceView) -> Iterator[Metric]:
+    members = GaugeMetricFamily(
+        "redlb_pool_backends", "Backends of the pool by state", labels=["pool", "state"]
+    )
+    all_members = all_healthy = 0
+    size = GaugeMetricFamily("redlb_pool_size", "Valid entries of the pool", labels=["pool"])
+    active = GaugeMetricFamily(
+        "redlb_pool_active_requests", "Requests in flight to the pool", labels=["pool"]
+    )
+    freshest = view.freshest
+    if freshest is not None:
+        in_flight: dict[str, float] = {}
+        for snap in view.live:
+            for row in snap["pools"]:
+                in_flight[row[0]] = in_flight.get(row[0], 0) + row[6]
+        for name, total, *counts, _ in freshest["pools"]:
+            all_members += total
+            all_healthy += counts[0]
+            size.add_metric([name], total)
+            active.add_metric([name], in_flight.get(name, 0))
+            for state, count in zip(POOL_STATES, counts, strict=True):
+                members.add_metric([name, state], count)
+    yield GaugeMetricFamily("redlb_pool_members", "Valid entries of every pool", value=all_members)
+    yield GaugeMetricFamily("redlb_pool_healthy", "Backends taking traffic", value=all_healthy)
+    yield members
+    yield size
+    yield active

@@ -1,0 +1,147 @@
+"""A worker's metrics as one JSON document, and the instance's view summed over its workers.
+
+Every worker writes its snapshot to the instance's directory (one file per process, replaced
+atomically) once a second and right before it answers a scrape; a scrape reads every file and
+sums them.  The answering worker refreshes its own file first, so each worker's share only
+ever grows between two scrapes, whichever worker answers: counters never go backwards.
+
+A worker that died leaves its file behind: its counters stay in the sum (as in
+prometheus_client's multiprocess mode) while its gauges (in flight, memory) drop out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from redlb.proxy.context import ProxyContext
+    from redlb.store.link import RedisLink
+
+# Plain counters of ProxyContext.stats, exported under these names (with _total).
+STATS_COUNTERS = {
+    "rejected": "redlb_rejected_requests",
+    "proxy_errors": "redlb_proxy_errors",
+    "retries": "redlb_retries",
+    "retries_refused": "redlb_retries_refused",
+    "upstream_connects": "redlb_upstream_connects",
+    "upstream_reuses": "redlb_upstream_reuses",
+    "client_connections": "redlb_client_connections",
+}
+POOL_STATES = ("healthy", "down", "ejected", "draining")
+
+
+def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) -> dict[str, Any]:
+    """Everything one worker knows, as plain JSON-able values."""
+    rec = ctx.recorder
+    stats = ctx.stats
+    counters = {name: getattr(stats, name) for name in STATS_COUNTERS}
+    counters["ejections"] = sum(state.pool.ejections for state in ctx.pools.values())
+    counters["redis_reconnects"] = link.reconnects
+    counters["log_dropped"] = ctx.access_log.dropped
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    counters["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    pools = []
+    for name, state in ctx.pools.items():
+        pool = state.pool
+        members = set(pool.members)
+        healthy = set(pool.healthy)
+        pools.append(
+            [
+                name,
+                len(pool.members),
+                len(healthy),
+                len(pool.down & members),
+                sum(1 for b in pool.ejected if b in members and b not in healthy),
+                len(pool.draining & members),
+                state.budget.active_requests,
+            ]
+        )
+    return {
+        "pid": os.getpid(),
+        "worker": worker,
+        "time": time.time(),
+        "requests": [
+            [k[0].decode("latin-1"), k[1], k[2], k[3].decode("latin-1"), k[4], v]
+            for k, v in rec.requests.items()
+        ],
+        "connect": [[k[0], k[1], v] for k, v in rec.connect.items()],
+        "counters": counters,
+        "gauges": {
+            "active_requests": ctx.active_exchanges,
+            "open_connections": len(ctx.clients),
+            "redis_up": int(link.up),
+            "redis_latency_seconds": redis_latency,
+            "resident_memory_bytes": _rss(),
+            "open_fds": _open_fds(),
+        },
+        "pools": pools,
+    }
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def write(directory: Path, snapshot: dict[str, Any]) -> None:
+    """Replace this process's file in one rename: a reader sees the old or the new one."""
+    path = directory / f"{snapshot['pid']}.json"
+    tmp = directory / f".{snapshot['pid']}.tmp"
+    tmp.write_text(json.dumps(snapshot, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+@dataclass
+class InstanceView:
+    """Every worker's snapshot of one instance; ``live`` are the ones still running."""
+
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    live: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def freshest(self) -> dict[str, Any] | None:
+        """Pool membership is the same in every worker: the newest one says it."""
+        return max(self.live, key=lambda s: s["time"], default=None)
+
+
+def read_all(directory: Path) -> InstanceView:
+    view = InstanceView()
+    for path in sorted(directory.glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            snapshot = json.loads(path.read_text())
+            view.snapshots.append(snapshot)
+            if _alive(int(snapshot["pid"])):
+                view.live.append(snapshot)
+    return view
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by the supervisor) is not running.
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    return True

@@ -1,0 +1,80 @@
+"""The fleet's counting, free of I/O: per-interval deltas, the minute window, percentiles."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from redlb.fleet.publisher import E5, LAT, REQ, WINDOW, Publisher
+from redlb.fleet.view import _quantile, backend_rates
+from redlb.metrics.recorder import BUCKETS, FIRST_BUCKET, Recorder
+
+
+def _publisher() -> tuple[Publisher, Recorder]:
+    recorder = Recorder()
+    ctx = SimpleNamespace(
+        recorder=recorder, pools={}, table=SimpleNamespace(single=None, routes=[])
+    )
+    instance = SimpleNamespace(id="i", metrics_dir=None)
+    return Publisher(ctx, SimpleNamespace(up=False), instance, 0), recorder  # type: ignore[arg-type]
+
+
+def _serve(recorder: Recorder, status: int, seconds: float, n: int = 1) -> None:
+    ex = SimpleNamespace(
+        req=SimpleNamespace(route=SimpleNamespace(label=b"/"), method=b"GET"),
+        up=SimpleNamespace(name="p"), backend=SimpleNamespace(key="b:1"),
+        status=status, body_bytes=0, bytes_out=10, first_byte=seconds / 2,
+    )  # fmt: skip
+    for _ in range(n):
+        recorder.request(ex, seconds)  # type: ignore[arg-type]
+
+
+def test_intervals_are_deltas_and_the_minute_window_slides():
+    pub, rec = _publisher()
+    _serve(rec, 200, 0.002, 10)
+    _serve(rec, 500, 0.002, 2)
+    first = pub.tick()
+    assert first[("p", "b:1")][REQ] == 12 and first[("p", "b:1")][E5] == 2
+    _serve(rec, 200, 0.002, 3)
+    second = pub.tick()
+    assert second[("p", "b:1")][REQ] == 3  # only what happened since
+    assert pub.minute[("p", "b:1")][REQ] == 15
+    for _ in range(WINDOW - 2):
+        assert pub.tick() == {}  # quiet intervals
+    assert pub.minute[("p", "b:1")][REQ] == 15  # still inside the minute
+    pub.tick()
+    assert pub.minute[("p", "b:1")][REQ] == 3  # the first interval left the window
+    pub.tick()
+    assert ("p", "b:1") not in pub.minute  # and then the second
+
+
+def test_quantiles_follow_prometheus_interpolation():
+    buckets = [0] * (len(BUCKETS) + 1)
+    i = BUCKETS.index(0.005)
+    buckets[i] = 100  # all between 2.5 ms and 5 ms
+    assert _quantile(0.5, buckets) == 3.75
+    assert round(_quantile(0.99, buckets), 3) == 4.975
+    assert _quantile(0.5, [0] * len(buckets)) is None
+    buckets[-1] = 1000  # most beyond the last bound: the last bound is the answer
+    assert _quantile(0.99, buckets) == BUCKETS[-1] * 1000
+
+
+def test_rates_sum_over_every_worker_of_every_instance():
+    width = LAT + len(BUCKETS) + 1
+    last = [0] * width
+    last[REQ] = 5
+    minute = [0] * width
+    minute[REQ], minute[E5] = 100, 10
+    minute[LAT + 2] = 100
+    doc = {"interval": 1.0, "backends": [["p", "b:1", 2, last, minute]]}
+    rates = backend_rates([doc, doc, doc])
+    row = rates[("p", "b:1")]
+    assert row["in_flight"] == 6 and row["requests_per_second"] == 15
+    assert row["requests_last_minute"] == 300 and row["error_rate"] == 0.1
+    assert row["p50_ms"] is not None and 1.0 <= row["p50_ms"] <= 2.5
+
+
+def test_recorder_buckets_are_prometheus_le():
+    rec = Recorder()
+    _serve(rec, 200, BUCKETS[3])  # exactly on a bound counts in that bucket (le)
+    (series,) = rec.requests.values()
+    assert series[FIRST_BUCKET + 3] == 1
