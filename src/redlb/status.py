@@ -14,6 +14,7 @@ import httptools
 
 from redlb.fleet.publisher import Publisher
 from redlb.metrics import exposition, snapshot
+from redlb.metrics.exposition import label_value
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.poolstate import PoolState
 
@@ -46,7 +47,10 @@ class RouteMetrics:
         if table is not self.table:
             self.table = table
             self.lines = [
-                (b'{pool="%b",route="%b"} ' % (_label(r.target.name), _label(r.label)), r.target)
+                (
+                    b'{pool="%b",route="%b"} ' % (label_value(r.target.name), label_value(r.label)),
+                    r.target,
+                )
                 for r in table.routes
             ]
         members = [b"redlb_route_members%b%d.0\n" % (k, len(s.pool.members)) for k, s in self.lines]
@@ -61,12 +65,6 @@ class RouteMetrics:
                 *healthy,
             ]
         )
-
-
-def _label(value: str | bytes) -> bytes:
-    """A Prometheus label value: backslash, quote and newline escaped."""
-    raw = value.encode() if isinstance(value, str) else value
-    return raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b'"', b'\\"')
 
 
 class StatusProtocol(asyncio.Protocol):

@@ -42,7 +42,7 @@ CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 def render(view: InstanceView, info: dict[str, str]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ViewCollector(view, info))
-    return generate_latest(registry)
+    return generate_latest(registry) + _per_pool_text(view)
 
 
 class _ViewCollector(Collector):
@@ -224,29 +224,55 @@ def _gauges(view: InstanceView) -> Iterator[Metric]:
 
 
 def _pools(view: InstanceView) -> Iterator[Metric]:
-    members = GaugeMetricFamily(
-        "redlb_pool_backends", "Backends of the pool by state", labels=["pool", "state"]
-    )
     all_members = all_healthy = 0
-    size = GaugeMetricFamily("redlb_pool_size", "Valid entries of the pool", labels=["pool"])
-    active = GaugeMetricFamily(
-        "redlb_pool_active_requests", "Requests in flight to the pool", labels=["pool"]
-    )
     freshest = view.freshest
     if freshest is not None:
-        in_flight: dict[str, float] = {}
-        for snap in view.live:
-            for row in snap["pools"]:
-                in_flight[row[0]] = in_flight.get(row[0], 0) + row[6]
-        for name, total, *counts, _ in freshest["pools"]:
+        for _, total, healthy, *_ in freshest["pools"]:
             all_members += total
-            all_healthy += counts[0]
-            size.add_metric([name], total)
-            active.add_metric([name], in_flight.get(name, 0))
-            for state, count in zip(POOL_STATES, counts, strict=True):
-                members.add_metric([name, state], count)
+            all_healthy += healthy
     yield GaugeMetricFamily("redlb_pool_members", "Valid entries of every pool", value=all_members)
     yield GaugeMetricFamily("redlb_pool_healthy", "Backends taking traffic", value=all_healthy)
-    yield members
-    yield size
-    yield active
+
+
+def _per_pool_text(view: InstanceView) -> bytes:
+    """Per-pool series written as text: with a thousand pools, prometheus_client's objects
+    held the event loop for tens of ms a scrape (status.py writes per-route series alike)."""
+    freshest = view.freshest
+    if freshest is None:
+        return b""
+    in_flight: dict[str, float] = {}
+    for snap in view.live:
+        for row in snap["pools"]:
+            in_flight[row[0]] = in_flight.get(row[0], 0) + row[6]
+    backends: list[bytes] = []
+    sizes: list[bytes] = []
+    active: list[bytes] = []
+    for name, total, *counts, _ in freshest["pools"]:
+        pool = label_value(name)
+        sizes.append(b'redlb_pool_size{pool="%b"} %r\n' % (pool, float(total)))
+        active.append(
+            b'redlb_pool_active_requests{pool="%b"} %r\n' % (pool, float(in_flight.get(name, 0)))
+        )
+        for state, count in zip(POOL_STATES, counts, strict=True):
+            backends.append(
+                b'redlb_pool_backends{pool="%b",state="%b"} %r\n'
+                % (pool, state.encode(), float(count))
+            )
+    return b"".join(
+        [
+            b"# HELP redlb_pool_backends Backends of the pool by state\n"
+            b"# TYPE redlb_pool_backends gauge\n",
+            *backends,
+            b"# HELP redlb_pool_size Valid entries of the pool\n# TYPE redlb_pool_size gauge\n",
+            *sizes,
+            b"# HELP redlb_pool_active_requests Requests in flight to the pool\n"
+            b"# TYPE redlb_pool_active_requests gauge\n",
+            *active,
+        ]
+    )
+
+
+def label_value(value: str | bytes) -> bytes:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    raw = value.encode() if isinstance(value, str) else value
+    return raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b'"', b'\\"')
