@@ -223,7 +223,8 @@ def test_reconnect_attempts_are_about_one_a_second(tmp_path, start_proxy):
         admin = redis.client_with_password("s3cret")
         admin.config_set("requirepass", "changed")
         admin = redis.client_with_password("changed")
-        admin.client_kill_filter(_type="normal", skipme=True)
+        for kind in ("normal", "pubsub"):  # every session redlb had must start again
+            admin.client_kill_filter(_type=kind, skipme=True)
         time.sleep(4)  # past the first quick retries
         before = _connections_received(admin)
         time.sleep(6)
