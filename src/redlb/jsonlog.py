@@ -10,7 +10,7 @@ import json
 import logging
 import time
 
-from redlb.accesslog import FLUSH_LINES, AccessLog
+from redlb.accesslog import AccessLog
 from redlb.address import Backend
 
 
@@ -43,10 +43,7 @@ class JsonAccessLog(AccessLog):
         if route:
             record["route"] = _text(route)
         self.lines.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        if len(self.lines) >= FLUSH_LINES:
-            self.flush()
-        elif not self.flush_scheduled:
-            self._schedule()
+        self._schedule()  # AccessLog's flush rule; only its own hot path inlines it
 
     def refused(self, status: int, target: bytes) -> None:
         if self.enabled:
