@@ -122,7 +122,32 @@ def main() -> None:
 @main.command(context_settings={"auto_envvar_prefix": "REDLB"})
 @config_option(lambda: serve_command())
 @click.option(
-    "--listen", default="127.0.0.1:8000", show_default=True, help="host:port to serve on."
+    "--listen",
+    default="127.0.0.1:8000",
+    show_default=True,
+    help="host:port to serve plain HTTP on; 'off' to serve only --tls-listen.",
+)
+# TLS termination (tls/)
+@click.option("--tls-listen", default=None, help="host:port to serve HTTPS on (TLS termination).")
+@click.option(
+    "--tls-cert",
+    "tls_certs",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="PEM certificate (then its chain) for --tls-listen; repeatable, paired in order with "
+    "--tls-key. SNI picks by the names in each certificate; the first is the default.",
+)
+@click.option(
+    "--tls-key",
+    "tls_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="PEM private key of the --tls-cert at the same position (unencrypted).",
+)
+@click.option(
+    "--redirect-https",
+    is_flag=True,
+    help="The --listen listener redirects every request to https (301, 308 for non-GET).",
 )
 @_redis_options
 @click.option(
@@ -334,6 +359,7 @@ def build_config(options: dict[str, Any]) -> Config:
     workers = options.pop("workers")
     admin = options.pop("admin_listen")
     force_workers = options.pop("force_workers")
+    listen, tls_pairs = _listeners(options)
     cpus = os.cpu_count() or 1
     if workers is not None and workers > MAX_WORKERS_PER_CPU * cpus and not force_workers:
         raise click.BadParameter(
@@ -348,6 +374,8 @@ def build_config(options: dict[str, Any]) -> Config:
         allowed_hosts=frozenset(h.lower() for h in hosts),
         admin_listen=None if admin in (None, "off") else _admin_address(admin),
         admin_token=admin_token,
+        listen=listen,
+        tls_pairs=tls_pairs,
     )
     if workers is not None:
         config.workers = workers
@@ -357,7 +385,33 @@ def build_config(options: dict[str, Any]) -> Config:
         raise click.UsageError(str(exc)) from None
     if config.redis_url is not None:
         _check_url(config.redis_url)
+    _check_certificates(config)
     return config
+
+
+def _listeners(options: dict[str, Any]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """--listen (off = none) and the --tls-cert/--tls-key pairs, popped from ``options``."""
+    listen = options.pop("listen")
+    certs, keys = options.pop("tls_certs"), options.pop("tls_keys")
+    if len(certs) != len(keys):
+        raise click.BadParameter(
+            f"{len(certs)} --tls-cert and {len(keys)} --tls-key: give them in pairs",
+            param_hint="'--tls-cert'/'--tls-key'",
+        )
+    return (None if listen == "off" else listen), tuple(zip(certs, keys, strict=True))
+
+
+def _check_certificates(config: Config) -> None:
+    """A pair that cannot serve is a usage error, said before anything starts."""
+    if not config.tls_pairs:
+        return
+    from redlb.tls.certificates import CertificateError, load
+
+    for cert, key in config.tls_pairs:
+        try:
+            load(cert, key)
+        except CertificateError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--tls-cert'/'--tls-key'") from None
 
 
 def serve_command() -> click.Command:

@@ -25,9 +25,14 @@ STRATEGIES = (
 @dataclass(slots=True)
 class Config:
     # Listeners
-    listen: str = "127.0.0.1:8000"
+    listen: str | None = "127.0.0.1:8000"  # None: no plain-HTTP listener (--listen off)
     status_listen: str | None = "127.0.0.1:8100"  # loopback only: /-/ready, /-/live, /metrics
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    # TLS termination (tls/): one more listener, certificate pairs in order (first = default)
+    tls_listen: str | None = None
+    tls_pairs: tuple[tuple[str, str], ...] = ()  # (cert file, key file)
+    redirect_https: bool = False  # the plain listener redirects to https instead of proxying
 
     # Redis
     redis_url: str | None = None  # None: start an embedded redis-server
@@ -112,10 +117,12 @@ class Config:
             parse_cookie_name(self.sticky)
         if not 0 <= self.slow_start <= 3600:
             raise ValueError("--slow-start must be within 0..3600 seconds")
-        try:
-            parse_listen(self.listen)
-        except ValueError as exc:
-            raise ValueError(f"--listen: {exc}") from None
+        if self.listen is not None:
+            try:
+                parse_listen(self.listen)
+            except ValueError as exc:
+                raise ValueError(f"--listen: {exc}") from None
+        self._validate_tls()
         if self.status_listen:
             try:
                 host, _ = parse_listen(self.status_listen)
@@ -145,3 +152,18 @@ class Config:
             raise ValueError("--send-timeout must be > 0")
         if self.max_body < 0:
             raise ValueError("--max-body must be >= 0")
+
+    def _validate_tls(self) -> None:
+        if self.tls_listen is not None:
+            try:
+                parse_listen(self.tls_listen)
+            except ValueError as exc:
+                raise ValueError(f"--tls-listen: {exc}") from None
+            if not self.tls_pairs:
+                raise ValueError("--tls-listen needs a certificate: --tls-cert FILE --tls-key FILE")
+        elif self.tls_pairs:
+            raise ValueError("--tls-cert/--tls-key given without --tls-listen")
+        if self.listen is None and self.tls_listen is None:
+            raise ValueError("--listen off needs --tls-listen: nothing would be served")
+        if self.redirect_https and (self.listen is None or self.tls_listen is None):
+            raise ValueError("--redirect-https needs both --listen and --tls-listen")

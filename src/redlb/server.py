@@ -38,6 +38,7 @@ from redlb.store.embedded import EmbeddedRedis, die_with_parent
 from redlb.store.link import RedisLink
 from redlb.store.rotation import Cursor
 from redlb.store.routes import RouteSync
+from redlb.tls.listener import TlsListener, TlsSetup
 
 log = logging.getLogger("redlb")
 
@@ -52,8 +53,9 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGINT, _exit_on_signal)
     # Bound here, once: this process's workers share these sockets and nobody else can join
     # them (no SO_REUSEPORT), so a second instance on the same port fails with "in use".
-    listener = _bind_or_say(config.listen, "--listen")
+    listener = _bind_or_say(config.listen, "--listen") if config.listen else None
     status = _bind_or_say(config.status_listen, "--status-listen") if config.status_listen else None
+    tls = _tls_setup(config)
     embedded = None
     url = config.redis_url
     if url is not None:
@@ -65,9 +67,9 @@ def serve(config: Config) -> None:
     try:
         fleet_instance.begin(config)  # id, metrics directory, admin socket: shared by workers
         if config.workers == 1:
-            run_worker(config, url, Cursor(), listener=listener, status=status, keeper=keeper)
+            run_worker(config, url, Cursor(), 0, listener, status, keeper, tls)
         else:
-            supervise(config, url, listener, status, keeper)
+            supervise(config, url, listener, status, keeper, tls)
     finally:
         fleet_instance.end()
         if embedded is not None:
@@ -93,6 +95,24 @@ def check_credentials(url: str, timeout: float) -> None:
             raise CannotStart(f"{problem} (at {redact(url)})") from None
     finally:
         client.close()
+
+
+def _tls_setup(config: Config) -> TlsSetup | None:
+    """The TLS socket and certificates, once for every worker; SIGHUP means reload from now."""
+    if config.tls_listen is None:
+        return None
+    from redlb.tls.certificates import CertificateError
+    from redlb.tls.store import CertificateStore
+
+    sock = _bind_or_say(config.tls_listen, "--tls-listen")
+    try:
+        store = CertificateStore.load(config.tls_pairs)
+    except CertificateError as exc:
+        sock.close()
+        raise CannotStart(str(exc)) from None
+    # Until a worker's loop takes it over, a SIGHUP must not end the process (its default).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return TlsSetup(sock, store)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -128,15 +148,16 @@ def bind_listener(address: str) -> socket.socket:
 def supervise(
     config: Config,
     url: str,
-    listener: socket.socket,
+    listener: socket.socket | None,
     status: socket.socket | None,
     keeper: Callable[[], None] | None = None,
+    tls: TlsSetup | None = None,
 ) -> None:
     cursor = Cursor(shared=True)  # one rotation for the workers of this machine
     stopping = False
     children: dict[int, int] = {}
     supervisor = os.getpid()
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
     def spawn(slot: int) -> None:
         # Signals stay blocked across fork so that a child never runs the supervisor's handler.
@@ -146,13 +167,15 @@ def supervise(
             if pid == 0:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                # The worker's loop takes SIGHUP over (certificate reload) when TLS is on.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN if tls else signal.SIG_DFL)
                 die_with_parent()  # a SIGKILLed supervisor leaves no worker behind
                 if os.getppid() != supervisor:
                     os._exit(0)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 code = 0
                 try:
-                    run_worker(config, url, cursor, slot, listener, status, keeper)
+                    run_worker(config, url, cursor, slot, listener, status, keeper, tls)
                 except BaseException:
                     log.exception("worker %d crashed", slot)
                     code = 1
@@ -170,8 +193,15 @@ def supervise(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def forward(signum: int, _frame: object) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if tls is not None:
+        signal.signal(signal.SIGHUP, forward)  # every worker reloads its certificates
     for slot in range(config.workers):
         if stopping:
             break
@@ -205,6 +235,7 @@ def run_worker(
     listener: socket.socket | None = None,
     status: socket.socket | None = None,
     keeper: Callable[[], None] | None = None,
+    tls: TlsSetup | None = None,
 ) -> None:
     # Requests free their objects by reference counting; the cyclic collector only has
     # long-lived state to scan, so it runs rarely and skips what startup created.
@@ -215,7 +246,9 @@ def run_worker(
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     uvloop.run(
-        _worker(config, url, cursor, worker, listener=listener, status=status, keeper=keeper)
+        _worker(
+            config, url, cursor, worker, listener=listener, status=status, keeper=keeper, tls=tls
+        )
     )
 
 
@@ -228,6 +261,7 @@ async def _worker(
     listener: socket.socket | None = None,
     status: socket.socket | None = None,
     keeper: Callable[[], None] | None = None,
+    tls: TlsSetup | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     link = RedisLink(make_client(url, config.redis_timeout), redact(url))
@@ -253,9 +287,10 @@ async def _worker(
             await lease.refill()
 
     publisher = Publisher(ctx, link, fleet_instance.current(config), worker)
+    tls_listener = _tls_listener(ctx, tls, worker)
     background = [
         loop.create_task(RouteSync(link, ctx, make_state, primed).run()),
-        loop.create_task(_sweep(ctx)),
+        loop.create_task(_sweep(ctx, tls_listener.tick if tls_listener else None)),
         loop.create_task(publisher.run()),
     ]
     if keeper is not None:
@@ -285,14 +320,18 @@ async def _worker(
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(0.01)
-    server = await loop.create_server(
-        lambda: ClientConnection(ctx), sock=listener or bind_listener(config.listen), backlog=4096
-    )
+    server = None
+    if config.listen is not None:
+        server = await loop.create_server(
+            _plain_protocol(ctx), sock=listener or bind_listener(config.listen), backlog=4096
+        )
+    if tls_listener is not None and config.tls_listen is not None:
+        await tls_listener.start(tls.sock if tls else bind_listener(config.tls_listen))
     ctx.listening = True
     log.info(
         "worker %d listening on %s (%s, strategy %s)%s",
         worker,
-        config.listen,
+        _listening_on(config),
         f"pool {config.pool!r}" if ctx.table.single else f"{len(ctx.table.routes)} routes",
         f"round_robin, rotation {config.rotation}"
         if config.strategy == "round_robin"
@@ -308,7 +347,10 @@ async def _worker(
     await stop.wait()
 
     log.info("worker %d draining: %d requests in flight", worker, ctx.active_exchanges)
-    server.close()
+    if server is not None:
+        server.close()
+    if tls_listener is not None:
+        tls_listener.close()
     ctx.draining = True
     for client in list(ctx.clients):
         client.drain()
@@ -349,11 +391,44 @@ async def _keep_embedded_redis(ensure_running: Callable[[], None]) -> None:
             log.error("cannot restart the embedded Redis: %s", exc)
 
 
-async def _sweep(ctx: ProxyContext) -> None:
+def _plain_protocol(ctx: ProxyContext) -> Callable[[], asyncio.Protocol]:
+    config = ctx.config
+    if config.redirect_https and config.tls_listen:
+        from redlb.tls.listener import https_port
+        from redlb.tls.redirect import RedirectProtocol
+
+        port = https_port(config.tls_listen)
+        return lambda: RedirectProtocol(config, port)
+    return lambda: ClientConnection(ctx)
+
+
+def _tls_listener(ctx: ProxyContext, tls: TlsSetup | None, worker: int) -> TlsListener | None:
+    if ctx.config.tls_listen is None:
+        return None
+    if tls is not None:
+        store = tls.store
+    else:
+        from redlb.tls.store import CertificateStore
+
+        store = CertificateStore.load(ctx.config.tls_pairs)
+    return TlsListener(ctx, store, worker)
+
+
+def _listening_on(config: Config) -> str:
+    plain = config.listen
+    if plain is not None and config.redirect_https:
+        plain += " (redirecting to https)"
+    secure = f"https://{config.tls_listen}" if config.tls_listen else None
+    return " and ".join(a for a in (plain, secure) if a)
+
+
+async def _sweep(ctx: ProxyContext, tick: Callable[[float], None] | None = None) -> None:
     """One timer for every connection: deadlines are checked here, not armed per request."""
     while True:
         await asyncio.sleep(SWEEP_INTERVAL)
         now = time.monotonic()
+        if tick is not None:
+            tick(now)
         for client in list(ctx.clients):
             client.check_timeouts(now)
         for state in ctx.pools.values():

@@ -77,7 +77,10 @@ def begin(config: Config) -> Instance:
         pid=os.getpid(),
         version=__version__,
         started=time.time(),
-        listen=[config.listen],
+        listen=[
+            config.listen or "off",
+            *([f"https://{config.tls_listen}"] if config.tls_listen else []),
+        ],
         metrics_dir=metrics_dir,
     )
     admin = getattr(config, "admin_listen", None)

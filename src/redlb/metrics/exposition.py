@@ -173,6 +173,7 @@ def _counters(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
         "upstream_connects": "New backend connections opened",
         "upstream_reuses": "Requests sent on a pooled backend connection",
         "client_connections": "Client connections accepted",
+        "tls_handshake_failures": "TLS handshakes that failed or timed out (not logged one by one)",
     }
     for key, name in STATS_COUNTERS.items():
         yield CounterMetricFamily(name, docs[key], value=total(key))

@@ -33,6 +33,7 @@ STATS_COUNTERS = {
     "upstream_connects": "redlb_upstream_connects",
     "upstream_reuses": "redlb_upstream_reuses",
     "client_connections": "redlb_client_connections",
+    "tls_handshake_failures": "redlb_tls_handshake_failures",
 }
 POOL_STATES = ("healthy", "down", "ejected", "draining")
 

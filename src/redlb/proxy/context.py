@@ -28,6 +28,7 @@ class Stats:
     upstream_connects: int = 0
     upstream_reuses: int = 0
     client_connections: int = 0
+    tls_handshake_failures: int = 0
 
 
 @dataclass(slots=True)

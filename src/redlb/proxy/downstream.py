@@ -80,6 +80,7 @@ _IDLE, _HEADERS, _BODY = 0, 1, 2
 
 
 class ClientConnection(asyncio.Protocol):
+    scheme = b"http"  # X-Forwarded-Proto and Forwarded proto=; the TLS listener's says https
     # Slots: ten thousand idle keep-alive connections should cost little memory each.
     __slots__ = (
         "backlog",
@@ -156,7 +157,11 @@ class ClientConnection(asyncio.Protocol):
         self.node = forwarded_node(self.peer)
         local = transport.get_extra_info("sockname")
         port = b"X-Forwarded-Port: %d\r\n" % local[1] if local else b""
-        self.forwarded = b"X-Real-IP: %b\r\nX-Forwarded-Proto: http\r\n%b\r\n" % (self.peer, port)
+        self.forwarded = b"X-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n%b\r\n" % (
+            self.peer,
+            self.scheme,
+            port,
+        )
         self.ctx.clients.add(self)
         self.ctx.stats.client_connections += 1
         # Connecting and sending nothing is held to the header timeout too (slowloris).
@@ -442,7 +447,7 @@ class ClientConnection(asyncio.Protocol):
         upstream_host = host if route is None or route.host_header is None else route.host_header
         append(
             b"Host: %b\r\nX-Forwarded-Host: %b\r\nX-Forwarded-For: %b\r\n"
-            b'Forwarded: %bfor=%b;host="%b";proto=http\r\n'
+            b'Forwarded: %bfor=%b;host="%b";proto=%b\r\n'
             % (
                 upstream_host,
                 host,
@@ -450,6 +455,7 @@ class ClientConnection(asyncio.Protocol):
                 b", ".join(forwarded) if forwarded else b"",
                 self.node,
                 host,
+                self.scheme,
             )
         )
         append(self.forwarded)

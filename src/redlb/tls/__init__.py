@@ -1,0 +1,1 @@
+"""TLS termination: certificates chosen by SNI, reloaded live, and the https redirect."""
