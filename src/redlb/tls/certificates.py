@@ -129,6 +129,6 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     reason = (exc.reason or "").upper()
     if reason == "KEY_VALUES_MISMATCH":
         return "the key does not match the certificate"
-    if reason in ("NO_START_LINE", "PEM_LIB", "BAD_END_LINE", "BAD_BASE64_DECODE"):
+    if "PEM" in reason or "PEM lib" in str(exc) or reason in ("NO_START_LINE", "BAD_END_LINE"):
         return "not a complete PEM certificate and key"
     return exc.reason or str(exc)
