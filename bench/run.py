@@ -9,6 +9,7 @@ read from /proc for all of a proxy's processes; Redis commands per request from 
     BENCH_SECONDS=5 BENCH_ROUNDS=3   # per measurement, and rounds (defaults)
     BENCH_TARGETS=nginx,redlb,relay  # a subset; "relay" adds bench/relay.py, the uvloop floor
     BENCH_ONLY=routing               # only the routing scenario (10,000 routes vs one pool)
+    BENCH_ONLY=tls                   # only TLS termination (bench/tls.py)
     BENCH_STRATEGIES=only            # just the strategy table (CPU per request vs round robin)
     BENCH_STRATEGIES=off             # skip it
 
@@ -184,11 +185,13 @@ backend be
 
 
 def run_wrk(
-    port: int, path: str, connections: int, seconds: int = SECONDS, host: str | None = None
-) -> dict[str, float]:
+    port: int, path: str, connections: int, seconds: int = SECONDS, host: str | None = None,
+    scheme: str = "http", close: bool = False,
+) -> dict[str, float]:  # fmt: skip
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-         *(["-H", f"Host: {host}"] if host else []), f"http://127.0.0.1:{port}{path}"],
+         *(["-H", f"Host: {host}"] if host else []),
+         *(["-H", "Connection: close"] if close else []), f"{scheme}://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, timeout=seconds + 30,
     ).stdout  # fmt: skip
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -232,13 +235,16 @@ class Target:
                 self.process.kill()
             self.process = None
 
-    def measure(self, path: str, connections: int, host: str | None = None) -> dict[str, float]:
+    def measure(
+        self, path: str, connections: int, host: str | None = None, **wrk: object
+    ) -> dict[str, float]:
         assert self.process is not None
         pid = self.process.pid
-        run_wrk(self.port, path, min(connections, 50), 1, host)  # warm-up: pools, leases, caches
+        # Warm-up: pools, leases, caches.
+        run_wrk(self.port, path, min(connections, 50), 1, host, **wrk)  # type: ignore[arg-type]
         cmds0 = int(self.redis.info("stats")["total_commands_processed"]) if self.redis else 0
         user0, system0 = cpu_seconds(pid)
-        result = run_wrk(self.port, path, connections, host=host)
+        result = run_wrk(self.port, path, connections, host=host, **wrk)  # type: ignore[arg-type]
         user1, system1 = cpu_seconds(pid)
         cmds = (
             (int(self.redis.info("stats")["total_commands_processed"]) - cmds0) if self.redis else 0
@@ -311,7 +317,14 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, float]]] = {}
     strategy_rows: dict[str, dict[str, float]] = {}
     routing: dict[str, float] = {}
+    tls: dict[str, dict[str, dict[str, float]]] = {}
     try:
+        if only == "tls" or (not only and strategies_mode != "only"):
+            import tls as tls_bench
+
+            tls = tls_bench.rows(sys.modules[__name__], tmp, backend_ports, redis_url, client, log)
+            if only == "tls":
+                wanted = []
         if (not only or only == "routing") and strategies_mode != "only":
             routing = routing_scenario(redis_port, backend_ports, redlb)
         for scenario, path, connections in wanted:
@@ -356,6 +369,9 @@ def main() -> None:
     if only == "routing":
         (RESULTS / "routing.json").write_text(json.dumps({"machine": machine, "routing": routing}))
         return
+    if only == "tls":
+        (RESULTS / "tls.json").write_text(json.dumps({"machine": machine, "tls": tls}, indent=2))
+        return
     (RESULTS / "latest.json").write_text(
         json.dumps(
             {
@@ -363,6 +379,7 @@ def main() -> None:
                 "results": results,
                 "routing": routing,
                 "strategies": strategy_rows,
+                "tls": tls,
             },
             indent=2,
         )

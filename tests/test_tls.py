@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -423,3 +424,19 @@ def test_bad_tls_options_are_usage_errors(args, says, tmp_path):
     assert result.returncode == 2, result.stderr
     assert says in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_client_renegotiation_is_refused(tls, ca, tmp_path):
+    """TLS 1.2 renegotiation (a CPU lever for a client) is refused; the server carries on."""
+    _, port, _ = tls
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command")
+    result = subprocess.run(
+        [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2", "-servername", "a.example"],
+        input=b"R\n", capture_output=True, timeout=30,
+    )  # fmt: skip
+    out = (result.stdout + result.stderr).decode(errors="replace")
+    assert "RENEGOTIATING" in out
+    assert "no renegotiation" in out
+    assert https_get(port, ca)[0] == 200
