@@ -223,8 +223,8 @@ def test_failed_handshakes_are_counted_not_logged_and_hold_no_descriptor(tls, ca
                     pass
             except (ConnectionResetError, TimeoutError):
                 pass
-    assert wait_for(lambda: metric(proxy, "redlb_tls_handshake_failures") == attempts, 15), (
-        metric(proxy, "redlb_tls_handshake_failures")
+    assert wait_for(lambda: metric(proxy, "redlb_tls_handshake_failures") == attempts, 15), metric(
+        proxy, "redlb_tls_handshake_failures"
     )
     assert https_get(port, ca)[0] == 200
     assert wait_for(lambda: open_fds(proxy.pid) <= fds_before + 2, 10), open_fds(proxy.pid)
@@ -377,7 +377,9 @@ def test_redirect_https(redis_server, backends, start_proxy, pairs):
     status, _, resp = request(proxy.port, "GET", "/p?q=1", headers={"Host": "a.example:80"})
     assert status == 301
     assert resp.getheader("Location") == f"https://a.example:{port}/p?q=1"
-    status, _, resp = request(proxy.port, "POST", "/form", body=b"x=1", headers={"Host": "a.example"})
+    status, _, resp = request(
+        proxy.port, "POST", "/form", body=b"x=1", headers={"Host": "a.example"}
+    )
     assert status == 308
     assert resp.getheader("Location") == f"https://a.example:{port}/form"
     assert request(proxy.port, "GET", "/", headers={"Host": "evil.example"})[0] == 421

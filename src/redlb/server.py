@@ -110,6 +110,10 @@ def _tls_setup(config: Config) -> TlsSetup | None:
     except CertificateError as exc:
         sock.close()
         raise CannotStart(str(exc)) from None
+    for certificate in store.certificates:
+        if certificate.expired:
+            log.warning("TLS certificate %s expired on %s", certificate.cert_path,
+                        certificate.not_after.date())  # fmt: skip
     # Until a worker's loop takes it over, a SIGHUP must not end the process (its default).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return TlsSetup(sock, store)

@@ -33,6 +33,7 @@ class CertificateWatcher:
         self.store = store
         # With several workers only one says what happened (they all read the same files).
         self.level = logging.WARNING if speaks else logging.DEBUG
+        self.info = logging.INFO if speaks else logging.DEBUG
         count = len(store.certificates)
         self.seen: list[Signature | None] = [None] * count  # at the previous check
         self.refused: list[Signature | None] = [None] * count
@@ -51,7 +52,7 @@ class CertificateWatcher:
 
     def reload_all(self) -> None:
         """SIGHUP."""
-        log.log(self.level, "SIGHUP: reloading %d TLS certificate(s)", len(self.seen))
+        log.log(self.info, "SIGHUP: reloading %d TLS certificate(s)", len(self.seen))
         for index in range(len(self.store.certificates)):
             self.refused[index] = None
             self._reload(index, None)
@@ -72,7 +73,7 @@ class CertificateWatcher:
         self.store.replace(index, fresh)
         expired = " (EXPIRED)" if fresh.expired else ""
         log.log(
-            max(self.level - 10, logging.DEBUG),
+            self.info,
             "TLS certificate reloaded: %s for %s, valid until %s%s",
             fresh.cert_path,
             ", ".join(fresh.names),
