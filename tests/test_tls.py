@@ -442,3 +442,48 @@ def test_client_renegotiation_is_refused(tls, ca, tmp_path):
     assert "RENEGOTIATING" in out
     assert "no renegotiation" in out
     assert https_get(port, ca)[0] == 200
+
+
+def test_a_server_name_that_is_not_ascii_fails_quietly(tls, ca):
+    """CPython cannot decode such an SNI and prints a traceback per handshake: not in our log."""
+    proxy, port, _ = tls
+    hello = _client_hello_for("cafx.example")
+    assert hello.count(b"cafx.example") == 1
+    hostile = hello.replace(b"cafx.example", b"caf\xe9.example")  # same length: still framed
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(hostile)
+            try:
+                while sock.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+    assert wait_for(lambda: metric(proxy, "redlb_tls_handshake_failures") == 20, 10)
+    assert "Traceback" not in proxy.log(), proxy.log()[-2000:]
+    assert https_get(port, ca)[0] == 200
+
+
+def _client_hello_for(server_name: str) -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_large_bodies_both_ways_over_tls(tls, ca):
+    _, port, backend = tls
+    size = 20 * 1024 * 1024
+    status, body, _ = https_get(port, ca, f"/big/{size}")
+    assert status == 200 and len(body) == size
+    upload = os.urandom(3 * 1024 * 1024)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=client_context(ca), timeout=30)
+    try:
+        conn.request("POST", "/upload", body=upload)
+        resp = conn.getresponse()
+        resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200
+    assert backend.received[-1].body_len == len(upload)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import weakref
+from typing import Any
 
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
@@ -73,3 +75,19 @@ class Handshakes:
             )
             self.unreported = 0
             self.last_summary = now
+
+
+def quiet_undecodable_server_names() -> None:
+    """CPython cannot decode a non-ASCII SNI; it fails the handshake (counted like any other)
+    and reports the error as "unraisable": a traceback on stderr per handshake, which a
+    client could use to flood the log.  Only that report is dropped."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(
+            unraisable.object, bytes
+        ):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook

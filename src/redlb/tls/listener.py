@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from redlb.address import parse_listen
 from redlb.proxy.context import ProxyContext
-from redlb.tls.handshakes import Handshakes
+from redlb.tls.handshakes import Handshakes, quiet_undecodable_server_names
 from redlb.tls.reload import CertificateWatcher
 from redlb.tls.store import CertificateStore
 
@@ -50,6 +50,7 @@ class TlsListener:
             ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
         )
         loop.add_signal_handler(signal.SIGHUP, self.watcher.reload_all)
+        quiet_undecodable_server_names()
 
     def tick(self, now: float) -> None:
         """From the worker's sweeper."""
