@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+import trustme
 from click.testing import CliRunner
 
+from certs import Pair
 from redlb.cli import main, serve
 from redlb.configfile import file_keys
 from support import request
@@ -67,11 +69,14 @@ def test_every_serve_flag_has_a_key(tmp_path: Path):
         if option.is_flag and option.is_bool_flag:
             value = json.dumps(bool(default))
         elif option.multiple:
-            value = '["example.com"]'
+            value = {"tls-cert": '["site.crt"]', "tls-key": '["site.key"]'}.get(
+                key, '["example.com"]'
+            )
         elif default is None:
             value = {"workers": "2", "redis": '"redis://127.0.0.1:6379/0"',
                      "health-path": '"/healthz"', "admin-listen": '"127.0.0.1:8200"',
                      "admin-token-file": '"TOKEN"', "sticky-cookie": '"SID"',
+                     "tls-listen": '"127.0.0.1:8443"',
                      "config": None}.get(key)  # fmt: skip
             if value is None:
                 continue
@@ -79,6 +84,7 @@ def test_every_serve_flag_has_a_key(tmp_path: Path):
             value = json.dumps(default)
         lines.append(f"{key} = {value}")
     (tmp_path / "TOKEN").write_text("t" * 32)
+    Pair(trustme.CA(), tmp_path, "site", "example.com")  # site.crt and site.key
     path = tmp_path / "all.toml"
     path.write_text("\n".join(lines) + "\n")
     covered = {file_keys(serve)[line.partition(" =")[0]][0].name for line in lines}
