@@ -487,3 +487,23 @@ def test_large_bodies_both_ways_over_tls(tls, ca):
         conn.close()
     assert resp.status == 200
     assert backend.received[-1].body_len == len(upload)
+
+
+def test_sigterm_drains_a_tls_request_in_flight(tls, ca):
+    proxy, port, backend = tls
+    backend.behaviour.delay = 1.5
+    result: list[object] = []
+
+    def slow() -> None:
+        try:
+            result.append(https_get(port, ca, "/slow")[:2])
+        except Exception as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    assert wait_for(lambda: metric(proxy, "redlb_active_requests") == 1, 10)
+    proxy.process.send_signal(signal.SIGTERM)
+    thread.join(20)
+    assert result == [(200, b"ok b0\n")]
+    assert proxy.process.wait(20) == 0
