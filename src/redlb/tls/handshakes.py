@@ -68,10 +68,10 @@ class Handshakes:
         if self.unreported and now - self.last_summary >= SUMMARY_INTERVAL:
             log.log(
                 self.level,
-                "%d TLS handshake(s) failed in the last %s (no TLS, no common protocol or "
-                "cipher, or stalled); see redlb_tls_handshake_failures_total",
+                "%d TLS handshake(s) failed since the last such line (no TLS, no common "
+                "protocol or cipher, or stalled; at most one line a minute, every failure is "
+                "in redlb_tls_handshake_failures_total)",
                 self.unreported,
-                "minute" if self.last_summary else "while",
             )
             self.unreported = 0
             self.last_summary = now

@@ -73,7 +73,7 @@ class CertificateWatcher:
         self.store.replace(index, fresh)
         expired = " (EXPIRED)" if fresh.expired else ""
         log.log(
-            self.info,
+            self.level if fresh.expired else self.info,
             "TLS certificate reloaded: %s for %s, valid until %s%s",
             fresh.cert_path,
             ", ".join(fresh.names),
