@@ -509,3 +509,40 @@ def test_sigterm_drains_a_tls_request_in_flight(tls, ca):
     thread.join(20)
     assert result == [(200, b"ok b0\n")]
     assert proxy.process.wait(20) == 0
+
+
+# The store's choice, without a network
+
+
+def test_store_choice_rules(ca, tmp_path):
+    from redlb.tls.certificates import load
+    from redlb.tls.store import CertificateStore
+
+    first = Pair(ca, tmp_path, "first", "a.example", "*.x.example", "10.0.0.1")
+    second = Pair(ca, tmp_path, "second", "b.example", "a.example", "*.x.example", "*.y.example")
+    store = CertificateStore.load([(str(first.cert), str(first.key)),
+                                   (str(second.cert), str(second.key))])  # fmt: skip
+    one, two = (c.context for c in store.certificates)
+    assert store.certificates[0].names == ("a.example", "*.x.example", "10.0.0.1")
+    assert store.context_for("a.example") is one  # named by both: the first given wins
+    assert store.context_for("b.example.") is two  # a trailing dot is the same name
+    assert store.context_for("q.x.example") is one
+    assert store.context_for("q.y.example") is two
+    assert store.context_for("y.example") is one  # the default
+    assert store.context_for("p.q.y.example") is one
+    assert store.context_for(None) is one
+    # A reload swaps one pair's context; the listener's context stays the same object.
+    listener = store.listener_context
+    second.issue()
+    store.replace(1, load(str(second.cert), str(second.key)))
+    assert store.context_for("b.example") is not two
+    assert store.listener_context is listener
+
+
+def test_a_certificate_for_an_ip_address_only_serves(redis_server, backends, start_proxy, ca,
+                                                      tmp_path):  # fmt: skip
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    ip_only = Pair(ca, tmp_path, "ip", "127.0.0.1")
+    port = free_port()
+    start_proxy(redis_server.url, "--tls-listen", f"127.0.0.1:{port}", *ip_only.args)
+    assert https_get(port, ca)[0] == 200

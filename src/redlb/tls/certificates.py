@@ -91,9 +91,9 @@ def load(cert_path: str, key_path: str) -> Certificate:
         leaf = x509.load_pem_x509_certificates(pem)[0]
     except ValueError:
         raise CertificateError(f"{cert_path}: not a PEM certificate") from None
+    # A certificate naming no host (or only IP addresses, which SNI never carries) can
+    # still be the default one.
     names = names_of(leaf)
-    if not names:
-        raise CertificateError(f"{cert_path}: the certificate names no DNS name (SAN or CN)")
     return Certificate(cert_path, key_path, names, leaf.not_valid_after_utc, context, after)
 
 
@@ -107,10 +107,12 @@ def server_context() -> ssl.SSLContext:
 
 
 def names_of(cert: x509.Certificate) -> tuple[str, ...]:
-    """The DNS names of the SAN; the subject's CN only for a certificate without a SAN."""
+    """The DNS names of the SAN (then its IP addresses, never matched by SNI); the subject's
+    CN only for a certificate without a SAN."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         found = san.get_values_for_type(x509.DNSName)
+        found += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
     except x509.ExtensionNotFound:
         found = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return tuple(dict.fromkeys(n.lower().rstrip(".") for n in found if n))
