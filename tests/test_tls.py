@@ -227,6 +227,7 @@ def test_failed_handshakes_are_counted_not_logged_and_hold_no_descriptor(tls, ca
         proxy, "redlb_tls_handshake_failures"
     )
     assert https_get(port, ca)[0] == 200
+    assert metric(proxy, "redlb_tls_handshake_failures") == attempts  # a success is not one
     assert wait_for(lambda: open_fds(proxy.pid) <= fds_before + 2, 10), open_fds(proxy.pid)
     # One summary line (the failures straddle at most one sweep; the next waits a minute).
     assert wait_for(lambda: grep(proxy.log(), "TLS handshake"), 5)
@@ -317,14 +318,15 @@ def test_a_bad_new_file_is_refused_once_and_the_old_one_keeps_serving(tls, ca, p
     assert a.der != fresh_der
 
 
-def test_sighup_reloads_every_worker(redis_server, backends, start_proxy, ca, pairs):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_reloads_every_worker(redis_server, backends, start_proxy, ca, pairs, workers):
     redis_server.cli("RPUSH", "servers", backends[0].address)
     a = pairs[0]
     size = 8192
     old = a.issue(pad_to=size)
     port = free_port()
     proxy = start_proxy(
-        redis_server.url, "--workers", "2", "--tls-listen", f"127.0.0.1:{port}", *a.args
+        redis_server.url, "--workers", workers, "--tls-listen", f"127.0.0.1:{port}", *a.args
     )
     # New files with the same size, inode and mtime: no watcher can see them, SIGHUP must.
     stats = {p: os.stat(p) for p in (a.cert, a.key)}
