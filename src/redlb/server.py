@@ -19,7 +19,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import uvloop
@@ -38,7 +38,9 @@ from redlb.store.embedded import EmbeddedRedis, die_with_parent
 from redlb.store.link import RedisLink
 from redlb.store.rotation import Cursor
 from redlb.store.routes import RouteSync
-from redlb.tls.listener import TlsListener, TlsSetup
+
+if TYPE_CHECKING:  # tls/ (and cryptography) are imported only when a TLS listener is asked for
+    from redlb.tls.listener import TlsListener, TlsSetup
 
 log = logging.getLogger("redlb")
 
@@ -102,6 +104,7 @@ def _tls_setup(config: Config) -> TlsSetup | None:
     if config.tls_listen is None:
         return None
     from redlb.tls.certificates import CertificateError
+    from redlb.tls.listener import TlsSetup
     from redlb.tls.store import CertificateStore
 
     sock = _bind_or_say(config.tls_listen, "--tls-listen")
@@ -409,6 +412,8 @@ def _plain_protocol(ctx: ProxyContext) -> Callable[[], asyncio.Protocol]:
 def _tls_listener(ctx: ProxyContext, tls: TlsSetup | None, worker: int) -> TlsListener | None:
     if ctx.config.tls_listen is None:
         return None
+    from redlb.tls.listener import TlsListener
+
     if tls is not None:
         store = tls.store
     else:
