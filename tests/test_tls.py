@@ -548,3 +548,29 @@ def test_a_certificate_for_an_ip_address_only_serves(redis_server, backends, sta
     port = free_port()
     start_proxy(redis_server.url, "--tls-listen", f"127.0.0.1:{port}", *ip_only.args)
     assert https_get(port, ca)[0] == 200
+
+
+def test_a_crowd_of_stalled_handshakes_is_let_go(tls, ca):
+    """Descriptors held by clients that never finish a handshake come back after the timeout."""
+    proxy, port, _ = tls  # --header-timeout 2
+    fds_before = open_fds(proxy.pid)
+    hello = _client_hello()
+    crowd = []
+    try:
+        for i in range(200):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            if i % 2:
+                sock.sendall(hello[: 10 + i % 50])
+            crowd.append(sock)
+        assert wait_for(lambda: open_fds(proxy.pid) >= fds_before + 150, 10)
+        assert https_get(port, ca)[0] == 200  # served meanwhile
+        for sock in crowd:
+            try:
+                assert sock.recv(65536) == b""
+            except ConnectionResetError:
+                pass
+        assert wait_for(lambda: open_fds(proxy.pid) <= fds_before + 2, 10), open_fds(proxy.pid)
+    finally:
+        for sock in crowd:
+            sock.close()
+    assert wait_for(lambda: metric(proxy, "redlb_tls_handshake_failures") == 200, 10)
