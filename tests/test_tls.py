@@ -574,3 +574,17 @@ def test_a_crowd_of_stalled_handshakes_is_let_go(tls, ca):
         for sock in crowd:
             sock.close()
     assert wait_for(lambda: metric(proxy, "redlb_tls_handshake_failures") == 200, 10)
+
+
+def test_sighup_with_a_bad_file_says_so_once(tls, ca, pairs):
+    proxy, port, _ = tls
+    a = pairs[0]
+    old = a.der
+    text = a.cert.read_bytes()
+    a.cert.write_bytes(text[: len(text) // 2])
+    assert wait_for(lambda: len(grep(proxy.log(), "not reloaded")) == 1, 10), proxy.log()
+    os.kill(proxy.pid, signal.SIGHUP)
+    assert wait_for(lambda: len(grep(proxy.log(), "not reloaded")) == 2, 10), proxy.log()
+    time.sleep(2)  # four more checks of the same files: nothing more to say
+    assert len(grep(proxy.log(), "not reloaded")) == 2, proxy.log()
+    assert served_der(port, "a.example", ca) == old

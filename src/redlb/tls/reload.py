@@ -53,11 +53,14 @@ class CertificateWatcher:
     def reload_all(self) -> None:
         """SIGHUP."""
         log.log(self.info, "SIGHUP: reloading %d TLS certificate(s)", len(self.seen))
-        for index in range(len(self.store.certificates)):
-            self.refused[index] = None
-            self._reload(index, None)
+        for index, current in enumerate(self.store.certificates):
+            try:
+                now = signature(current.cert_path, current.key_path)
+            except OSError:
+                now = _UNREADABLE
+            self._reload(index, now)
 
-    def _reload(self, index: int, now: Signature | None) -> None:
+    def _reload(self, index: int, now: Signature) -> None:
         current = self.store.certificates[index]
         try:
             fresh = load(current.cert_path, current.key_path)
