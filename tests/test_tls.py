@@ -109,13 +109,14 @@ def served_der_unverified(port: int, server_name: str) -> bytes:
     return der
 
 
-def test_alpn_offers_http11_only(tls, ca):
+@pytest.mark.parametrize("server_name", ["a.example", "b.example"])  # default, switched to
+def test_alpn_offers_http11_only(tls, ca, server_name):
     _, port, _ = tls
     context = client_context(ca)
     context.set_alpn_protocols(["h2", "http/1.1"])
     with (
         socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
-        context.wrap_socket(sock, server_hostname="a.example") as tls_sock,
+        context.wrap_socket(sock, server_hostname=server_name) as tls_sock,
     ):
         assert tls_sock.selected_alpn_protocol() == "http/1.1"
         assert tls_sock.version() == "TLSv1.3"
