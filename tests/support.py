@@ -890,12 +890,13 @@ def closed_loop(
 class WsEchoBackend:
     """A `websockets` server on a loopback port: echoes every message.
 
-    ``/close/CODE`` closes with that code at once; ``/count`` answers with how many connections
-    are open.  ``open`` counts live connections, ``closes`` records each connection's close code.
+    ``/close/CODE`` closes with that code at once.  ``open`` counts live connections, ``closes``
+    records each connection's close code.  ``pages`` (path -> HTML) are served to plain GETs.
     """
 
-    def __init__(self, loop: LoopThread) -> None:
+    def __init__(self, loop: LoopThread, pages: dict[str, bytes] | None = None) -> None:
         self.loop = loop
+        self.pages = pages or {}
         self.port = free_port()
         self.open = 0
         self.closes: list[int | None] = []
@@ -920,18 +921,28 @@ class WsEchoBackend:
                     await ws.close(int(path.rsplit("/", 1)[1]), "bye")
                     return
                 async for message in ws:
-                    if message == "count":
-                        await ws.send(str(self.open))
-                    else:
-                        await ws.send(message)
+                    await ws.send(message)
             except Exception:
                 pass
             finally:
                 self.open -= 1
                 self.closes.append(ws.close_code)
 
+        def page(connection: Any, request: Any) -> Any:
+            from websockets.datastructures import Headers
+            from websockets.http11 import Response
+
+            body = self.pages.get(request.path)
+            if body is None or "upgrade" in request.headers.get("Connection", "").lower():
+                return None
+            headers = Headers([("Content-Type", "text/html; charset=utf-8"),
+                               ("Content-Length", str(len(body)))])  # fmt: skip
+            return Response(200, "OK", headers, body)
+
         async def go() -> None:
-            self.server = await serve(handler, "127.0.0.1", self.port, max_size=None)
+            self.server = await serve(
+                handler, "127.0.0.1", self.port, max_size=None, process_request=page
+            )
 
         self.loop.run(go())
         return self
