@@ -415,3 +415,70 @@ def test_tunnel_survives_longer_than_the_upstream_timeout(ws_proxy):
         time.sleep(2.5)  # quiet for longer than the (request) upstream timeout
         ws.send("late")
         assert ws.recv(timeout=10) == "late"
+
+
+def test_a_handshake_sent_is_never_resent_to_another_backend(
+    redis_server, loop_thread, start_proxy
+):
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.transport.abort()  # took the handshake, then died without an answer
+
+    backend = ScriptedBackend(loop_thread, script).start()
+    other = ScriptedBackend(loop_thread, script).start()
+    redis_server.cli("RPUSH", "servers", backend.address, other.address)
+    proxy = start_proxy(redis_server.url, "--eject-consecutive", "0")
+    out, _ = raw_exchange(proxy.port, ws_handshake(), timeout=5)
+    assert statuses(out) == [502]
+    assert len(backend.requests) + len(other.requests) == 1
+    backend.stop()
+    other.stop()
+
+
+def test_handshake_rules_without_sockets():
+    from redlb.proxy.errors import Reject
+    from redlb.proxy.rules import asks_websocket, completes_websocket, websocket_accept
+
+    key = [(b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ==")]
+    assert websocket_accept(b"GET", False, key) == WS_ACCEPT  # RFC 6455 §1.3
+    for method, http10, headers in ((b"POST", False, key), (b"GET", True, key),
+                                    (b"GET", False, []), (b"GET", False, key * 2)):  # fmt: skip
+        with pytest.raises(Reject):
+            websocket_accept(method, http10, headers)
+    assert asks_websocket([b"WebSocket"]) and asks_websocket([b"h2c, websocket"])
+    assert not asks_websocket([b"h2c"]) and not asks_websocket([b"websocketx"])
+    line = b"Sec-WebSocket-Accept: %b\r\n" % WS_ACCEPT
+    assert completes_websocket(b"websocket", [line], WS_ACCEPT)
+    assert not completes_websocket(None, [line], WS_ACCEPT)
+    assert not completes_websocket(b"h2c", [line], WS_ACCEPT)
+    assert not completes_websocket(b"websocket", [], WS_ACCEPT)
+    assert not completes_websocket(b"websocket", [b"Sec-WebSocket-Accept: x\r\n"], WS_ACCEPT)
+
+
+def test_half_close_is_passed_on_and_the_other_way_keeps_flowing(
+    redis_server, loop_thread, start_proxy
+):
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + WS_ACCEPT + b"\r\n\r\n"
+        )
+        got = await reader.read()  # up to the client's EOF, passed on by redlb
+        writer.write(b"after your EOF: %d bytes" % len(got))
+        await writer.drain()
+
+    backend = ScriptedBackend(loop_thread, script).start()
+    redis_server.cli("RPUSH", "servers", backend.address)
+    proxy = start_proxy(redis_server.url)
+    sock, got = _tunnel_and_rest(proxy)
+    sock.sendall(b"x" * 100_000)
+    sock.shutdown(socket.SHUT_WR)
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    sock.close()
+    assert got == b"after your EOF: 100000 bytes"
+    backend.stop()
