@@ -482,3 +482,15 @@ def test_half_close_is_passed_on_and_the_other_way_keeps_flowing(
     sock.close()
     assert got == b"after your EOF: 100000 bytes"
     backend.stop()
+
+
+def test_a_101_after_a_whole_response_is_junk_not_a_tunnel(redis_server, loop_thread, start_proxy):
+    reply = (
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno"
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + WS_ACCEPT + b"\r\n\r\nRAW"
+    )
+    proxy, backend = _scripted(redis_server, loop_thread, start_proxy, reply)
+    out, _ = raw_exchange(proxy.port, ws_handshake(), timeout=3)
+    assert statuses(out) == [403] and out.endswith(b"\r\n\r\nno"), out
+    backend.stop()

@@ -177,9 +177,13 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as switched:
-            # A 101 (llhttp stops after its head): the exchange decides, rest is the new
-            # protocol's first bytes.
-            exchange.switch_protocols(self, data[switched.args[0] :])
+            if self.finished:  # rule 3: a 101 after a whole response is junk too
+                self.broken = True
+                self._complete()
+            else:
+                # A 101 (llhttp stops after its head): the exchange decides; what follows
+                # it is the new protocol's first bytes.
+                exchange.switch_protocols(self, data[switched.args[0] :])
         except httptools.HttpParserError as exc:
             if self.finished:
                 # Rule 3: junk after a whole response poisons this connection only; the
