@@ -494,3 +494,24 @@ def test_a_101_after_a_whole_response_is_junk_not_a_tunnel(redis_server, loop_th
     out, _ = raw_exchange(proxy.port, ws_handshake(), timeout=3)
     assert statuses(out) == [403] and out.endswith(b"\r\n\r\nno"), out
     backend.stop()
+
+
+def test_many_tunnels_open_and_close_without_leaking(ws_proxy, echo, loop_thread):
+    from websockets.asyncio.client import connect as aconnect
+
+    proxy = ws_proxy()
+    baseline = open_fds(proxy.pid)
+
+    async def one(i: int) -> str:
+        async with aconnect(url(proxy, f"/m{i}"), open_timeout=20) as ws:
+            await ws.send(f"n{i}")
+            return await asyncio.wait_for(ws.recv(), 20)
+
+    async def all_of_them() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(100)))
+
+    assert loop_thread.run(all_of_them(), timeout=60) == [f"n{i}" for i in range(100)]
+    assert wait_for(lambda: echo.open == 0, 10)
+    assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 0, 10)
+    assert wait_for(lambda: open_fds(proxy.pid) <= baseline, 10)
+    assert metric(proxy, "redlb_tunnels_total") == 100
