@@ -10,6 +10,7 @@ read from /proc for all of a proxy's processes; Redis commands per request from 
     BENCH_TARGETS=nginx,redlb,relay  # a subset; "relay" adds bench/relay.py, the uvloop floor
     BENCH_ONLY=routing               # only the routing scenario (10,000 routes vs one pool)
     BENCH_ONLY=tls                   # only TLS termination (bench/tls.py)
+    BENCH_ONLY=websocket             # only WebSocket echo throughput (bench/ws_echo.py)
     BENCH_STRATEGIES=only            # just the strategy table (CPU per request vs round robin)
     BENCH_STRATEGIES=off             # skip it
 
@@ -318,6 +319,7 @@ def main() -> None:
     strategy_rows: dict[str, dict[str, float]] = {}
     routing: dict[str, float] = {}
     tls: dict[str, dict[str, dict[str, float]]] = {}
+    websocket: dict[str, dict[str, float]] = {}
     try:
         if only == "tls" or (not only and strategies_mode != "only"):
             import tls as tls_bench
@@ -327,6 +329,10 @@ def main() -> None:
                 wanted = []
         if (not only or only == "routing") and strategies_mode != "only":
             routing = routing_scenario(redis_port, backend_ports, redlb)
+        if (not only or only == "websocket") and strategies_mode != "only":
+            from ws_echo import scenario as websocket_scenario
+
+            websocket = websocket_scenario(tmp, client, redlb, SECONDS, ROUNDS)
         for scenario, path, connections in wanted:
             rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
             for r in range(ROUNDS):
@@ -372,12 +378,18 @@ def main() -> None:
     if only == "tls":
         (RESULTS / "tls.json").write_text(json.dumps({"machine": machine, "tls": tls}, indent=2))
         return
+    if only == "websocket":
+        (RESULTS / "websocket.json").write_text(
+            json.dumps({"machine": machine, "websocket": websocket}, indent=2)
+        )
+        return
     (RESULTS / "latest.json").write_text(
         json.dumps(
             {
                 "machine": machine,
                 "results": results,
                 "routing": routing,
+                "websocket": websocket,
                 "strategies": strategy_rows,
                 "tls": tls,
             },

@@ -174,6 +174,7 @@ def _counters(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
         "upstream_reuses": "Requests sent on a pooled backend connection",
         "client_connections": "Client connections accepted",
         "tls_handshake_failures": "TLS handshakes that failed or timed out (not logged one by one)",
+        "tunnels": "WebSocket tunnels opened",
     }
     for key, name in STATS_COUNTERS.items():
         yield CounterMetricFamily(name, docs[key], value=total(key))
@@ -198,6 +199,11 @@ def _gauges(view: InstanceView) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "redlb_open_connections", "Open client connections", value=total("open_connections")
+    )
+    yield GaugeMetricFamily(
+        "redlb_open_tunnels",
+        "Open WebSocket tunnels (their connections are in redlb_open_connections too)",
+        value=total("open_tunnels"),
     )
     yield GaugeMetricFamily(
         "redlb_redis_up",

@@ -56,6 +56,7 @@ BAD_GATEWAY_GARBAGE = (502, "the backend's reply was not valid HTTP")
 BAD_GATEWAY_TOO_BIG = (502, "the backend's response headers were too large")
 BAD_GATEWAY_FRAMING = (502, "the backend's response framing cannot be relayed")
 BAD_GATEWAY_UPGRADE = (502, "the backend switched protocols unasked")
+BAD_GATEWAY_HANDSHAKE = (502, "the backend's 101 does not complete the WebSocket handshake")
 GATEWAY_TIMEOUT = (504, "the backend did not answer in time")
 CONNECT_TIMEOUT = (504, "connecting to the backend timed out")
 
