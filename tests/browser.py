@@ -32,14 +32,15 @@ def ensure_chromium() -> tuple[str, str]:
     return browser, driver
 
 
-def headless(browser: str, driver: str):  # type: ignore[no-untyped-def]
+def headless(browser: str, driver: str, *extra_args: str):  # type: ignore[no-untyped-def]
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--disable-extensions", "--no-first-run"):  # fmt: skip
+                "--window-size=1400,1000", "--disable-extensions", "--no-first-run",
+                *extra_args):  # fmt: skip
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 

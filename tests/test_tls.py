@@ -589,3 +589,29 @@ def test_sighup_with_a_bad_file_says_so_once(tls, ca, pairs):
     time.sleep(2)  # four more checks of the same files: nothing more to say
     assert len(grep(proxy.log(), "not reloaded")) == 2, proxy.log()
     assert served_der(port, "a.example", ca) == old
+
+
+def test_websocket_over_tls(redis_server, loop_thread, start_proxy, ca, pairs):
+    """wss:// through the TLS listener: the tunnel runs over the TLS transport both ways."""
+    from websockets.sync.client import connect
+
+    from support import WsEchoBackend
+
+    echo = WsEchoBackend(loop_thread).start()
+    try:
+        redis_server.cli("RPUSH", "servers", echo.address)
+        port = free_port()
+        start_proxy(redis_server.url, "--tls-listen", f"127.0.0.1:{port}", *pairs[0].args)
+        big = os.urandom(4 * 1024 * 1024)
+        with connect(
+            f"wss://a.example:{port}/chat", ssl=client_context(ca), open_timeout=10,
+            max_size=None, server_hostname="a.example",
+            sock=socket.create_connection(("127.0.0.1", port)),
+        ) as ws:  # fmt: skip
+            ws.send("hello")
+            assert ws.recv(timeout=10) == "hello"
+            ws.send(big)
+            assert ws.recv(timeout=30) == big
+        assert echo.headers[-1]["x-forwarded-proto"] == "https"
+    finally:
+        echo.stop()

@@ -4,10 +4,17 @@ the echo.  The scheme is a parameter: the https variant runs over the TLS listen
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from browser import ensure_chromium, headless
-from support import ROOT, WsEchoBackend
+from certs import Pair
+from support import ROOT, WsEchoBackend, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,15 +44,28 @@ PAGE = b"""<!doctype html>
 """
 
 
-def _proxy(scheme: str, redis_server, start_proxy):  # type: ignore[no-untyped-def]
-    """redlb listening for ``scheme``; returns (proxy, base URL)."""
-    assert scheme == "http", "the https listener comes with TLS termination"
-    proxy = start_proxy(redis_server.url)
-    return proxy, f"http://127.0.0.1:{proxy.port}"
+def _proxy(scheme: str, redis_server, start_proxy, tmp_path):  # type: ignore[no-untyped-def]
+    """redlb listening for ``scheme``; returns (proxy, base URL, extra browser arguments)."""
+    if scheme == "http":
+        proxy = start_proxy(redis_server.url)
+        return proxy, f"http://127.0.0.1:{proxy.port}", ()
+    pair = Pair(trustme.CA(), tmp_path, "site", "localhost", "127.0.0.1")
+    port = free_port()
+    proxy = start_proxy(redis_server.url, "--tls-listen", f"127.0.0.1:{port}", *pair.args)
+    # The browser trusts exactly this certificate's key (the test CA is in no trust store).
+    spki = (
+        x509.load_pem_x509_certificate(pair.cert.read_bytes())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    return proxy, f"https://localhost:{port}", (f"--ignore-certificate-errors-spki-list={pin}",)
 
 
-@pytest.mark.parametrize("scheme", ["http"])
-def test_browser_websocket_echo_through_redlb(redis_server, loop_thread, start_proxy, scheme):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_browser_websocket_echo_through_redlb(
+    redis_server, loop_thread, start_proxy, scheme, tmp_path
+):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -53,9 +73,9 @@ def test_browser_websocket_echo_through_redlb(redis_server, loop_thread, start_p
     echo = WsEchoBackend(loop_thread, pages={"/page": PAGE}).start()
     try:
         redis_server.cli("RPUSH", "servers", echo.address)
-        proxy, base = _proxy(scheme, redis_server, start_proxy)
+        proxy, base, browser_args = _proxy(scheme, redis_server, start_proxy, tmp_path)
         ARTIFACTS.mkdir(exist_ok=True)
-        driver = headless(browser, driver_path)
+        driver = headless(browser, driver_path, *browser_args)
         try:
             driver.get(f"{base}/page")
             wait = WebDriverWait(driver, 20, poll_frequency=0.1)
