@@ -304,11 +304,29 @@ def main() -> None:
     default=None,
     help="File holding the admin API token (or env REDLB_ADMIN_TOKEN; never a flag).",
 )
+# TLS to https:// backends
+@click.option(
+    "--upstream-ca",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Trust only this CA bundle (PEM) for https:// backends (default: the system store).",
+)
+@click.option(
+    "--upstream-insecure",
+    is_flag=True,
+    help="Do not verify https:// backends' certificates at all (warned at startup).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def serve(**options: Any) -> None:
     """Serve HTTP, balancing over the backends in the Redis list."""
     _setup_logging(options.pop("verbose"), options["log_format"])
     config = build_config(options)
+    if config.upstream_insecure:
+        import logging
+
+        logging.getLogger("redlb.tls").warning(
+            "--upstream-insecure: the certificates of https:// backends are NOT verified"
+        )
     from redlb.server import CannotStart
     from redlb.server import serve as run
 
@@ -357,7 +375,24 @@ def build_config(options: dict[str, Any]) -> Config:
         raise click.UsageError(str(exc)) from None
     if config.redis_url is not None:
         _check_url(config.redis_url)
+    _check_upstream_tls(config)
     return config
+
+
+def _check_upstream_tls(config: Config) -> None:
+    """A CA file that cannot be loaded stops serve (and config check) before it starts."""
+    import ssl
+
+    from redlb.backend_tls import client_context
+
+    if config.upstream_ca is not None:
+        try:
+            client_context(config.upstream_ca, False)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise click.BadParameter(
+                f"cannot load {config.upstream_ca!r}: {reason}", param_hint="'--upstream-ca'"
+            ) from None
 
 
 def serve_command() -> click.Command:

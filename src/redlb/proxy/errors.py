@@ -56,6 +56,8 @@ BAD_GATEWAY_GARBAGE = (502, "the backend's reply was not valid HTTP")
 BAD_GATEWAY_TOO_BIG = (502, "the backend's response headers were too large")
 BAD_GATEWAY_FRAMING = (502, "the backend's response framing cannot be relayed")
 BAD_GATEWAY_UPGRADE = (502, "the backend switched protocols unasked")
+BAD_GATEWAY_TLS = (502, "the TLS handshake with the backend failed")
+BAD_GATEWAY_TLS_CERT = (502, "the backend's TLS certificate was refused")
 GATEWAY_TIMEOUT = (504, "the backend did not answer in time")
 CONNECT_TIMEOUT = (504, "connecting to the backend timed out")
 
