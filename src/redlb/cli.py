@@ -496,7 +496,7 @@ def _taking_traffic(client: redis.Redis, pool: str, entries: list[bytes]) -> set
 def backend_add(
     addr: str, allow_duplicate: bool, redis_url: str | None, pool: str, state_dir: str
 ) -> None:
-    """Append ADDR (host:port, http://host:port or [::1]:port) to the pool."""
+    """Append ADDR (host:port, http://host:port, https://host:port or [::1]:port) to the pool."""
     key = _validated(addr)
     client = _connect(redis_url, state_dir)
     if not allow_duplicate and key in {_key_of(raw) for raw in _entries(client, pool)}:
