@@ -294,6 +294,23 @@ def test_sni_follows_the_routes_host_override(
     assert backend.hosts == [b"api.test", b"front.test"] * 3
 
 
+def test_host_override_that_is_no_tls_name_is_a_502_not_a_hang(
+    redis_server, tls_backend, good_cert, ca_file, start_proxy
+):
+    backend = tls_backend("routed", good_cert)
+    redis_server.cli("RPUSH", "api", backend.entry)
+    redis_server.cli("HSET", "redlb:routes", "front.test/", "api host=a..b")  # a valid Host field
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
+    status, body, _ = request(proxy.port, "GET", "/", headers={"Host": "front.test"}, timeout=10)
+    assert status == 502 and b"TLS handshake with the backend failed" in body
+    for _ in range(3):  # held off: not dialled again, the same answer at once
+        assert proxy.get("/", headers={"Host": "front.test"})[0] == 502
+    assert backend.accepts <= 1 and backend.handshakes == 0
+    assert logged(proxy, "not a name TLS can check")
+    assert len(tls_lines(proxy, backend)) == 1
+    assert "ejecting" not in proxy.log()  # the route's fault, not the backend's
+
+
 def test_tls_connections_are_kept_alive_and_reused(
     redis_server, tls_backend, good_cert, ca_file, start_proxy
 ):

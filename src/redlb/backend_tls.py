@@ -59,8 +59,10 @@ def is_certificate_refused(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLCertVerificationError)
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, name: str | None = None) -> str:
     """Why a TLS connection to a backend failed, in the words a human acts on."""
+    if isinstance(exc, UnicodeError):  # ssl's IDNA encoding of the name: a route's odd Host
+        return f"server name {name!r} is not a name TLS can check ({exc})"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate refused: {exc.verify_message or exc.reason}"
     if isinstance(exc, ssl.SSLError):

@@ -312,7 +312,7 @@ class Exchange:
         elif conns.refused_until > began:  # backend_tls.py rule 5: not dialled again yet
             self.connect_task = None
             if not self.done:
-                self._retry_or_fail(errors.BAD_GATEWAY_TLS_CERT, sent=False)
+                self._retry_or_fail(conns.refusal, sent=False)
             return
         else:  # the handshake is part of connecting: the connect timeout bounds both
             connecting = ctx.loop.create_connection(
@@ -325,18 +325,18 @@ class Exchange:
         ctx.stats.upstream_connects += 1
         try:
             _, conn = await asyncio.wait_for(connecting, self.up.config.connect_timeout)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             self.connect_task = None
             if self.done:
                 return
             if isinstance(exc, TimeoutError):
                 reason = errors.CONNECT_TIMEOUT
+                self.up.ejector.failure(backend)
             elif tls is None or isinstance(exc, ConnectionRefusedError):
                 reason = errors.BAD_GATEWAY_REFUSED
+                self.up.ejector.failure(backend)
             else:
                 reason = self._tls_failed(conns, exc)
-            if reason is not errors.BAD_GATEWAY_TLS_CERT:
-                self.up.ejector.failure(backend)
             self._retry_or_fail(reason, sent=False)
             return
         self.connect_task = None
@@ -347,17 +347,26 @@ class Exchange:
             return
         self._attach(conn)
 
-    def _tls_failed(self, conns: BackendConnections, exc: OSError) -> tuple[int, str]:
-        """A failed handshake: logged (once, not per request); a refused certificate
-        ejects the backend at once, as no retry of the same handshake can succeed."""
-        reason = backend_tls.describe(exc)
-        name = f" (as {conns.server_name})" if conns.server_name != conns.backend.host else ""
-        backend_tls.failures.report(conns.backend, reason, name)
-        if backend_tls.is_certificate_refused(exc):
-            conns.refused_until = time.monotonic() + backend_tls.REFUSAL_HOLD
-            self.up.ejector.failed_for_good(conns.backend)
-            return errors.BAD_GATEWAY_TLS_CERT
-        return errors.BAD_GATEWAY_TLS
+    def _tls_failed(self, conns: BackendConnections, exc: Exception) -> tuple[int, str]:
+        """A failed handshake, logged once (not per request).  A refused certificate ejects
+        the backend at once and holds it off (backend_tls.py rule 5): no retry of the same
+        handshake can succeed.  A server name TLS cannot send is the route's fault, not
+        the backend's: held off too, but not counted against the backend."""
+        backend = conns.backend
+        name = conns.server_name
+        reason = backend_tls.describe(exc, name)
+        where = f" (as {name})" if name != backend.host else ""
+        backend_tls.failures.report(backend, reason, where)
+        if isinstance(exc, UnicodeError):
+            conns.refusal = errors.BAD_GATEWAY_TLS
+        elif backend_tls.is_certificate_refused(exc):
+            conns.refusal = errors.BAD_GATEWAY_TLS_CERT
+            self.up.ejector.failed_for_good(backend)
+        else:
+            self.up.ejector.failure(backend)
+            return errors.BAD_GATEWAY_TLS
+        conns.refused_until = time.monotonic() + backend_tls.REFUSAL_HOLD
+        return conns.refusal
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn

@@ -54,6 +54,7 @@ class BackendConnections:
         "idle",
         "max_conns",
         "max_idle",
+        "refusal",
         "refused_until",
         "server_name",
         "tls",
@@ -71,7 +72,9 @@ class BackendConnections:
         self.backend = backend
         self.tls = tls  # None: plain TCP
         self.server_name = server_name
-        self.refused_until = 0.0  # its certificate was refused: not dialled before then
+        # Its certificate (or server name) was refused: not dialled before then, this answer.
+        self.refused_until = 0.0
+        self.refusal = errors.BAD_GATEWAY_TLS_CERT
         self.idle: list[UpstreamConnection] = []
         self.max_idle = max_idle
         self.max_conns = max_conns  # 0: no cap
