@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import ssl
 import subprocess
 import sys
@@ -142,11 +143,21 @@ class TlsBackend:
                 )
                 self.hosts.append(fields.get(b"host", b""))
                 length = int(fields.get(b"content-length", b"0"))
-                if length:
-                    await reader.readexactly(length)
+                digest = hashlib.sha256()
+                while length:
+                    chunk = await reader.read(min(length, 1 << 16))
+                    if not chunk:
+                        raise asyncio.IncompleteReadError(b"", length)
+                    digest.update(chunk)
+                    length -= len(chunk)
                 path = lines[0].split(b" ")[1]
                 status = int(path[8:11]) if path.startswith(b"/status/") else 200
+                if path.startswith(b"/big/"):
+                    await self._send_big(writer, int(path[5:]))
+                    continue
                 body = b"ok " + self.name.encode()
+                if path == b"/sha":
+                    body = digest.hexdigest().encode()
                 writer.write(
                     b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%b" % (status, len(body), body)
                 )
@@ -156,6 +167,16 @@ class TlsBackend:
         finally:
             self.writers.discard(writer)
             writer.transport.abort()
+
+    @staticmethod
+    async def _send_big(writer: asyncio.StreamWriter, size: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for offset in range(0, size, len(BLOCK)):
+            writer.write(BLOCK[: size - offset])
+            await writer.drain()
+
+
+BLOCK = bytes(range(256)) * 256  # 64 KiB
 
 
 @pytest.fixture
@@ -309,6 +330,22 @@ def test_host_override_that_is_no_tls_name_is_a_502_not_a_hang(
     assert logged(proxy, "not a name TLS can check")
     assert len(tls_lines(proxy, backend)) == 1
     assert "ejecting" not in proxy.log()  # the route's fault, not the backend's
+
+
+def test_large_bodies_stream_both_ways_over_tls(
+    redis_server, tls_backend, good_cert, ca_file, start_proxy
+):
+    backend = tls_backend("big", good_cert)
+    redis_server.cli("RPUSH", "servers", backend.entry)
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file, "--max-body", "0")
+    size = 16 * 1024 * 1024
+    status, body, _ = request(proxy.port, "GET", f"/big/{size}", timeout=60)
+    expected = (BLOCK * (size // len(BLOCK)))[:size]
+    assert status == 200 and len(body) == size and body == expected
+    upload = bytes(range(251)) * (size // 251)
+    status, body, _ = request(proxy.port, "POST", "/sha", body=upload, timeout=60)
+    assert (status, body) == (200, hashlib.sha256(upload).hexdigest().encode())
+    assert backend.handshakes == 1  # and the same connection served both
 
 
 def test_tls_connections_are_kept_alive_and_reused(
