@@ -77,9 +77,15 @@ class TlsBackend:
     """
 
     def __init__(
-        self, loop: LoopThread, name: str, cert: trustme.LeafCert, mode: str = "serve"
+        self,
+        loop: LoopThread,
+        name: str,
+        cert: trustme.LeafCert,
+        mode: str = "serve",
+        host: str = "127.0.0.1",
     ) -> None:
         self.loop = loop
+        self.host = host
         self.name = name
         self.mode = mode
         self.port = free_port()
@@ -95,7 +101,11 @@ class TlsBackend:
 
     @property
     def entry(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return (
+            f"https://[{self.host}]:{self.port}"
+            if ":" in self.host
+            else f"https://{self.host}:{self.port}"
+        )
 
     @property
     def backend(self) -> Backend:
@@ -106,7 +116,7 @@ class TlsBackend:
 
     def start(self) -> TlsBackend:
         async def go() -> None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            self.server = await asyncio.start_server(self._serve, self.host, self.port)
 
         self.loop.run(go())
         return self
@@ -190,8 +200,10 @@ def tls_backends(loop_thread: LoopThread) -> Iterator[list[TlsBackend]]:
 
 @pytest.fixture
 def tls_backend(loop_thread, tls_backends):  # type: ignore[no-untyped-def]
-    def make(name: str, cert: trustme.LeafCert, mode: str = "serve") -> TlsBackend:
-        backend = TlsBackend(loop_thread, name, cert, mode).start()
+    def make(
+        name: str, cert: trustme.LeafCert, mode: str = "serve", host: str = "127.0.0.1"
+    ) -> TlsBackend:
+        backend = TlsBackend(loop_thread, name, cert, mode, host).start()
         tls_backends.append(backend)
         return backend
 
@@ -285,6 +297,22 @@ def test_https_backend_works_through_redlb(
     assert backend.hosts == [b"front.test"]
     # The access log names it by its key.
     assert wait_for(lambda: f"{backend.entry} " in proxy.access_log()), proxy.access_log()
+
+
+def test_ipv6_https_backend_is_verified_by_its_ip_address(
+    redis_server, tls_backend, good_cert, other_name_cert, ca_file, start_proxy
+):
+    good = tls_backend("v6", good_cert, host="::1")
+    bad = tls_backend("v6-other", other_name_cert, host="::1")
+    redis_server.cli("RPUSH", "servers", good.entry)
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
+    assert proxy.get("/")[:2] == (200, b"ok v6")
+    assert good.sni == [None]
+    redis_server.cli("RPUSH", "other", bad.entry)
+    redis_server.cli("HSET", "redlb:routes", "/other", "other")
+    redis_server.cli("HSET", "redlb:routes", "/", "servers")
+    assert wait_for(lambda: proxy.get("/other")[0] == 502)
+    assert logged(proxy, "IP address mismatch, certificate is not valid for '::1'")
 
 
 def test_sni_is_the_entry_host_name(redis_server, tls_backend, good_cert, ca_file, start_proxy):
@@ -453,6 +481,23 @@ def test_unreadable_upstream_ca_or_both_flags_stop_serve(tmp_path, ca_file):
         out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=20)
         assert out.returncode == 2, out
         assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_config_file_takes_the_upstream_tls_keys(tmp_path, ca_file):
+    good = tmp_path / "good.toml"
+    good.write_text(f'upstream-ca = "{ca_file}"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "redlb", "config", "show", "--config", str(good)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert out.returncode == 0 and f'upstream_ca = "{ca_file}"' in out.stdout, out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('upstream-ca = "missing.pem"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "redlb", "config", "check", str(bad)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert out.returncode == 2 and "cannot load 'missing.pem'" in out.stderr, out
 
 
 def test_stalled_handshake_is_bounded_by_the_connect_timeout(
