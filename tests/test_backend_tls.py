@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -90,6 +92,7 @@ class TlsBackend:
         self.mode = mode
         self.port = free_port()
         self.accepts = 0
+        self.closed = 0  # connections the backend saw end (the peer's close, or its own)
         self.handshakes = 0
         self.sni: list[str | None] = []
         self.hosts: list[bytes] = []
@@ -175,6 +178,7 @@ class TlsBackend:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
+            self.closed += 1
             self.writers.discard(writer)
             writer.transport.abort()
 
@@ -509,6 +513,29 @@ def test_stalled_handshake_is_bounded_by_the_connect_timeout(
     status, body, _ = request(proxy.port, "GET", "/", timeout=10)
     assert status == 504 and b"connecting to the backend timed out" in body
     assert 1 <= backend.accepts <= 3  # the connect attempts a request may make
+    assert wait_for(lambda: backend.closed == backend.accepts)  # each abandoned, none left open
+
+
+def test_client_leaving_during_a_stalled_handshake_closes_the_backend_socket(
+    redis_server, tls_backend, good_cert, ca_file, start_proxy
+):
+    backend = tls_backend("stall", good_cert, mode="stall")
+    redis_server.cli("RPUSH", "servers", backend.entry)
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file, "--connect-timeout", "60")
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert wait_for(lambda: backend.accepts > backend.closed)
+        # A reset, not a FIN: a FIN after a whole request is a half-close that still waits
+        # for its answer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        # The handshake in progress is abandoned with its socket: nothing is left open.
+        assert wait_for(lambda: backend.closed == backend.accepts), (
+            backend.accepts,
+            backend.closed,
+        )
+    assert proxy.alive()
 
 
 def test_backend_closing_mid_handshake_is_a_502_and_logged(
