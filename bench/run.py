@@ -9,6 +9,7 @@ read from /proc for all of a proxy's processes; Redis commands per request from 
     BENCH_SECONDS=5 BENCH_ROUNDS=3   # per measurement, and rounds (defaults)
     BENCH_TARGETS=nginx,redlb,relay  # a subset; "relay" adds bench/relay.py, the uvloop floor
     BENCH_ONLY=routing               # only the routing scenario (10,000 routes vs one pool)
+    BENCH_ONLY=websocket             # only WebSocket echo throughput (bench/ws_echo.py)
     BENCH_STRATEGIES=only            # just the strategy table (CPU per request vs round robin)
     BENCH_STRATEGIES=off             # skip it
 
@@ -311,9 +312,14 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, float]]] = {}
     strategy_rows: dict[str, dict[str, float]] = {}
     routing: dict[str, float] = {}
+    websocket: dict[str, dict[str, float]] = {}
     try:
         if (not only or only == "routing") and strategies_mode != "only":
             routing = routing_scenario(redis_port, backend_ports, redlb)
+        if (not only or only == "websocket") and strategies_mode != "only":
+            from ws_echo import scenario as websocket_scenario
+
+            websocket = websocket_scenario(tmp, client, redlb, SECONDS, ROUNDS)
         for scenario, path, connections in wanted:
             rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
             for r in range(ROUNDS):
@@ -356,12 +362,18 @@ def main() -> None:
     if only == "routing":
         (RESULTS / "routing.json").write_text(json.dumps({"machine": machine, "routing": routing}))
         return
+    if only == "websocket":
+        (RESULTS / "websocket.json").write_text(
+            json.dumps({"machine": machine, "websocket": websocket}, indent=2)
+        )
+        return
     (RESULTS / "latest.json").write_text(
         json.dumps(
             {
                 "machine": machine,
                 "results": results,
                 "routing": routing,
+                "websocket": websocket,
                 "strategies": strategy_rows,
             },
             indent=2,

@@ -882,3 +882,99 @@ def closed_loop(
     for thread in threads:
         thread.join(seconds + 15)
     return statuses
+
+
+# WebSocket (issue 11): a real `websockets` echo server, and raw frames for hostile clients
+
+
+class WsEchoBackend:
+    """A `websockets` server on a loopback port: echoes every message.
+
+    ``/close/CODE`` closes with that code at once.  ``open`` counts live connections, ``closes``
+    records each connection's close code.  ``pages`` (path -> HTML) are served to plain GETs.
+    """
+
+    def __init__(self, loop: LoopThread, pages: dict[str, bytes] | None = None) -> None:
+        self.loop = loop
+        self.pages = pages or {}
+        self.port = free_port()
+        self.open = 0
+        self.closes: list[int | None] = []
+        self.paths: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.server: Any = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> WsEchoBackend:
+        from websockets.asyncio.server import serve
+
+        async def handler(ws: Any) -> None:
+            path = ws.request.path
+            self.paths.append(path)
+            self.headers.append({k.lower(): v for k, v in ws.request.headers.raw_items()})
+            self.open += 1
+            try:
+                if path.startswith("/close/"):
+                    await ws.close(int(path.rsplit("/", 1)[1]), "bye")
+                    return
+                async for message in ws:
+                    await ws.send(message)
+            except Exception:
+                pass
+            finally:
+                self.open -= 1
+                self.closes.append(ws.close_code)
+
+        def page(connection: Any, request: Any) -> Any:
+            from websockets.datastructures import Headers
+            from websockets.http11 import Response
+
+            body = self.pages.get(request.path)
+            if body is None or "upgrade" in request.headers.get("Connection", "").lower():
+                return None
+            headers = Headers([("Content-Type", "text/html; charset=utf-8"),
+                               ("Content-Length", str(len(body)))])  # fmt: skip
+            return Response(200, "OK", headers, body)
+
+        async def go() -> None:
+            self.server = await serve(
+                handler, "127.0.0.1", self.port, max_size=None, process_request=page
+            )
+
+        self.loop.run(go())
+        return self
+
+    def stop(self) -> None:
+        async def go() -> None:
+            if self.server is not None:
+                self.server.close()
+                await self.server.wait_closed()
+
+        self.loop.run(go())
+
+
+WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+WS_ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3's example pair
+
+
+def ws_handshake(path: bytes = b"/", host: bytes = b"t", key: bytes = WS_KEY) -> bytes:
+    return (
+        b"GET %b HTTP/1.1\r\nHost: %b\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %b\r\n\r\n" % (path, host, key)
+    )
+
+
+def ws_frame(payload: bytes, opcode: int = 2, masked: bool = True) -> bytes:
+    """One final frame; masked with a zero key (valid, and the payload stays as is)."""
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes([0x80 | opcode, mask_bit | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, mask_bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, mask_bit | 127]) + n.to_bytes(8, "big")
+    return head + (b"\0\0\0\0" if masked else b"") + payload

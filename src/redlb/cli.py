@@ -262,6 +262,13 @@ def main() -> None:
     show_default=True,
     help="Seconds in-flight requests get to finish after SIGTERM.",
 )
+@click.option(
+    "--tunnel-timeout",
+    type=Finite(0, low_open=True),
+    default=3600.0,
+    show_default=True,
+    help="Seconds a WebSocket tunnel may carry no byte either way before it is closed.",
+)
 @click.option("--redis-timeout", type=Finite(0.01), default=0.25, show_default=True)
 @click.option("--resync-interval", type=Finite(0.05), default=1.0, show_default=True)
 @click.option("--health-path", default=None, help="Enable active health checks on this path.")

@@ -72,6 +72,8 @@ class Config:
     # A client that leaves its socket full this long is cut off (nginx send_timeout: 60 s).
     send_timeout: float = 60.0
     drain_timeout: float = 30.0
+    # A WebSocket tunnel with no byte either way this long is closed (common LB default: 1 h).
+    tunnel_timeout: float = 3600.0
 
     # Upstream
     max_idle_per_backend: int = 1024  # idle ones expire after 20 s; churn costs more

@@ -173,6 +173,7 @@ def _counters(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
         "upstream_connects": "New backend connections opened",
         "upstream_reuses": "Requests sent on a pooled backend connection",
         "client_connections": "Client connections accepted",
+        "tunnels": "WebSocket tunnels opened",
     }
     for key, name in STATS_COUNTERS.items():
         yield CounterMetricFamily(name, docs[key], value=total(key))
@@ -197,6 +198,11 @@ def _gauges(view: InstanceView) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "redlb_open_connections", "Open client connections", value=total("open_connections")
+    )
+    yield GaugeMetricFamily(
+        "redlb_open_tunnels",
+        "Open WebSocket tunnels (their connections are in redlb_open_connections too)",
+        value=total("open_tunnels"),
     )
     yield GaugeMetricFamily(
         "redlb_redis_up",

@@ -33,6 +33,7 @@ STATS_COUNTERS = {
     "upstream_connects": "redlb_upstream_connects",
     "upstream_reuses": "redlb_upstream_reuses",
     "client_connections": "redlb_client_connections",
+    "tunnels": "redlb_tunnels",
 }
 POOL_STATES = ("healthy", "down", "ejected", "draining")
 
@@ -76,6 +77,7 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
         "gauges": {
             "active_requests": ctx.active_exchanges,
             "open_connections": len(ctx.clients),
+            "open_tunnels": ctx.open_tunnels,
             "redis_up": int(link.up),
             "redis_latency_seconds": redis_latency,
             "resident_memory_bytes": _rss(),

@@ -28,6 +28,7 @@ class Stats:
     upstream_connects: int = 0
     upstream_reuses: int = 0
     client_connections: int = 0
+    tunnels: int = 0  # WebSocket tunnels opened
 
 
 @dataclass(slots=True)
@@ -42,6 +43,7 @@ class ProxyContext:
     recorder: Recorder = field(default_factory=Recorder)  # per-request metrics
     clients: set[ClientConnection] = field(default_factory=set)
     active_exchanges: int = 0
+    open_tunnels: int = 0  # their clients are in `clients` too, until the tunnel ends
     known: bool = False  # routes and pools read from Redis at least once
     listening: bool = False
     draining: bool = False

@@ -33,13 +33,17 @@ from redlb.proxy.exchange import Exchange, RequestHead
 from redlb.proxy.rules import (
     IDEMPOTENT_METHODS,
     REQUEST_DROP,
+    UPGRADE_WEBSOCKET,
+    asks_websocket,
     check_host,
     check_transfer_encoding,
     check_version,
     drop_connection_named,
     forwarded_node,
     normalise_target,
+    websocket_accept,
 )
+from redlb.proxy.tunnel import Tunnel
 from redlb.routing import BadPath
 
 log = logging.getLogger("redlb.downstream")
@@ -108,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         "refusal",
         "send_deadline",
         "transport",
+        "tunnel",
         "url",
     )
 
@@ -138,6 +143,7 @@ class ClientConnection(asyncio.Protocol):
         self.send_deadline = 0.0  # also "the client's socket is full", for the exchange
         self.body_started_at = 0.0
         self.checked_host = b""  # clients repeat their Host: it is validated once
+        self.tunnel: Tunnel | None = None  # a WebSocket: this connection is no longer HTTP
         # Per-request (parse side) state
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
@@ -194,6 +200,9 @@ class ClientConnection(asyncio.Protocol):
                         step = _HEAD_SLICE
                     self._feed(data[start : start + step] if start or step < end else data)
                     start += step
+                    if self.backlog is not None:  # held behind a WebSocket handshake (_feed)
+                        self.backlog += data[start:]
+                        break
         except Reject as reject:
             self.refuse(reject)
         except httptools.HttpParserError as exc:
@@ -213,7 +222,8 @@ class ClientConnection(asyncio.Protocol):
         if data is None or self.closing or self.refusal is not None:
             return
         self.backlog = None
-        self._parse(data)
+        if data:  # empty: a declined WebSocket handshake held nothing back
+            self._parse(data)
         if self.backlog is None:
             self._resume(_PAUSE_BACKLOG)
 
@@ -229,9 +239,16 @@ class ClientConnection(asyncio.Protocol):
                 parser.feed_data(data)
                 break
             except httptools.HttpParserUpgrade as upgrade:
-                # A non-CONNECT Upgrade request: on_headers_complete stripped Upgrade and
-                # made sure there is no body, so parsing simply goes on after it.
+                # A non-CONNECT Upgrade request, without a body (on_headers_complete).
                 data = data[upgrade.args[0] :]
+                if self.queue and self.queue[-1].req.upgrade is not None:
+                    # A WebSocket handshake: what follows is the tunnel's if the backend
+                    # accepts, the next request if it declines.  It waits for the answer,
+                    # reading paused; exchange_finished parses it (or start_tunnel takes it).
+                    self.backlog = data
+                    self._pause(_PAUSE_BACKLOG)
+                    break
+                # Any other token: Upgrade was stripped, parsing simply goes on after it.
                 if not data:
                     break
         if in_chunked_body is not None and in_chunked_body is self.parsing:
@@ -415,9 +432,12 @@ class ClientConnection(asyncio.Protocol):
         if max_body and content_length > max_body:
             raise _body_too_large(max_body)
         has_body = chunked or content_length > 0
-        upgrade = parser.should_upgrade()
-        if upgrade and has_body:
-            raise Reject(400, "an Upgrade request with a body is not supported")
+        accept = None
+        if parser.should_upgrade():
+            if has_body:
+                raise Reject(400, "an Upgrade request with a body is not supported")
+            if asks_websocket([v for n, v in self.headers if n.lower() == b"upgrade"]):
+                accept = websocket_accept(method, http10, self.headers)
 
         if connection_values:
             # RFC 9110 §7.6.1: the fields Connection names are hop-by-hop too.  What redlb
@@ -426,6 +446,8 @@ class ClientConnection(asyncio.Protocol):
             parts = drop_connection_named(parts, connection_values)
             append = parts.append
         parts[0] = b"%b %b HTTP/1.1\r\n" % (method, target)
+        if accept is not None:
+            append(UPGRADE_WEBSOCKET)
         if chunked:
             append(b"Transfer-Encoding: chunked\r\n")
         elif content_length >= 0:
@@ -461,12 +483,14 @@ class ClientConnection(asyncio.Protocol):
             chunked=chunked,
             keep_alive=keep_alive,
             http10=http10,
-            idempotent=method in IDEMPOTENT_METHODS,
+            # A handshake is never resent once sent, nor sent on a long-idle connection.
+            idempotent=method in IDEMPOTENT_METHODS and accept is None,
             expect_continue=expect_continue and has_body,
             route=route,
             max_body=max_body,
             key=key,
             sticky=sticky,
+            upgrade=accept,
         )
 
     # Exchange interface
@@ -545,6 +569,9 @@ class ClientConnection(asyncio.Protocol):
     # Timeouts, driven by the sweeper
 
     def check_timeouts(self, now: float) -> None:
+        if self.tunnel is not None:
+            self.tunnel.check(now)
+            return
         if self.queue:
             self.queue[0].check_timeout(now)
         verdict = deadlines.verdict(
@@ -579,6 +606,8 @@ class ClientConnection(asyncio.Protocol):
 
     def flushed(self) -> bool:
         """Nothing is left for this client: no exchange, no byte waiting to be sent."""
+        if self.tunnel is not None:
+            return False  # a tunnel is never done by itself: the drain waits its whole time
         transport = self.transport
         return not self.queue and (transport is None or not transport.get_write_buffer_size())
 
@@ -591,10 +620,36 @@ class ClientConnection(asyncio.Protocol):
         """The drain is over: a client whose answer is all handed to the kernel gets a clean
         close (the kernel still delivers what it holds; a reset would discard it); any other
         is cut off visibly."""
-        if self.flushed():
+        if self.tunnel is not None:
+            self.tunnel.close()
+        elif self.flushed():
             self._close()
         else:
             self.abort()
+
+    # WebSocket (tunnel.py)
+
+    def start_tunnel(self, backend: asyncio.Transport, to_client: bytes) -> None:
+        """The backend completed the handshake: both transports now belong to a tunnel.
+        This connection stays in ctx.clients (it counts as open) until tunnel_ended."""
+        transport = self.transport
+        if transport is None:
+            backend.close()
+            return
+        self.uncork()
+        early = self.backlog or b""
+        self.backlog = None
+        self.transport = None  # nothing of the HTTP side may write to it any more
+        self.closing = True
+        self.paused = 0
+        self.parser = None
+        self.header_deadline = self.idle_deadline = self.send_deadline = 0.0
+        tunnel = self.tunnel = Tunnel(self.ctx, self, transport, backend)
+        tunnel.start(to_client, early)
+
+    def tunnel_ended(self) -> None:
+        self.tunnel = None
+        self.ctx.clients.discard(self)
 
     # Internals
 

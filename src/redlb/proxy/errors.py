@@ -58,6 +58,7 @@ BAD_GATEWAY_FRAMING = (502, "the backend's response framing cannot be relayed")
 BAD_GATEWAY_UPGRADE = (502, "the backend switched protocols unasked")
 BAD_GATEWAY_TLS = (502, "the TLS handshake with the backend failed")
 BAD_GATEWAY_TLS_CERT = (502, "the backend's TLS certificate was refused")
+BAD_GATEWAY_HANDSHAKE = (502, "the backend's 101 does not complete the WebSocket handshake")
 GATEWAY_TIMEOUT = (504, "the backend did not answer in time")
 CONNECT_TIMEOUT = (504, "connecting to the backend timed out")
 

@@ -25,7 +25,7 @@ from redlb.address import Backend
 from redlb.proxy import errors
 from redlb.proxy.replay import ReplayBuffer
 from redlb.proxy.retry import may_retry
-from redlb.proxy.rules import drop_connection_named
+from redlb.proxy.rules import UPGRADE_WEBSOCKET, completes_websocket, drop_connection_named
 from redlb.proxy.upstream import BackendConnections, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class RequestHead:
     max_body: int = 0  # the route's pool's limit (0 = unlimited)
     key: bytes = b""  # what a hashing pool hashes (balancer/requestkey.py)
     sticky: bytes = b""  # the pool's sticky-session cookie, as sent
+    upgrade: bytes | None = None  # a WebSocket handshake: the Sec-WebSocket-Accept it needs
 
 
 class Exchange:
@@ -489,6 +490,33 @@ class Exchange:
         else:
             conn.detach()
         self.up.ejector.answered(conn.owner.backend, self.status)
+        self._finish()
+
+    def switch_protocols(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The backend answered 101: a tunnel if it completes the client's WebSocket
+        handshake, else a 502 (a 101 nobody asked for is never relayed)."""
+        accept = self.req.upgrade
+        if accept is None:
+            conn.fail(errors.BAD_GATEWAY_UPGRADE)
+            return
+        if not completes_websocket(conn.upgrade, conn.lines, accept):
+            self.keep_client = False
+            conn.fail(errors.BAD_GATEWAY_HANDSHAKE)
+            return
+        self.upstream = None
+        self.status = 101
+        self.reason = conn.reason
+        self.response_started = True
+        self.first_byte = time.monotonic() - self.started
+        lines = conn.lines
+        if conn.connection:
+            lines = drop_connection_named(lines, conn.connection)
+        head = [b"HTTP/1.1 101 %b\r\n" % conn.reason, *lines]
+        if self.cookie is not None:
+            head.append(self.cookie)
+        head += (UPGRADE_WEBSOCKET, b"\r\n", rest)
+        self.up.ejector.answered(conn.owner.backend, 101)
+        self.client.start_tunnel(conn.hand_over(), b"".join(head))
         self._finish()
 
     def upstream_lost(self) -> None:

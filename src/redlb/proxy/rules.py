@@ -8,6 +8,8 @@ request target, Host, the Transfer-Encoding coding list, hop-by-hop headers and 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 
 from redlb.proxy.errors import Reject
@@ -146,3 +148,45 @@ def drop_connection_named(lines: list[bytes], connection_values: list[bytes]) ->
     """Serialised field lines minus those Connection names: hop-by-hop too (RFC 9110 §7.6.1)."""
     named = connection_tokens(connection_values)
     return [line for line in lines if line.partition(b":")[0].lower() not in named]
+
+
+# Upgrade (RFC 9110 §7.8, RFC 6455 §4): only WebSocket is tunnelled.  Any other token (h2c,
+# TLS/1.x, custom ones) is dropped with the Upgrade field and the request is answered as
+# HTTP/1.1, which RFC 9110 §7.8 allows: an upgrade is a request, never an obligation.
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+UPGRADE_WEBSOCKET = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+
+
+def asks_websocket(upgrade_values: list[bytes]) -> bool:
+    """Whether the Upgrade field lists ``websocket`` (case-insensitive, RFC 6455 §4.1)."""
+    return any(
+        token.strip().lower() == b"websocket"
+        for value in upgrade_values
+        for token in value.split(b",")
+    )
+
+
+def websocket_accept(method: bytes, http10: bool, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The Sec-WebSocket-Accept a backend must answer this opening handshake with.
+
+    Refuses (400) a handshake no server could accept: RFC 6455 §4.1 asks for a GET in
+    HTTP/1.1 or later and exactly one Sec-WebSocket-Key.
+    """
+    if method != b"GET" or http10:
+        raise Reject(400, "a WebSocket handshake must be an HTTP/1.1 GET")
+    keys = [value for name, value in headers if name.lower() == b"sec-websocket-key"]
+    if len(keys) != 1 or not keys[0].strip():
+        raise Reject(400, "a WebSocket handshake needs one Sec-WebSocket-Key")
+    digest = hashlib.sha1(keys[0].strip() + _WEBSOCKET_GUID).digest()
+    return base64.b64encode(digest)
+
+
+def completes_websocket(upgrade: bytes | None, lines: list[bytes], accept: bytes) -> bool:
+    """Whether a 101's Upgrade and Sec-WebSocket-Accept complete the client's handshake."""
+    if upgrade is None or upgrade.strip().lower() != b"websocket":
+        return False
+    for line in lines:
+        name, _, value = line.partition(b":")
+        if name.lower() == b"sec-websocket-accept":
+            return value.strip() == accept
+    return False

@@ -151,6 +151,7 @@ class UpstreamConnection(asyncio.Protocol):
         "te",
         "to_close",
         "transport",
+        "upgrade",
     )
 
     def __init__(self, owner: BackendConnections) -> None:
@@ -174,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.lines: list[bytes] = []
         self.set_aside = 0
         self.connection: list[bytes] = []  # Connection values naming more than keep-alive
+        self.upgrade: bytes | None = None  # the Upgrade field, for a 101
         self.length: bytes | None = None  # Content-Length, unless Transfer-Encoding overrides
         self.te: list[bytes] | None = None  # Transfer-Encoding values
         # Framing, decided once the head is complete (RFC 9112 §6.3):
@@ -202,8 +204,14 @@ class UpstreamConnection(asyncio.Protocol):
         client.cork()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.fail(errors.BAD_GATEWAY_UPGRADE)
+        except httptools.HttpParserUpgrade as switched:
+            if self.finished:  # rule 3: a 101 after a whole response is junk too
+                self.broken = True
+                self._complete()
+            else:
+                # A 101 (llhttp stops after its head): the exchange decides; what follows
+                # it is the new protocol's first bytes.
+                exchange.switch_protocols(self, data[switched.args[0] :])
         except httptools.HttpParserError as exc:
             if self.finished:
                 # Rule 3: junk after a whole response poisons this connection only; the
@@ -298,6 +306,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.broken = True
         self.close()
 
+    def hand_over(self) -> asyncio.Transport:
+        """The transport, for a tunnel; this connection is finished (never pooled)."""
+        transport = self.transport
+        assert transport is not None
+        self.transport = None
+        self.exchange = None
+        self.broken = True
+        self.closed = True
+        self.deadline = 0.0
+        return transport
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -335,6 +354,8 @@ class UpstreamConnection(asyncio.Protocol):
                     self.te.append(value)
             elif lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 self.connection.append(value)
+            elif lowered == b"upgrade":
+                self.upgrade = value
             return
         if lowered == b"content-length":
             self.set_aside += 1
@@ -348,7 +369,7 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self.parser
         status = parser.get_status_code()
         if status == 101:
-            raise httptools.HttpParserUpgrade(0)
+            return  # llhttp stops after this head: data_received hands it to the exchange
         if 100 <= status < 200:
             # Interim responses (100, 103) are consumed here: redlb already answered the
             # client's Expect itself, and 103 hints are optional (RFC 9110 §15.2).
@@ -395,6 +416,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.set_aside = 0
         if self.connection:
             self.connection = []
+        if self.upgrade is not None:
+            self.upgrade = None
         self.length = None
         self.te = None
         self.chunked = False

@@ -1,0 +1,145 @@
+"""A WebSocket tunnel: once a backend has completed the handshake, bytes go both ways as is.
+
+Both transports (the client's and the backend's) are handed over here with set_protocol:
+no HTTP parser sees a byte of the tunnel.
+
+Rules:
+1. Flow control: a side whose write buffer passes its high-water mark (pause_writing) stops
+   reading from the other side until it drains (resume_writing), so a tunnel holds about two
+   write buffers whatever either peer does (never reads, floods, or both).
+2. Half-close: an EOF from one side is passed on (write_eof) and the other direction keeps
+   flowing; the tunnel ends when both sides have sent EOF, or when either connection is lost.
+3. Endings: close() lets each side flush what it holds, then FIN; a side that has not taken
+   its bytes within the send timeout after that is reset.  The idle timeout
+   (--tunnel-timeout) counts from the last byte read on either side.  Both are checked by the
+   sweeper through the client connection: no timer per tunnel.
+4. A tunnel is never retried, and its backend connection ends with it (never pooled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from redlb.proxy.context import ProxyContext
+    from redlb.proxy.downstream import ClientConnection
+
+
+class _Side(asyncio.Protocol):
+    """One of the tunnel's two connections; what it reads goes to the other one."""
+
+    __slots__ = ("eof", "lost", "other", "transport", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, transport: asyncio.Transport) -> None:
+        self.tunnel = tunnel
+        self.transport = transport
+        self.other: _Side = self
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.active = True
+        self.other.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self.tunnel.active = True
+        other = self.other
+        if other.eof or other.lost or not other.transport.can_write_eof():
+            self.tunnel.close()
+            return True  # close() closes this transport too, once it has flushed
+        other.transport.write_eof()  # rule 2: the other direction keeps flowing
+        return True
+
+    def pause_writing(self) -> None:
+        self.other.transport.pause_reading()  # rule 1
+
+    def resume_writing(self) -> None:
+        other = self.other
+        if not other.eof and not other.lost:
+            other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.tunnel.side_lost()
+
+
+class Tunnel:
+    __slots__ = ("active", "client", "closing_since", "ctx", "downstream", "idle_since", "upstream")
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        client: ClientConnection,
+        client_transport: asyncio.Transport,
+        backend_transport: asyncio.Transport,
+    ) -> None:
+        self.ctx = ctx
+        self.client = client
+        self.downstream = _Side(self, client_transport)
+        self.upstream = _Side(self, backend_transport)
+        self.downstream.other = self.upstream
+        self.upstream.other = self.downstream
+        self.active = False  # a byte was read since the sweeper last looked
+        self.idle_since = time.monotonic()
+        self.closing_since = 0.0
+        ctx.open_tunnels += 1
+        ctx.stats.tunnels += 1
+
+    def start(self, to_client: bytes, to_backend: bytes) -> None:
+        """Take over both transports; the 101 head (and any bytes the backend sent after
+        it) go to the client, bytes the client sent early go to the backend."""
+        client = self.downstream.transport
+        backend = self.upstream.transport
+        # A pause_writing that came before set_protocol went to the HTTP protocols: carry
+        # its effect over, the matching resume_writing comes to the sides (rule 1).
+        client_full = _above_high_water(client)
+        backend_full = _above_high_water(backend)
+        client.set_protocol(self.downstream)
+        backend.set_protocol(self.upstream)
+        client.write(to_client)
+        if to_backend:
+            backend.write(to_backend)
+        if client_full:
+            backend.pause_reading()
+        else:
+            backend.resume_reading()
+        if backend_full:
+            client.pause_reading()
+        else:
+            client.resume_reading()
+
+    def check(self, now: float) -> None:
+        """The sweeper's visit (rule 3)."""
+        if self.closing_since:
+            if now - self.closing_since > self.ctx.config.send_timeout:
+                for side in (self.downstream, self.upstream):
+                    if not side.lost:
+                        side.transport.abort()
+            return
+        if self.active:
+            self.active = False
+            self.idle_since = now
+        elif now - self.idle_since > self.ctx.config.tunnel_timeout:
+            self.close()
+
+    def close(self) -> None:
+        """End both connections cleanly: what is buffered is sent, then FIN."""
+        if self.closing_since:
+            return
+        self.closing_since = time.monotonic()
+        for side in (self.downstream, self.upstream):
+            if not side.lost:
+                side.transport.close()
+
+    def side_lost(self) -> None:
+        self.close()  # one side gone: the other gets what it is owed, then FIN
+        if self.downstream.lost and self.upstream.lost:
+            self.ctx.open_tunnels -= 1
+            self.client.tunnel_ended()
+
+
+def _above_high_water(transport: asyncio.Transport) -> bool:
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
