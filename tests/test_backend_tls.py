@@ -637,3 +637,44 @@ def test_admin_api_takes_https_addresses(redis_server, tls_backend, good_cert, s
     status, body, _ = admin_call(admin_port, "DELETE", f"/api/v1/pools/servers/backends/{quoted}")
     assert (status, body["removed"]) == (200, True), body
     assert redis_server.client().lrange("servers", 0, -1) == [f"127.0.0.1:{secure.port}".encode()]
+
+
+def test_websocket_tunnel_to_an_https_backend(
+    redis_server, loop_thread, good_cert, ca_file, start_proxy
+):
+    from websockets.asyncio.server import serve
+    from websockets.sync.client import connect
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    good_cert.configure_cert(context)
+    port = free_port()
+    closes: list[int | None] = []
+
+    async def echo(ws) -> None:  # type: ignore[no-untyped-def]
+        try:
+            async for message in ws:
+                await ws.send(message)
+        finally:
+            closes.append(ws.close_code)
+
+    async def start():  # type: ignore[no-untyped-def]
+        return await serve(echo, "127.0.0.1", port, ssl=context, max_size=None)
+
+    server = loop_thread.run(start())
+    try:
+        redis_server.cli("RPUSH", "servers", f"https://127.0.0.1:{port}")
+        proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
+        big = hashlib.sha256(b"tls").digest() * (1024 * 1024 // 32)
+        with connect(f"ws://127.0.0.1:{proxy.port}/", open_timeout=10, max_size=None) as ws:
+            ws.send("over TLS")
+            assert ws.recv(timeout=10) == "over TLS"
+            ws.send(big)
+            assert ws.recv(timeout=30) == big
+        assert wait_for(lambda: closes == [1000])
+    finally:
+
+        async def stop() -> None:
+            server.close()
+            await server.wait_closed()
+
+        loop_thread.run(stop())
