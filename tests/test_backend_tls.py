@@ -220,7 +220,7 @@ def tls_lines(proxy, backend: TlsBackend | str) -> list[str]:  # type: ignore[no
     return [
         line
         for line in proxy.log().splitlines()
-        if "redlb.tls" in line and f"backend {entry}" in line
+        if "redlb.backend_tls" in line and f"backend {entry}" in line
     ]
 
 
@@ -276,7 +276,7 @@ def test_server_name_is_the_entry_host_or_the_route_override():
 def test_failure_log_says_it_once_then_counts(caplog):
     backend = parse_backend("https://127.0.0.1:1")
     failures = FailureLog(every=3600)
-    with caplog.at_level("WARNING", logger="redlb.tls"):
+    with caplog.at_level("WARNING", logger="redlb.backend_tls"):
         for _ in range(50):
             failures.report(backend, "certificate refused: certificate has expired")
         failures.report(backend, "TLS handshake failed: reset")

@@ -24,7 +24,7 @@ import time
 
 from redlb.address import Backend
 
-log = logging.getLogger("redlb.tls")
+log = logging.getLogger("redlb.backend_tls")
 
 # After the first line about a backend's failure, the same one again at most this often.
 REPEAT_EVERY = 60.0

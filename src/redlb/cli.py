@@ -331,7 +331,7 @@ def serve(**options: Any) -> None:
     if config.upstream_insecure:
         import logging
 
-        logging.getLogger("redlb.tls").warning(
+        logging.getLogger("redlb.backend_tls").warning(
             "--upstream-insecure: the certificates of https:// backends are NOT verified"
         )
     from redlb.server import CannotStart
