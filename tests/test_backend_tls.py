@@ -26,7 +26,7 @@ from redlb.address import Backend, InvalidAddress, parse_backend
 from redlb.backend_tls import FailureLog, server_name
 from redlb.store.embedded import free_port
 from redlb.store.keys import Keys
-from support import HttpBackend, LoopThread, admin_call, request, wait_for
+from support import HttpBackend, LoopThread, admin_call, metric, request, wait_for
 
 # Certificates
 
@@ -420,6 +420,7 @@ def test_bad_certificate_is_a_502_with_one_log_line(
     lines = tls_lines(proxy, entry)
     assert len(lines) == 1 and reason in lines[0], proxy.log()
     assert proxy.log().count(f"ejecting {entry}") == 1
+    assert metric(proxy, "redlb_upstream_tls_failures") == 1  # handshakes, not held-off requests
 
 
 @pytest.fixture
@@ -442,6 +443,7 @@ def test_bad_certificate_backend_is_ejected_not_hammered(
     assert wait_for(lambda: redis_server.client().exists(Keys("servers").ejected(bad.backend)))
     assert logged(proxy, "certificate has expired")
     assert len(tls_lines(proxy, bad)) == 1, proxy.log()
+    assert metric(proxy, "redlb_upstream_tls_failures") == 1
 
 
 def test_upstream_insecure_accepts_any_certificate(

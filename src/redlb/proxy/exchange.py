@@ -353,6 +353,7 @@ class Exchange:
         the backend at once and holds it off (backend_tls.py rule 5): no retry of the same
         handshake can succeed.  A server name TLS cannot send is the route's fault, not
         the backend's: held off too, but not counted against the backend."""
+        self.ctx.stats.upstream_tls_failures += 1  # every one, where the log says one a minute
         backend = conns.backend
         name = conns.server_name
         reason = backend_tls.describe(exc, name)
