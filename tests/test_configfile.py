@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trustme
 from click.testing import CliRunner
 
 from redlb.cli import main, serve
@@ -64,7 +65,9 @@ def test_every_serve_flag_has_a_key(tmp_path: Path):
         if negative:
             continue
         default = option.default
-        if option.is_flag and option.is_bool_flag:
+        if key == "upstream-insecure":
+            value = "false"  # it refuses upstream-ca, which is set below
+        elif option.is_flag and option.is_bool_flag:
             value = json.dumps(bool(default))
         elif option.multiple:
             value = '["example.com"]'
@@ -72,13 +75,14 @@ def test_every_serve_flag_has_a_key(tmp_path: Path):
             value = {"workers": "2", "redis": '"redis://127.0.0.1:6379/0"',
                      "health-path": '"/healthz"', "admin-listen": '"127.0.0.1:8200"',
                      "admin-token-file": '"TOKEN"', "sticky-cookie": '"SID"',
-                     "config": None}.get(key)  # fmt: skip
+                     "upstream-ca": '"CA.pem"', "config": None}.get(key)  # fmt: skip
             if value is None:
                 continue
         else:
             value = json.dumps(default)
         lines.append(f"{key} = {value}")
     (tmp_path / "TOKEN").write_text("t" * 32)
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "CA.pem"))
     path = tmp_path / "all.toml"
     path.write_text("\n".join(lines) + "\n")
     covered = {file_keys(serve)[line.partition(" =")[0]][0].name for line in lines}
