@@ -1,8 +1,13 @@
 """Backend addresses: the one validator for pool entries, the CLI and the admin paths.
 
-A pool entry is ``host:port``, ``http://host:port`` (optionally with a trailing ``/``) or
-``[v6addr]:port``.  Anything else is refused: redlb never dials what it cannot name exactly,
-so an entry carrying CR/LF, a path, credentials or another scheme is garbage, not a backend.
+A pool entry is ``host:port``, ``http://host:port`` (optionally with a trailing ``/``),
+``https://host:port`` (dialled with TLS) or ``[v6addr]:port``.  Anything else is refused:
+redlb never dials what it cannot name exactly, so an entry carrying CR/LF, a path,
+credentials or another scheme is garbage, not a backend.
+
+Identity: ``http://h:p`` and ``h:p`` are one backend (key ``h:p``); ``https://h:p`` is another
+(key ``https://h:p``), so the same port spoken in TLS and in clear never shares health,
+ejections, in-flight counts, connections or metrics.
 """
 
 from __future__ import annotations
@@ -24,17 +29,22 @@ class InvalidAddress(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Backend:
-    """One backend, identified by its canonical ``host:port`` (``[v6]:port`` for IPv6)."""
+    """One backend, identified by its canonical ``host:port`` (``[v6]:port`` for IPv6),
+    prefixed with ``https://`` when it is dialled with TLS."""
 
     host: str
     port: int
+    tls: bool = False
     key: str = field(init=False, compare=False, repr=False)
     label: bytes = field(init=False, compare=False, repr=False)  # the key, for the access log
+    authority: str = field(init=False, compare=False, repr=False)  # host:port, for a Host field
 
     def __post_init__(self) -> None:
-        key = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        key = "https://" + authority if self.tls else authority
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "label", key.encode())
+        object.__setattr__(self, "authority", authority)
 
     def __hash__(self) -> int:
         return hash(self.key)  # a str caches its hash: cheap on every pick
@@ -55,14 +65,18 @@ def parse_backend(raw: str | bytes) -> Backend:
     if len(raw) > MAX_ENTRY_LENGTH:
         raise InvalidAddress(f"entry too long ({len(raw)} characters)")
     text = raw
+    tls = False
     if "://" in text:
         scheme, _, text = text.partition("://")
-        if scheme.lower() != "http":
-            raise InvalidAddress(f"unsupported scheme {scheme!r} (only http)")
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise InvalidAddress(f"unsupported scheme {scheme!r} (only http and https)")
+        tls = scheme == "https"
         if text.endswith("/"):
             text = text[:-1]
         if text and ":" not in text.rpartition("]")[2]:
-            text += ":80"  # a URL without a port: http's own (Hipache's lists rely on it)
+            # A URL without a port: the scheme's own (Hipache's lists rely on it).
+            text += ":443" if tls else ":80"
     if not text or any(c.isspace() or ord(c) < 0x21 or ord(c) > 0x7E for c in text):
         raise InvalidAddress("empty or contains whitespace/control characters")
     if text.startswith("["):
@@ -88,7 +102,7 @@ def parse_backend(raw: str | bytes) -> Backend:
     port = int(port_text)
     if not 1 <= port <= 65535:
         raise InvalidAddress(f"port {port} is out of range 1-65535")
-    return Backend(host, port)
+    return Backend(host, port, tls)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -336,11 +336,29 @@ def main() -> None:
     default=None,
     help="File holding the admin API token (or env REDLB_ADMIN_TOKEN; never a flag).",
 )
+# TLS to https:// backends
+@click.option(
+    "--upstream-ca",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Trust only this CA bundle (PEM) for https:// backends (default: the system store).",
+)
+@click.option(
+    "--upstream-insecure",
+    is_flag=True,
+    help="Do not verify https:// backends' certificates at all (warned at startup).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def serve(**options: Any) -> None:
     """Serve HTTP, balancing over the backends in the Redis list."""
     _setup_logging(options.pop("verbose"), options["log_format"])
     config = build_config(options)
+    if config.upstream_insecure:
+        import logging
+
+        logging.getLogger("redlb.backend_tls").warning(
+            "--upstream-insecure: the certificates of https:// backends are NOT verified"
+        )
     from redlb.server import CannotStart
     from redlb.server import serve as run
 
@@ -393,6 +411,7 @@ def build_config(options: dict[str, Any]) -> Config:
     if config.redis_url is not None:
         _check_url(config.redis_url)
     _check_certificates(config)
+    _check_upstream_tls(config)
     return config
 
 
@@ -419,6 +438,22 @@ def _check_certificates(config: Config) -> None:
             load(cert, key)
         except CertificateError as exc:
             raise click.BadParameter(str(exc), param_hint="'--tls-cert'/'--tls-key'") from None
+
+
+def _check_upstream_tls(config: Config) -> None:
+    """A CA file that cannot be loaded stops serve (and config check) before it starts."""
+    import ssl
+
+    from redlb.backend_tls import client_context
+
+    if config.upstream_ca is not None:
+        try:
+            client_context(config.upstream_ca, False)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise click.BadParameter(
+                f"cannot load {config.upstream_ca!r}: {reason}", param_hint="'--upstream-ca'"
+            ) from None
 
 
 def serve_command() -> click.Command:
@@ -522,7 +557,7 @@ def _taking_traffic(client: redis.Redis, pool: str, entries: list[bytes]) -> set
 def backend_add(
     addr: str, allow_duplicate: bool, redis_url: str | None, pool: str, state_dir: str
 ) -> None:
-    """Append ADDR (host:port, http://host:port or [::1]:port) to the pool."""
+    """Append ADDR (host:port, http://host:port, https://host:port or [::1]:port) to the pool."""
     key = _validated(addr)
     client = _connect(redis_url, state_dir)
     if not allow_duplicate and key in {_key_of(raw) for raw in _entries(client, pool)}:

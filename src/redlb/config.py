@@ -86,6 +86,9 @@ class Config:
     max_conns_per_backend: int = 1024
     max_queue_per_backend: int = 1024
     queue_timeout: float = 3.0
+    # https:// backends: verified against the system store, or only this CA bundle
+    upstream_ca: str | None = None
+    upstream_insecure: bool = False  # no verification at all (logged at startup)
 
     # Retries
     max_connect_attempts: int = 3
@@ -154,6 +157,8 @@ class Config:
             raise ValueError("--send-timeout must be > 0")
         if self.max_body < 0:
             raise ValueError("--max-body must be >= 0")
+        if self.upstream_insecure and self.upstream_ca:
+            raise ValueError("--upstream-insecure verifies nothing: it cannot take --upstream-ca")
 
     def _validate_tls(self) -> None:
         if self.tls_listen is not None:

@@ -113,10 +113,12 @@ class Publisher:
         inst = self.instance
         in_flight: dict[BackendKey, int] = {}
         for name, state in ctx.pools.items():
-            for key, conns in state.conns.items():
+            for conns in state.conns.values():
                 busy = conns.busy + len(conns.waiters)
                 if busy:
-                    in_flight[(name, key)] = busy
+                    # Several per backend when routes reach an https:// one with other Hosts.
+                    key = (name, conns.backend.key)
+                    in_flight[key] = in_flight.get(key, 0) + busy
         keys = sorted(set(self.minute) | set(in_flight))[:MAX_BACKENDS]
         zero = [0.0] * WIDTH
         backends = [

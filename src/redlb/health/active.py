@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass
 
 from redlb.address import Backend
+from redlb.backend_tls import client_context, describe, failures
 from redlb.config import Config
 from redlb.pool import Pool
 from redlb.store.keys import Keys
@@ -128,15 +129,19 @@ class HealthProber:
         await asyncio.wait_for(pipe.execute(), self.config.redis_timeout)
 
     async def probe(self, backend: Backend) -> bool:
-        """GET the health path; 2xx and 3xx pass."""
+        """GET the health path; 2xx and 3xx pass.  An https:// backend is probed over TLS
+        with the proxy's own verification: a certificate requests would refuse fails."""
         request = (
-            f"GET {self.path} HTTP/1.1\r\nHost: {backend.key}\r\n"
+            f"GET {self.path} HTTP/1.1\r\nHost: {backend.authority}\r\n"
             "User-Agent: redlb-health\r\nConnection: close\r\n\r\n"
         ).encode()
         writer = None
         try:
             async with asyncio.timeout(self.config.health_timeout):
-                reader, writer = await asyncio.open_connection(backend.host, backend.port)
+                if backend.tls:
+                    reader, writer = await self._open_tls(backend)
+                else:
+                    reader, writer = await asyncio.open_connection(backend.host, backend.port)
                 writer.write(request)
                 status_line = await reader.readline()
             parts = status_line.split(b" ", 2)
@@ -151,3 +156,16 @@ class HealthProber:
         finally:
             if writer is not None:
                 writer.close()
+
+    async def _open_tls(
+        self, backend: Backend
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        context = client_context(self.config.upstream_ca, self.config.upstream_insecure)
+        try:
+            return await asyncio.open_connection(
+                backend.host, backend.port, ssl=context, server_hostname=backend.host
+            )
+        except OSError as exc:
+            if not isinstance(exc, ConnectionRefusedError):
+                failures.report(backend, describe(exc), " (health check)")
+            raise

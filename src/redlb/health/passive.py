@@ -61,7 +61,20 @@ class Ejector:
             self.failures[backend] = count
             return
         self.failures.pop(backend, None)
-        log.warning("ejecting %s after %d consecutive failures", backend, count)
+        self._eject(backend, f"after {count} consecutive failures")
+
+    def failed_for_good(self, backend: Backend) -> None:
+        """A fault no retry heals (a refused TLS certificate): eject now, not after N.
+
+        Once: while the ejection lasts (even where the ejection cap keeps the backend in
+        rotation) it is not ejected again, logged again or shared again."""
+        if self.threshold <= 0 or self.pool.ejected.get(backend, 0.0) > self.pool.clock():
+            return
+        self.failures.pop(backend, None)
+        self._eject(backend, "at once: its TLS certificate was refused")
+
+    def _eject(self, backend: Backend, why: str) -> None:
+        log.warning("ejecting %s %s", backend, why)
         self.pool.eject(backend, self.base)
         self.pool.ejections += 1
         if self.link.up:

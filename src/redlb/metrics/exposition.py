@@ -172,6 +172,7 @@ def _counters(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
         "retries_refused": "Retries refused by the retry budget",
         "upstream_connects": "New backend connections opened",
         "upstream_reuses": "Requests sent on a pooled backend connection",
+        "upstream_tls_failures": "Handshakes with https:// backends that failed (any reason)",
         "client_connections": "Client connections accepted",
         "tls_handshake_failures": "TLS handshakes that failed or timed out (not logged one by one)",
         "tunnels": "WebSocket tunnels opened",

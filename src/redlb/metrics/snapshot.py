@@ -32,6 +32,7 @@ STATS_COUNTERS = {
     "retries_refused": "redlb_retries_refused",
     "upstream_connects": "redlb_upstream_connects",
     "upstream_reuses": "redlb_upstream_reuses",
+    "upstream_tls_failures": "redlb_upstream_tls_failures",
     "client_connections": "redlb_client_connections",
     "tls_handshake_failures": "redlb_tls_handshake_failures",
     "tunnels": "redlb_tunnels",

@@ -27,6 +27,7 @@ class Stats:
     retries_refused: int = 0
     upstream_connects: int = 0
     upstream_reuses: int = 0
+    upstream_tls_failures: int = 0  # handshakes with https:// backends that failed
     client_connections: int = 0
     tls_handshake_failures: int = 0
     tunnels: int = 0  # WebSocket tunnels opened

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from redlb import backend_tls
 from redlb.address import Backend
 from redlb.proxy import errors
 from redlb.proxy.replay import ReplayBuffer
@@ -254,7 +255,8 @@ class Exchange:
         self.tried.append(backend)
         if self.slot is not None:
             self._release_slot()  # a retry gives back the slot of the failed attempt first
-        self.acquire(self.up.connections_to(backend))
+        host = self.req.route.host_header  # type: ignore[union-attr]  # start() checked it
+        self.acquire(up.connections_to(backend, host))
 
     def acquire(self, conns: BackendConnections) -> None:
         """Take a connection to this backend: a pooled one, a new one, or a place in line.
@@ -285,7 +287,9 @@ class Exchange:
     def _leave_queue(self) -> None:
         self.queued_since = 0.0
         if self.backend is not None:
-            waiters = self.up.connections_to(self.backend).waiters
+            route = self.req.route
+            host = route.host_header if route is not None else None
+            waiters = self.up.connections_to(self.backend, host).waiters
             if self in waiters:
                 waiters.remove(self)
 
@@ -300,22 +304,40 @@ class Exchange:
     async def _connect(self, conns: BackendConnections) -> None:
         ctx = self.ctx
         backend = conns.backend
-        ctx.stats.upstream_connects += 1
         began = time.monotonic()
-        try:
-            _, conn = await asyncio.wait_for(
-                ctx.loop.create_connection(
-                    lambda: UpstreamConnection(conns), backend.host, backend.port
-                ),
-                self.up.config.connect_timeout,
+        tls = conns.tls
+        if tls is None:
+            connecting = ctx.loop.create_connection(
+                lambda: UpstreamConnection(conns), backend.host, backend.port
             )
-        except (OSError, TimeoutError) as exc:
+        elif conns.refused_until > began:  # backend_tls.py rule 5: not dialled again yet
+            self.connect_task = None
+            if not self.done:
+                self._retry_or_fail(conns.refusal, sent=False)
+            return
+        else:  # the handshake is part of connecting: the connect timeout bounds both
+            connecting = ctx.loop.create_connection(
+                lambda: UpstreamConnection(conns),
+                backend.host,
+                backend.port,
+                ssl=tls,
+                server_hostname=conns.server_name,
+            )
+        ctx.stats.upstream_connects += 1
+        try:
+            _, conn = await asyncio.wait_for(connecting, self.up.config.connect_timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
             self.connect_task = None
             if self.done:
                 return
-            self.up.ejector.failure(backend)
-            timed_out = isinstance(exc, TimeoutError)
-            reason = errors.CONNECT_TIMEOUT if timed_out else errors.BAD_GATEWAY_REFUSED
+            if isinstance(exc, TimeoutError):
+                reason = errors.CONNECT_TIMEOUT
+                self.up.ejector.failure(backend)
+            elif tls is None or isinstance(exc, ConnectionRefusedError):
+                reason = errors.BAD_GATEWAY_REFUSED
+                self.up.ejector.failure(backend)
+            else:
+                reason = self._tls_failed(conns, exc)
             self._retry_or_fail(reason, sent=False)
             return
         self.connect_task = None
@@ -325,6 +347,28 @@ class Exchange:
             conn.close()
             return
         self._attach(conn)
+
+    def _tls_failed(self, conns: BackendConnections, exc: Exception) -> tuple[int, str]:
+        """A failed handshake, logged once (not per request).  A refused certificate ejects
+        the backend at once and holds it off (backend_tls.py rule 5): no retry of the same
+        handshake can succeed.  A server name TLS cannot send is the route's fault, not
+        the backend's: held off too, but not counted against the backend."""
+        self.ctx.stats.upstream_tls_failures += 1  # every one, where the log says one a minute
+        backend = conns.backend
+        name = conns.server_name
+        reason = backend_tls.describe(exc, name)
+        where = f" (as {name})" if name != backend.host else ""
+        backend_tls.failures.report(backend, reason, where)
+        if isinstance(exc, UnicodeError):
+            conns.refusal = errors.BAD_GATEWAY_TLS
+        elif backend_tls.is_certificate_refused(exc):
+            conns.refusal = errors.BAD_GATEWAY_TLS_CERT
+            self.up.ejector.failed_for_good(backend)
+        else:
+            self.up.ejector.failure(backend)
+            return errors.BAD_GATEWAY_TLS
+        conns.refused_until = time.monotonic() + backend_tls.REFUSAL_HOLD
+        return conns.refusal
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn

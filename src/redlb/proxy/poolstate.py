@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Sequence
 
 from redlb.address import Backend
+from redlb.backend_tls import client_context, server_name
 from redlb.balancer.base import Strategy
 from redlb.balancer.ewma import PeakEwma
 from redlb.balancer.first import FirstAvailable
@@ -78,7 +79,8 @@ class PoolState:
         self.pool = Pool(config.eject_max_percent)
         # Per pool, the warnings already given about its entries (PoolSync keeps them).
         self.sync = PoolSync(link, self.keys, self.pool, config)
-        # Keyed by Backend.key: a str hashes in C, and pool refreshes make new Backend objects.
+        # Keyed by Backend.key: a str hashes in C, and pool refreshes make new Backend objects
+        # (an https:// one reached with a route's Host override: the key and that Host).
         self.conns: dict[str, BackendConnections] = {}
         self.prober: asyncio.Task[None] | None = None
         self.requests = 0
@@ -132,13 +134,22 @@ class PoolState:
         name = self.config.sticky
         return key, cookie(headers, name.encode()) if name is not None else b""
 
-    def connections_to(self, backend: Backend) -> BackendConnections:
-        conns = self.conns.get(backend.key)
+    def connections_to(
+        self, backend: Backend, host_override: bytes | None = None
+    ) -> BackendConnections:
+        """The backend's connections; for https://, those for the route's Host override."""
+        key = backend.key
+        if host_override is not None and backend.tls:
+            key = f"{key} {host_override.decode('ascii')}"  # the pool apart for its SNI
+        conns = self.conns.get(key)
         if conns is None:
             config = self.config
-            conns = self.conns[backend.key] = BackendConnections(
+            conns = self.conns[key] = BackendConnections(
                 backend, config.max_idle_per_backend, config.max_conns_per_backend
             )
+            if backend.tls:
+                conns.tls = client_context(config.upstream_ca, config.upstream_insecure)
+                conns.server_name = server_name(backend, host_override)
         return conns
 
     def reconfigure(self, config: Config) -> None:

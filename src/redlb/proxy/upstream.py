@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -41,12 +42,39 @@ FRESH_ENOUGH_FOR_UNSAFE = 2.0
 
 
 class BackendConnections:
-    """The idle keep-alive connections of one backend, most recently used first."""
+    """The idle keep-alive connections of one backend, most recently used first.
 
-    __slots__ = ("backend", "busy", "idle", "max_conns", "max_idle", "waiters")
+    For an https:// backend, those made with one server name (backend_tls.py rule 3): a
+    route that sends another Host to the same backend has its own BackendConnections.
+    """
 
-    def __init__(self, backend: Backend, max_idle: int, max_conns: int = 0) -> None:
+    __slots__ = (
+        "backend",
+        "busy",
+        "idle",
+        "max_conns",
+        "max_idle",
+        "refusal",
+        "refused_until",
+        "server_name",
+        "tls",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        backend: Backend,
+        max_idle: int,
+        max_conns: int = 0,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.backend = backend
+        self.tls = tls  # None: plain TCP
+        self.server_name = server_name
+        # Its certificate (or server name) was refused: not dialled before then, this answer.
+        self.refused_until = 0.0
+        self.refusal = errors.BAD_GATEWAY_TLS_CERT
         self.idle: list[UpstreamConnection] = []
         self.max_idle = max_idle
         self.max_conns = max_conns  # 0: no cap
