@@ -553,7 +553,14 @@ class ClientConnection(asyncio.Protocol):
         if not exchange.keep_client:
             self._close()
             return
-        if self.backlog is not None and not self.backlog_due and len(queue) <= _PIPELINE_DEPTH // 2:
+        if (
+            self.backlog is not None
+            and not self.backlog_due
+            and len(queue) <= _PIPELINE_DEPTH // 2
+            # Bytes held behind a WebSocket handshake (the last one queued, see _feed) wait
+            # for its answer: they are the tunnel's if it is accepted, never HTTP before.
+            and (not queue or queue[-1].req.upgrade is None)
+        ):
             self.backlog_due = True  # parsed from the loop: this may run inside a parse
             self.ctx.loop.call_soon(self._parse_backlog)
         if queue:

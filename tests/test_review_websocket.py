@@ -1,0 +1,277 @@
+"""Adversarial review of WebSocket tunnelling and streaming (issue 11, items 1 and 4).
+
+Real `redlb serve`, real redis-server, scripted backends on loopback sockets, raw client
+sockets: each test is a way a hostile client, a hostile backend or an operator could break
+the tunnel, and the invariant that must hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from support import (
+    WS_ACCEPT,
+    ScriptedBackend,
+    raw_exchange,
+    statuses,
+    wait_for,
+    ws_handshake,
+)
+
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: " + WS_ACCEPT + b"\r\n\r\n"
+)
+
+
+def _start(redis_server, loop_thread, start_proxy, script, *args: str):
+    backend = ScriptedBackend(loop_thread, script).start()
+    redis_server.cli("RPUSH", "servers", backend.address)
+    return start_proxy(redis_server.url, *args), backend
+
+
+def _read_until(sock: socket.socket, marker: bytes, got: bytes = b"") -> bytes:
+    try:
+        while marker not in got:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except TimeoutError:
+        pass
+    return got
+
+
+def test_early_tunnel_bytes_of_a_handshake_pipelined_behind_a_request_reach_the_backend(
+    redis_server, loop_thread, start_proxy
+):
+    """A plain GET, then a handshake and a first frame sent at once: the frame is the
+    tunnel's, so the backend must get it after its 101, never parsed as HTTP by redlb."""
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+        await writer.drain()
+        await backend.read_request(reader)
+        await asyncio.sleep(0.5)  # the 101 comes late: the first answer is long sent
+        writer.write(SWITCH)
+        await writer.drain()
+        early = await asyncio.wait_for(reader.readexactly(5), 10)
+        writer.write(b"backend got " + early)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" + ws_handshake() + b"EARLY")
+    got = _read_until(sock, b"backend got")
+    sock.close()
+    assert b"backend got EARLY" in got, got
+    backend.stop()
+
+
+def test_a_burst_sent_with_the_101_to_a_client_that_never_reads_keeps_flow_control(
+    redis_server, loop_thread, start_proxy
+):
+    """The backend's 101 and a 1 MB burst in one write, then a stream; the client never
+    reads.  redlb must stop reading from the backend (its writes block), not buffer all."""
+    total = 256 * (1 << 20)
+    sent = [0]
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(SWITCH + b"b" * (1 << 20))
+        await writer.drain()
+        piece = b"s" * (1 << 20)
+        while sent[0] < total:
+            writer.write(piece)
+            await asyncio.wait_for(writer.drain(), 30)
+            sent[0] += len(piece)
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that stalls at once
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", proxy.port))
+    sock.sendall(ws_handshake())
+    time.sleep(1)
+    # Bounded: whatever the kernel buffers hold, the rest waits in the backend.
+    wait_for(lambda: sent[0] >= total, 8)
+    assert sent[0] < total, f"redlb took {sent[0] >> 20} MB the client never read"
+    sock.close()
+    backend.stop()
+
+
+def test_interim_responses_before_the_101_are_skipped(redis_server, loop_thread, start_proxy):
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(SWITCH + b"HELLO")
+        await writer.drain()
+        got = await asyncio.wait_for(reader.readexactly(4), 10)
+        writer.write(got)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    sock.sendall(ws_handshake())
+    got = _read_until(sock, b"HELLO")
+    assert got.startswith(b"HTTP/1.1 101 "), got
+    assert got.endswith(b"\r\n\r\nHELLO"), got
+    sock.sendall(b"ping")
+    assert _read_until(sock, b"ping") == b"ping"
+    sock.close()
+    backend.stop()
+
+
+def test_101_and_data_in_one_packet_reach_the_client_in_order(
+    redis_server, loop_thread, start_proxy
+):
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(SWITCH + b"".join(b"%06d" % i for i in range(20000)))
+        await writer.drain()
+        await asyncio.sleep(2)
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    sock.sendall(ws_handshake())
+    expected = b"".join(b"%06d" % i for i in range(20000))
+    got = _read_until(sock, expected[-12:])
+    assert got.partition(b"\r\n\r\n")[2] == expected
+    sock.close()
+    backend.stop()
+
+
+def _echo_after_101(backend_ref):
+    """A raw backend: 101, then echo every byte until the client's EOF."""
+
+    async def script(reader, writer, n):
+        await backend_ref[0].read_request(reader)
+        writer.write(SWITCH)
+        await writer.drain()
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+    return script
+
+
+def test_connection_and_upgrade_field_variants_all_tunnel(redis_server, loop_thread, start_proxy):
+    ref: list[ScriptedBackend] = []
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, _echo_after_101(ref))
+    ref.append(backend)
+    key = b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    for fields in (
+        b"Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n",
+        b"Connection: UPGRADE\r\nUpgrade: WebSocket\r\n",
+        b"Connection: keep-alive\r\nConnection: upgrade\r\nUpgrade: websocket\r\n",
+        b"Connection: Upgrade\r\nUpgrade: h2c\r\nUpgrade: websocket\r\n",
+        b"Connection: Upgrade\r\nUpgrade: websocket, h2c\r\n",
+    ):
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n" + fields + key + b"\r\n")
+        head = _read_until(sock, b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), (fields, head)
+        sock.sendall(b"echo me")
+        assert _read_until(sock, b"echo me", head.partition(b"\r\n\r\n")[2]) == b"echo me"
+        sock.close()
+    backend.stop()
+
+
+def test_near_miss_tokens_are_not_tunnelled(redis_server, loop_thread, start_proxy):
+    heads = []
+
+    async def script(reader, writer, n):
+        while True:
+            heads.append(await backend.read_request(reader))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    key = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    for fields in (
+        b"Connection: Upgradex\r\nUpgrade: websocket\r\n",
+        b"Connection: Upgrade\r\nUpgrade: websocketx\r\n",
+        b"Upgrade: websocket\r\n",
+    ):
+        out, _ = raw_exchange(
+            proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\n" + fields + key + b"\r\n", timeout=2
+        )
+        assert statuses(out) == [200], (fields, out)
+        assert b"upgrade:" not in heads[-1].lower(), heads[-1]
+    out, _ = raw_exchange(
+        proxy.port,
+        b"GET / HTTP/1.0\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        + key
+        + b"\r\n",
+        timeout=2,
+    )
+    assert statuses(out) == [400], out
+    backend.stop()
+
+
+def test_tunnel_timeout_counts_one_way_traffic_as_activity(redis_server, loop_thread, start_proxy):
+    """A server pushing twice a second to a client that never sends is not idle."""
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(SWITCH)
+        for i in range(12):
+            await asyncio.sleep(0.5)
+            writer.write(b"tick%02d" % i)
+            await writer.drain()
+        await asyncio.sleep(30)
+
+    proxy, backend = _start(
+        redis_server, loop_thread, start_proxy, script, "--tunnel-timeout", "1.5"
+    )
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    sock.sendall(ws_handshake())
+    got = _read_until(sock, b"tick11")
+    assert b"tick11" in got, got
+    # And once the server stops pushing, the idle tunnel is closed.
+    sock.settimeout(20)
+    assert sock.recv(100) == b""
+    sock.close()
+    backend.stop()
+
+
+def test_ten_thousand_tiny_frames_each_way_at_once(redis_server, loop_thread, start_proxy):
+    """Both peers write without reading first: no deadlock, every byte arrives in order."""
+    count = 10_000
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(SWITCH)
+
+        async def send() -> None:
+            for i in range(count):
+                writer.write(b"\x82\x06%06d" % i)  # tiny unmasked server frames
+            await writer.drain()
+
+        sender = asyncio.ensure_future(send())
+        got = await asyncio.wait_for(reader.readexactly(count * 12), 30)
+        await sender
+        ok = got == b"".join(b"\x82\x86\0\0\0\0%06d" % i for i in range(count))
+        writer.write(b"OK" if ok else b"BAD")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
+    sock.sendall(ws_handshake())
+    head = _read_until(sock, b"\r\n\r\n")
+    got = head.partition(b"\r\n\r\n")[2]
+    sock.sendall(b"".join(b"\x82\x86\0\0\0\0%06d" % i for i in range(count)))
+    expected = b"".join(b"\x82\x06%06d" % i for i in range(count))
+    got = _read_until(sock, b"OK", got)
+    assert got.endswith(b"OK") or got.endswith(b"BAD"), got[-40:]
+    assert got == expected + b"OK"
+    sock.close()
+    backend.stop()
