@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 
 from support import (
     WS_ACCEPT,
     ScriptedBackend,
+    metric,
+    open_fds,
     raw_exchange,
     statuses,
     wait_for,
@@ -275,3 +278,136 @@ def test_ten_thousand_tiny_frames_each_way_at_once(redis_server, loop_thread, st
     assert got == expected + b"OK"
     sock.close()
     backend.stop()
+
+
+def _rst(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_every_error_phase_leaves_no_fd_no_tunnel_and_no_traceback(
+    redis_server, loop_thread, start_proxy
+):
+    phase = ["late 101"]
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        kind = phase[0]
+        if kind == "late 101":  # the client is gone before the answer
+            await asyncio.sleep(0.3)
+            writer.write(SWITCH)
+        elif kind == "close before 101":
+            writer.transport.abort()
+            return
+        elif kind == "bad 101":
+            writer.write(SWITCH.replace(WS_ACCEPT, b"x" * 28))
+        else:
+            writer.write(SWITCH)
+            await writer.drain()
+            if kind == "backend resets":
+
+                async def flood() -> None:
+                    while await reader.read(65536):
+                        pass
+
+                task = asyncio.ensure_future(flood())
+                await asyncio.sleep(0.05)
+                task.cancel()
+                writer.transport.abort()
+                return
+            for _ in range(100):  # stream to the client until it goes
+                writer.write(b"s" * 65536)
+                await asyncio.wait_for(writer.drain(), 5)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    baseline = _fds_after_warmup(proxy)
+    for kind in ("late 101", "close before 101", "bad 101", "client resets", "backend resets",
+                 "both close"):  # fmt: skip
+        phase[0] = kind
+        for _ in range(40 if kind == "backend resets" else 10):
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            sock.sendall(ws_handshake())
+            if kind == "late 101":
+                _rst(sock)
+                continue
+            head = _read_until(sock, b"\r\n\r\n")
+            if kind in ("close before 101", "bad 101"):
+                assert statuses(head) == [502], (kind, head)
+                sock.close()
+                continue
+            assert head.startswith(b"HTTP/1.1 101"), (kind, head)
+            if kind == "client resets":
+                sock.recv(65536)
+                _rst(sock)
+            elif kind == "backend resets":
+                try:
+                    for _ in range(200):
+                        sock.sendall(b"c" * 65536)
+                except OSError:
+                    pass
+                sock.close()
+            else:
+                sock.sendall(b"c" * 1000)
+                sock.close()
+    assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 0, 20)
+    assert wait_for(lambda: open_fds(proxy.pid) <= baseline, 20), (open_fds(proxy.pid), baseline)
+    for bad in ("Traceback", "Fatal error", "Exception"):
+        assert bad not in proxy.log(), proxy.log()[-3000:]
+    print(proxy.log()[-3000:])
+    backend.stop()
+
+
+def _fds_after_warmup(proxy) -> int:
+    wait_for(lambda: metric(proxy, "redlb_open_tunnels") is not None, 10)
+    time.sleep(0.5)
+    return open_fds(proxy.pid)
+
+
+def test_tunnel_start_keeps_the_pause_a_first_write_causes():
+    """Tunnel.start, on real loopback sockets: when the 101 and the bytes after it fill the
+    client's write buffer past its high-water mark, the backend must stay paused (the
+    resulting pause_writing must not be undone by start's own resume_reading)."""
+    import types
+
+    import uvloop
+
+    from redlb.proxy.tunnel import Tunnel
+
+    async def main() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        accepted: list[asyncio.Transport] = []
+
+        class Hold(asyncio.Protocol):
+            def connection_made(self, transport):  # type: ignore[no-untyped-def]
+                accepted.append(transport)
+
+        server = await loop.create_server(Hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client_app = socket.socket()
+        client_app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client_app.setblocking(False)
+        await loop.sock_connect(client_app, ("127.0.0.1", port))
+        backend_transport, _ = await loop.create_connection(Hold, "127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        client_transport = accepted[0]
+        client_transport.set_write_buffer_limits(high=64 * 1024)
+        ctx = types.SimpleNamespace(
+            open_tunnels=0,
+            stats=types.SimpleNamespace(tunnels=0),
+            config=types.SimpleNamespace(send_timeout=60, tunnel_timeout=3600),
+        )
+        owner = types.SimpleNamespace(tunnel_ended=lambda: None)
+        tunnel = Tunnel(ctx, owner, client_transport, backend_transport)  # type: ignore[arg-type]
+        tunnel.start(SWITCH + b"b" * (16 << 20), b"")  # far more than the socket holds
+        full = client_transport.get_write_buffer_size() > 64 * 1024
+        reading = backend_transport.is_reading()
+        tunnel.close()
+        client_app.close()
+        server.close()
+        return full, reading
+
+    full, backend_reading = uvloop.run(main())
+    assert full
+    assert not backend_reading, "the backend is read while the client's buffer is full"

@@ -99,9 +99,6 @@ class Tunnel:
         backend_full = _above_high_water(backend)
         client.set_protocol(self.downstream)
         backend.set_protocol(self.upstream)
-        client.write(to_client)
-        if to_backend:
-            backend.write(to_backend)
         if client_full:
             backend.pause_reading()
         else:
@@ -110,6 +107,10 @@ class Tunnel:
             client.pause_reading()
         else:
             client.resume_reading()
+        # Written last: a pause_writing these cause reaches the sides and stays in force.
+        client.write(to_client)
+        if to_backend:
+            backend.write(to_backend)
 
     def check(self, now: float) -> None:
         """The sweeper's visit (rule 3)."""
