@@ -411,3 +411,46 @@ def test_tunnel_start_keeps_the_pause_a_first_write_causes():
     full, backend_reading = uvloop.run(main())
     assert full
     assert not backend_reading, "the backend is read while the client's buffer is full"
+
+
+def test_tunnels_hold_their_backend_connection_slot(redis_server, loop_thread, start_proxy):
+    """--max-conns-per-backend protects a backend from too many connections; a tunnel is
+    one for as long as it lives.  Past the cap a handshake waits in line like any request
+    (here: no line, so 503), and a tunnel that ends gives its slot back."""
+    live = [0]
+    peak = [0]
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        try:
+            writer.write(SWITCH)
+            await writer.drain()
+            while await reader.read(65536):
+                pass
+        finally:
+            live[0] -= 1
+
+    proxy, backend = _start(
+        redis_server, loop_thread, start_proxy, script,
+        "--max-conns-per-backend", "2", "--max-queue-per-backend", "0",
+    )  # fmt: skip
+    tunnels = []
+    answers = []
+    for _ in range(6):
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+        sock.sendall(ws_handshake())
+        head = _read_until(sock, b"\r\n\r\n")
+        answers.append(int(head.split(b" ", 2)[1]) if head else 0)
+        tunnels.append(sock)
+    assert answers == [101, 101, 503, 503, 503, 503], answers
+    assert peak[0] == 2
+    tunnels[0].close()  # one tunnel ends: its slot is free again
+    assert wait_for(lambda: live[0] == 1, 10)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    sock.sendall(ws_handshake())
+    assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+    for s in [*tunnels, sock]:
+        s.close()
+    backend.stop()

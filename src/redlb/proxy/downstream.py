@@ -44,6 +44,7 @@ from redlb.proxy.rules import (
     websocket_accept,
 )
 from redlb.proxy.tunnel import Tunnel
+from redlb.proxy.upstream import BackendConnections
 from redlb.routing import BadPath
 
 log = logging.getLogger("redlb.downstream")
@@ -642,12 +643,17 @@ class ClientConnection(asyncio.Protocol):
 
     # WebSocket (tunnel.py)
 
-    def start_tunnel(self, backend: asyncio.Transport, to_client: bytes) -> None:
-        """The backend completed the handshake: both transports now belong to a tunnel.
-        This connection stays in ctx.clients (it counts as open) until tunnel_ended."""
+    def start_tunnel(
+        self, backend: asyncio.Transport, to_client: bytes, slot: BackendConnections | None
+    ) -> None:
+        """The backend completed the handshake: both transports now belong to a tunnel, and
+        the backend connection's slot too.  This connection stays in ctx.clients (it counts
+        as open) until tunnel_ended."""
         transport = self.transport
         if transport is None:
             backend.close()
+            if slot is not None:
+                slot.release()
             return
         self.uncork()
         early = self.backlog or b""
@@ -657,7 +663,7 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         self.parser = None
         self.header_deadline = self.idle_deadline = self.send_deadline = 0.0
-        tunnel = self.tunnel = Tunnel(self.ctx, self, transport, backend)
+        tunnel = self.tunnel = Tunnel(self.ctx, self, transport, backend, slot)
         tunnel.start(to_client, early)
 
     def tunnel_ended(self) -> None:

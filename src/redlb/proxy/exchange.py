@@ -297,9 +297,7 @@ class Exchange:
         conns = self.slot
         if conns is not None:
             self.slot = None
-            conns.busy -= 1
-            if conns.waiters:
-                conns.wake()
+            conns.release()
 
     async def _connect(self, conns: BackendConnections) -> None:
         ctx = self.ctx
@@ -517,7 +515,11 @@ class Exchange:
             head.append(self.cookie)
         head += (UPGRADE_WEBSOCKET, b"\r\n", rest)
         self.up.ejector.answered(conn.owner.backend, 101)
-        self.client.start_tunnel(conn.hand_over(), b"".join(head))
+        # The tunnel keeps this backend connection, and so its slot: --max-conns-per-backend
+        # bounds tunnels too (HAProxy's maxconn, nginx's max_conns count them likewise).
+        slot = self.slot
+        self.slot = None
+        self.client.start_tunnel(conn.hand_over(), b"".join(head), slot)
         self._finish()
 
     def upstream_lost(self) -> None:

@@ -13,7 +13,8 @@ Rules:
    its bytes within the send timeout after that is reset.  The idle timeout
    (--tunnel-timeout) counts from the last byte read on either side.  Both are checked by the
    sweeper through the client connection: no timer per tunnel.
-4. A tunnel is never retried, and its backend connection ends with it (never pooled).
+4. A tunnel is never retried, and its backend connection ends with it (never pooled); it
+   holds that connection's slot under --max-conns-per-backend until both sides are gone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from redlb.proxy.context import ProxyContext
     from redlb.proxy.downstream import ClientConnection
+    from redlb.proxy.upstream import BackendConnections
 
 
 class _Side(asyncio.Protocol):
@@ -67,7 +69,16 @@ class _Side(asyncio.Protocol):
 
 
 class Tunnel:
-    __slots__ = ("active", "client", "closing_since", "ctx", "downstream", "idle_since", "upstream")
+    __slots__ = (
+        "active",
+        "client",
+        "closing_since",
+        "ctx",
+        "downstream",
+        "idle_since",
+        "slot",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -75,9 +86,11 @@ class Tunnel:
         client: ClientConnection,
         client_transport: asyncio.Transport,
         backend_transport: asyncio.Transport,
+        slot: BackendConnections | None = None,
     ) -> None:
         self.ctx = ctx
         self.client = client
+        self.slot = slot  # the backend connection's place under --max-conns-per-backend
         self.downstream = _Side(self, client_transport)
         self.upstream = _Side(self, backend_transport)
         self.downstream.other = self.upstream
@@ -139,6 +152,10 @@ class Tunnel:
         self.close()  # one side gone: the other gets what it is owed, then FIN
         if self.downstream.lost and self.upstream.lost:
             self.ctx.open_tunnels -= 1
+            slot = self.slot
+            if slot is not None:
+                self.slot = None
+                slot.release()
             self.client.tunnel_ended()
 
 

@@ -84,6 +84,12 @@ class BackendConnections:
     def full(self) -> bool:
         return bool(self.max_conns) and self.busy >= self.max_conns
 
+    def release(self) -> None:
+        """One of the connections owned by an exchange (or a tunnel) is no longer."""
+        self.busy -= 1
+        if self.waiters:
+            self.wake()
+
     def wake(self) -> None:
         """A connection came back: let the longest-waiting live request take it."""
         while self.waiters and not self.full():
