@@ -454,3 +454,128 @@ def test_tunnels_hold_their_backend_connection_slot(redis_server, loop_thread, s
     for s in [*tunnels, sock]:
         s.close()
     backend.stop()
+
+
+# Streaming (item 4)
+
+
+def test_one_huge_chunk_to_a_client_that_never_reads_stays_bounded(
+    redis_server, loop_thread, start_proxy
+):
+    total = 512 * (1 << 20)
+    sent = [0]
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % total)
+        piece = b"h" * (1 << 20)
+        while sent[0] < total:
+            writer.write(piece)
+            await asyncio.wait_for(writer.drain(), 30)
+            sent[0] += len(piece)
+        writer.write(b"\r\n0\r\n\r\n")
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+    wait_for(lambda: sent[0] >= total, 8)
+    assert sent[0] < total, f"redlb took {sent[0] >> 20} MB the client never read"
+    sock.close()
+    backend.stop()
+
+
+def test_server_sent_events_through_a_route_arrive_one_by_one(
+    redis_server, loop_thread, start_proxy
+):
+    step = [asyncio.Event() for _ in range(3)]
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for i in range(3):
+            event = b"data: event %d\n\n" % i
+            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.wait_for(step[i].wait(), 10)  # the client saw it through redlb
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    backend = ScriptedBackend(loop_thread, script).start()
+    redis_server.cli("RPUSH", "events", backend.address)
+    redis_server.cli("HSET", "redlb:routes", "/events", "events")
+    proxy = start_proxy(redis_server.url)
+    got = b""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    assert wait_for(lambda: proxy.ready(), 10)
+    sock.sendall(b"GET /events/feed HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+    for i in range(3):
+        got = _read_until(sock, b"data: event %d\n\n" % i, got)
+        assert b"data: event %d\n\n" % i in got, got
+        loop_thread.loop.call_soon_threadsafe(step[i].set)
+    got = _read_until(sock, b"0\r\n\r\n", got)
+    assert got.endswith(b"0\r\n\r\n")
+    sock.close()
+    backend.stop()
+
+
+def test_sigterm_with_many_tunnels_one_of_them_stuck_still_exits(
+    redis_server, loop_thread, start_proxy
+):
+    """Fifty open tunnels, one of them with a client that never reads a flood: after the
+    drain timeout every client is closed and the worker exits."""
+    import signal
+
+    async def script(reader, writer, n):
+        head = await backend.read_request(reader)
+        writer.write(SWITCH)
+        await writer.drain()
+        if b"/flood" in head:
+            for _ in range(256):
+                writer.write(b"f" * (1 << 20))
+                await asyncio.wait_for(writer.drain(), 60)
+        while await reader.read(65536):
+            pass
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script, "--drain-timeout", "2")
+    socks = []
+    for i in range(50):
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+        sock.sendall(ws_handshake(b"/flood" if i == 0 else b"/quiet"))
+        if i:
+            assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+        socks.append(sock)
+    assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 50, 10)
+    proxy.process.send_signal(signal.SIGTERM)
+    for sock in socks[1:]:
+        assert _read_until(sock, b"never") == b""  # a clean end of stream
+    assert wait_for(lambda: not proxy.alive(), 30), "the worker did not exit"
+    for sock in socks:
+        sock.close()
+    backend.stop()
+
+
+def test_a_half_close_sent_before_the_101_reaches_the_backend_after_it(
+    redis_server, loop_thread, start_proxy
+):
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        await asyncio.sleep(0.5)  # the client's FIN is long there
+        writer.write(SWITCH)
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), 10)  # to the EOF redlb passes on
+        writer.write(b"EOF after %r" % rest)
+        await writer.drain()
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    sock.sendall(ws_handshake() + b"bye")
+    sock.shutdown(socket.SHUT_WR)
+    got = _read_until(sock, b"never")
+    assert got.startswith(b"HTTP/1.1 101 ")
+    assert got.endswith(b"EOF after b'bye'"), got
+    sock.close()
+    backend.stop()
