@@ -579,3 +579,60 @@ def test_a_half_close_sent_before_the_101_reaches_the_backend_after_it(
     assert got.endswith(b"EOF after b'bye'"), got
     sock.close()
     backend.stop()
+
+
+def test_refused_handshakes_and_vanishing_clients_do_not_eject_a_healthy_backend(
+    redis_server, loop_thread, start_proxy
+):
+    async def script(reader, writer, n):
+        while True:
+            head = await backend.read_request(reader)
+            if b"/refuse" in head:
+                writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+            elif b"/slow" in head:
+                await asyncio.sleep(0.3)
+                writer.write(SWITCH)
+                await writer.drain()
+                while await reader.read(65536):
+                    pass
+                return
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    for _ in range(6):  # more than --eject-consecutive (5)
+        out, _ = raw_exchange(proxy.port, ws_handshake(b"/refuse"), timeout=1)
+        assert statuses(out) == [426], out
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        sock.sendall(ws_handshake(b"/slow"))
+        _rst(sock)  # gone before the 101
+    time.sleep(1)
+    out, _ = raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", timeout=2)
+    assert statuses(out) == [200], out
+    assert "eject" not in proxy.log(), proxy.log()
+    backend.stop()
+
+
+def test_megabytes_sent_with_the_handshake_reach_the_backend_whole_and_in_order(
+    redis_server, loop_thread, start_proxy
+):
+    payload = b"".join(b"%08d" % i for i in range(250_000))  # 2 MB
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        await asyncio.sleep(0.3)
+        writer.write(SWITCH)
+        await writer.drain()
+        got = await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+        writer.write(b"WHOLE" if got == payload else b"MANGLED")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(ws_handshake() + payload)
+    got = _read_until(sock, b"WHOLE")
+    assert got.endswith(b"WHOLE"), got[-200:]
+    sock.close()
+    backend.stop()
