@@ -636,3 +636,35 @@ def test_megabytes_sent_with_the_handshake_reach_the_backend_whole_and_in_order(
     assert got.endswith(b"WHOLE"), got[-200:]
     sock.close()
     backend.stop()
+
+
+def test_a_handshake_behind_a_deep_pipeline_keeps_its_early_bytes(
+    redis_server, loop_thread, start_proxy
+):
+    """Forty requests, a handshake and a first frame in one send: more than the pipeline
+    depth, so the handshake is parsed from the held-back bytes, and its frame still waits."""
+
+    async def script(reader, writer, n):
+        while True:
+            head = await backend.read_request(reader)
+            if b"upgrade" not in head.lower():
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nk")
+                await writer.drain()
+                continue
+            writer.write(SWITCH)
+            await writer.drain()
+            early = await asyncio.wait_for(reader.readexactly(5), 10)
+            writer.write(b"backend got " + early)
+            await writer.drain()
+            await asyncio.sleep(1)
+            return
+
+    proxy, backend = _start(redis_server, loop_thread, start_proxy, script)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 40 + ws_handshake() + b"EARLY")
+    got = _read_until(sock, b"backend got")
+    got = _read_until(sock, b"EARLY", got)
+    sock.close()
+    assert statuses(got.partition(b"HTTP/1.1 101")[0]) == [200] * 40
+    assert got.endswith(b"backend got EARLY"), got[-300:]
+    backend.stop()
