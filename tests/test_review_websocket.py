@@ -668,3 +668,26 @@ def test_a_handshake_behind_a_deep_pipeline_keeps_its_early_bytes(
     assert statuses(got.partition(b"HTTP/1.1 101")[0]) == [200] * 40
     assert got.endswith(b"backend got EARLY"), got[-300:]
     backend.stop()
+
+
+def test_bad_sec_websocket_keys_get_a_clear_answer(redis_server, loop_thread, start_proxy):
+    """Repeated key: redlb's 400.  Invalid base64 or wrong length: the backend's refusal,
+    relayed; the connection stays HTTP and a plain request follows on it."""
+    from support import WsEchoBackend
+
+    echo = WsEchoBackend(loop_thread, {"/page": b"page"}).start()
+    redis_server.cli("RPUSH", "servers", echo.address)
+    proxy = start_proxy(redis_server.url)
+    twice = ws_handshake().replace(
+        b"\r\n\r\n", b"\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n\r\n"
+    )
+    out, closed = raw_exchange(proxy.port, twice, timeout=3)
+    assert statuses(out) == [400] and closed, out
+    for key in (b"not base64!!", b"c2hvcnQ=", b"x" * 200):
+        out, _ = raw_exchange(
+            proxy.port, ws_handshake(key=key) + b"GET /page HTTP/1.1\r\nHost: t\r\n\r\n", timeout=3
+        )
+        assert statuses(out) == [400, 200], (key, out)
+        assert out.endswith(b"page")
+    assert echo.open == 0
+    echo.stop()
