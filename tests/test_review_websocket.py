@@ -691,3 +691,41 @@ def test_bad_sec_websocket_keys_get_a_clear_answer(redis_server, loop_thread, st
         assert out.endswith(b"page")
     assert echo.open == 0
     echo.stop()
+
+
+def test_a_tunnel_where_neither_peer_reads_is_ended_by_the_timeouts(
+    redis_server, loop_thread, start_proxy
+):
+    """Both peers flood and never read: every buffer fills, nothing moves.  The idle
+    timeout closes the tunnel, the send timeout then cuts what cannot be flushed."""
+    ended = asyncio.Event()
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(SWITCH)
+        try:
+            while True:
+                writer.write(b"b" * (1 << 20))
+                await asyncio.wait_for(writer.drain(), 60)
+        except (ConnectionError, OSError):
+            ended.set()
+
+    proxy, backend = _start(
+        redis_server, loop_thread, start_proxy, script,
+        "--tunnel-timeout", "1", "--send-timeout", "1",
+    )  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=8)
+    sock.sendall(ws_handshake())
+    sock.setblocking(False)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # flood until our own sends block
+        try:
+            sock.send(b"c" * 65536)
+        except BlockingIOError:
+            time.sleep(0.05)
+        except OSError:
+            break
+    assert wait_for(ended.is_set, 20), "the backend connection was never ended"
+    assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 0, 10)
+    sock.close()
+    backend.stop()
