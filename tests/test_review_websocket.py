@@ -729,3 +729,73 @@ def test_a_tunnel_where_neither_peer_reads_is_ended_by_the_timeouts(
     assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 0, 10)
     sock.close()
     backend.stop()
+
+
+# WebSocket to an https:// backend (the tunnel over a TLS transport)
+
+
+def test_websocket_to_an_https_backend_echoes_and_stays_bounded(
+    redis_server, loop_thread, start_proxy, tmp_path
+):
+    import ssl
+
+    import trustme
+    from websockets.asyncio.server import serve
+    from websockets.sync.client import connect
+
+    from support import free_port, rss_bytes
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_context)
+    port = free_port()
+    servers = []
+    closes = []
+
+    async def echo(ws):  # type: ignore[no-untyped-def]
+        try:
+            async for message in ws:
+                await ws.send(message)
+        finally:
+            closes.append(ws.close_code)
+
+    async def go() -> None:
+        servers.append(await serve(echo, "127.0.0.1", port, ssl=server_context, max_size=None))
+
+    loop_thread.run(go())
+    redis_server.cli("RPUSH", "servers", f"https://127.0.0.1:{port}")
+    proxy = start_proxy(redis_server.url, "--upstream-ca", str(ca_file))
+    with connect(f"ws://127.0.0.1:{proxy.port}/tls", open_timeout=10, max_size=None) as ws:
+        ws.send("over tls")
+        assert ws.recv(timeout=10) == "over tls"
+        big = b"\x01" * (8 << 20)
+        ws.send(big)
+        assert ws.recv(timeout=30) == big
+        ws.close(4001, "done")
+    assert wait_for(lambda: closes == [4001], 10), closes
+    # A client that floods and never reads an echo: bounded through the TLS side too.
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(ws_handshake())
+    assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+    start = rss_bytes(proxy.pid)
+    frame = b"\x82\xff" + (1 << 20).to_bytes(8, "big") + b"\0\0\0\0" + b"z" * (1 << 20)
+    sock.settimeout(5)
+    sent = 0
+    try:
+        while sent < 400 * (1 << 20):
+            sock.sendall(frame)
+            sent += len(frame)
+    except TimeoutError:
+        pass
+    assert sent < 400 * (1 << 20)
+    assert rss_bytes(proxy.pid) - start < 64 * 1024 * 1024
+    sock.close()
+    assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 0, 15)
+    assert "Traceback" not in proxy.log() and "Fatal error" not in proxy.log(), proxy.log()
+
+    async def stop() -> None:
+        servers[0].close()
+
+    loop_thread.run(stop())
