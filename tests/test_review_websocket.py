@@ -799,3 +799,47 @@ def test_websocket_to_an_https_backend_echoes_and_stays_bounded(
         servers[0].close()
 
     loop_thread.run(stop())
+
+
+def test_wss_over_the_tls_listener_keeps_flow_control_and_closes_cleanly(
+    redis_server, loop_thread, start_proxy, tmp_path
+):
+    """The client side of the tunnel is a TLS transport: a client that never reads a flood
+    stops redlb reading the backend, and a client that goes leaves no tunnel behind."""
+    import trustme
+
+    from certs import Pair, client_context
+    from support import free_port
+
+    total = 512 * (1 << 20)
+    sent = [0]
+
+    async def script(reader, writer, n):
+        await backend.read_request(reader)
+        writer.write(SWITCH)
+        piece = b"f" * (1 << 20)
+        while sent[0] < total:
+            writer.write(piece)
+            await asyncio.wait_for(writer.drain(), 30)
+            sent[0] += len(piece)
+
+    ca = trustme.CA()
+    pair = Pair(ca, tmp_path, "site", "localhost", "127.0.0.1")
+    tls_port = free_port()
+    proxy, backend = _start(
+        redis_server, loop_thread, start_proxy, script,
+        "--tls-listen", f"127.0.0.1:{tls_port}", *pair.args,
+    )  # fmt: skip
+    raw = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+    sock = client_context(ca).wrap_socket(raw, server_hostname="localhost")
+    sock.sendall(ws_handshake())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    wait_for(lambda: sent[0] >= total, 8)  # the client reads nothing more
+    assert sent[0] < total, f"redlb took {sent[0] >> 20} MB the client never read"
+    sock.close()
+    assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 0, 15)
+    assert "Traceback" not in proxy.log() and "Fatal error" not in proxy.log(), proxy.log()
+    backend.stop()
