@@ -61,6 +61,7 @@ BAD_GATEWAY_TLS_CERT = (502, "the backend's TLS certificate was refused")
 BAD_GATEWAY_HANDSHAKE = (502, "the backend's 101 does not complete the WebSocket handshake")
 GATEWAY_TIMEOUT = (504, "the backend did not answer in time")
 CONNECT_TIMEOUT = (504, "connecting to the backend timed out")
+OUT_OF_DESCRIPTORS = (503, "redlb is out of file descriptors")
 
 
 _CACHE: dict[tuple[int, str, bool], bytes] = {}

@@ -16,6 +16,8 @@ Body rules:
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +42,19 @@ BUFFER_LIMIT = 256 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
 # A backend answering these is overloaded or broken; an idempotent request goes elsewhere.
 RETRY_STATUSES = frozenset({502, 503, 504})
+# A dial that fails for want of descriptors (or kernel memory) is this process's shortage.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_log = logging.getLogger("redlb.proxy")
+_last_shortage_report = 0.0
+
+
+def _report_out_of_descriptors(exc: OSError) -> None:
+    """One line a minute at most: a crowd hitting the limit must not flood the log too."""
+    global _last_shortage_report
+    now = time.monotonic()
+    if now - _last_shortage_report >= 60.0:
+        _last_shortage_report = now
+        _log.warning("cannot dial backends: %s (raise the descriptor limit, ulimit -n)", exc)
 
 
 @dataclass(slots=True)
@@ -328,7 +343,13 @@ class Exchange:
             self.connect_task = None
             if self.done:
                 return
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, OSError) and exc.errno in _OUT_OF_DESCRIPTORS:
+                # redlb's own shortage (a crowd of clients or tunnels): the backend is not
+                # at fault, so it is not counted against it (ejecting it would spread
+                # this worker's shortage fleet-wide through Redis).
+                reason = errors.OUT_OF_DESCRIPTORS
+                _report_out_of_descriptors(exc)
+            elif isinstance(exc, TimeoutError):
                 reason = errors.CONNECT_TIMEOUT
                 self.up.ejector.failure(backend)
             elif tls is None or isinstance(exc, ConnectionRefusedError):
