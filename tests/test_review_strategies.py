@@ -174,13 +174,6 @@ def test_weights_key_of_another_type_is_said_once(redis_server, backends, start_
     assert Counter(served_by(proxy.port)[0] for _ in range(8))["b1"] == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wrr.smooth_period caps the period at max(n, 2,000,000 / n) entries and scales "
-    "weights down with a floor of 1: 1,000 backends weighted 10 and 1 become 3 and 1, so the "
-    "heavy half gets 75% of the requests instead of 91%.  Honouring it needs a period of "
-    "sum(weights) built in O(log n) a step (EDF/stride) rather than nginx's O(n) scan",
-)
 def test_smooth_weighted_period_honours_weights_in_a_large_pool() -> None:
     from redlb.address import parse_backend
     from redlb.balancer.wrr import smooth_period

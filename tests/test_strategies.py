@@ -19,7 +19,7 @@ from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
 from redlb.balancer.requestkey import KeySpec, cookie, parse_key_spec, request_key
 from redlb.balancer.sticky import StickyCookie
-from redlb.balancer.wrr import WeightedOrder, smooth_period
+from redlb.balancer.wrr import WeightedOrder, smooth_period, stride_period
 from redlb.pool import Pool
 
 BACKENDS = [Backend(f"10.0.0.{i}", 8000 + i) for i in range(1, 41)]
@@ -50,6 +50,23 @@ def test_any_run_of_the_period_follows_the_weights(weights: list[int], data: st.
     weight_sum = sum(weights)
     for backend, weight in zip(backends, weights, strict=True):
         assert abs(run[backend] - length * weight / weight_sum) < 2
+
+
+@given(weights_lists, st.data())
+@settings(deadline=None)
+def test_stride_order_of_large_pools_follows_the_weights(
+    weights: list[int], data: st.DataObject
+) -> None:
+    """The layout past nginx's work bound: exact over a period, any run within 3."""
+    backends = BACKENDS[: len(weights)]
+    period = stride_period(backends, weights)
+    assert Counter(period) == dict(zip(backends, weights, strict=True))
+    total = len(period)
+    start = data.draw(st.integers(0, 3 * total))
+    length = data.draw(st.integers(1, 3 * total))
+    run = Counter(period[(start + k) % total] for k in range(length))
+    for backend, weight in zip(backends, weights, strict=True):
+        assert abs(run[backend] - length * weight / total) < 3
 
 
 @given(weights_lists, st.lists(st.integers(1, 400), min_size=1, max_size=30))
