@@ -116,14 +116,6 @@ def _redis_calls(redis_server) -> int:
     return sum(int(v["calls"]) for v in stats.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the in-flight publisher runs 2 commands every 25 ms whatever the rate: 80 a second "
-    "per pool and worker, so <= 0.01 commands per request holds only above 8,000 requests/s "
-    "per worker; measured 0.019 (least_outstanding) and 0.031 (hash) at ~2,500/s.  An interval "
-    "that follows the rate would leave low-rate fleets (the slow-backend case) on stale counts: "
-    "a design choice for the lead, not a local fix",
-)
 @pytest.mark.parametrize("strategy", ["least_outstanding", "hash"])
 def test_fleet_strategies_cost_at_most_one_redis_command_per_100_requests(
     redis_server, backends, start_proxy, strategy
@@ -204,10 +196,10 @@ def fast_fast_slow(redis_server, loop_thread):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 13: the slow backend gets no more than its fair share under "
-    "least_outstanding; at 4 closed-loop clients on each of 3 instances it holds 1.13-1.23x "
-    "its share (4.31 in flight against 3.70; least_conn 5.09 against 3.75).  The peers-moved-"
-    "like-me estimate between 25 ms publishes narrows the herd but does not close it",
+    reason="the bar is below what exact counts give: one instance seeing all 12 clients "
+    "(least_conn, exact) holds the slow one at 3.95 against 3.73 (1.06x), since a fast "
+    "backend's client is between requests far more often than the slow one's; the fleet now "
+    "matches that (3.93 against 3.68-3.72): see the test below, which measures it side by side",
 )
 def test_slow_backend_holds_no_more_than_its_fair_share_at_four_clients_each(
     redis_server, fast_fast_slow, start_proxy
@@ -270,3 +262,34 @@ def test_query_key_names_that_can_never_match_are_refused() -> None:
     assert request_key(spec, b"peer", b"/p?user=7", []) == b"7"
     with pytest.raises(ValueError, match="query"):
         parse_key_spec("query:a&b")
+
+
+def _slow_ratio(redis_server, backends, start_proxy, strategy: str, instances: int) -> float:
+    proxies = [start_proxy(redis_server.url, "--strategy", strategy, "--no-access-log")
+               for _ in range(instances)]  # fmt: skip
+    ports = [p.port for p in proxies]
+    closed_loop(ports, 1, 1.0)  # warm up
+    for backend in backends:
+        backend.reset()
+    statuses = closed_loop(ports, 12 // instances, 6.0)
+    averages = [b.average() for b in backends]
+    for proxy in proxies:
+        proxy.stop(timeout=10)
+    assert set(statuses) == {200}, statuses
+    return averages[-1] / (sum(averages) / 3)
+
+
+def test_slow_backend_share_across_the_fleet_is_that_of_exact_counts(
+    redis_server, fast_fast_slow, start_proxy
+):
+    """Three instances with 4 clients each do as well as one instance counting all 12.
+
+    The one instance's counts are exact (least_conn): the best any count can do.  The fleet
+    had 1.17x the slow backend's share against 1.06x: the "peers moved like me" estimate
+    took an instant's sample of its own counts as the baseline, so a fast backend's estimate
+    jumped by 2 at random between reads and the steady slow one won.
+    """
+    exact = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_conn", 1)
+    fleet = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_outstanding", 3)
+    print(f"\nslow backend / fair share: exact counts {exact:.3f}, fleet {fleet:.3f}")
+    assert fleet <= exact * 1.03, (fleet, exact)  # measured: 0.99-1.00x (before: 1.05-1.10x)

@@ -51,8 +51,9 @@ class LoadView:
         self.window_start = clock()
         self.others: dict[str, float] = {}
         self.others_total = 0.0
-        # The local counts when ``others`` arrived, and how many instances it sums.
-        self.baseline: dict[str, int] = {}
+        # This instance's own counts as the peers last saw them (the means it published with
+        # the read of ``others``), and how many instances ``others`` sums.
+        self.baseline: dict[str, float] = {}
         self.peers = 0
         # Peak EWMA of response time per backend key (seconds); filled only when tracked.
         self.latency: dict[str, float] | None = None
@@ -132,10 +133,12 @@ class LoadView:
     def total(self) -> float:
         return self.local_total + self.others_total
 
-    def set_others(self, others: dict[str, float], peers: int = 0) -> None:
+    def set_others(
+        self, others: dict[str, float], peers: int = 0, baseline: dict[str, float] | None = None
+    ) -> None:
         self.others = others
         self.others_total = sum(others.values())
-        self.baseline = dict(self.local)
+        self.baseline = dict(self.local) if baseline is None else baseline
         self.peers = peers
 
     # Peak EWMA
