@@ -293,3 +293,25 @@ def test_slow_backend_share_across_the_fleet_is_that_of_exact_counts(
     fleet = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_outstanding", 3)
     print(f"\nslow backend / fair share: exact counts {exact:.3f}, fleet {fleet:.3f}")
     assert fleet <= exact * 1.03, (fleet, exact)  # measured: 0.99-1.00x (before: 1.05-1.10x)
+
+
+def test_idle_fleet_costs_almost_no_redis(redis_server, backends, start_proxy):
+    """Two least_outstanding instances that see no request write no counts, and read the
+    peers' once a second (they published and read every 0.25 s: 8 commands a second each)."""
+    for b in backends:
+        redis_server.cli("RPUSH", "servers", b.address)
+    proxies = [start_proxy(redis_server.url, "--strategy", "least_outstanding",
+                           "--no-access-log") for _ in range(2)]  # fmt: skip
+    closed_loop([p.port for p in proxies], 1, 1.5)  # each sees the other, then goes idle
+    time.sleep(2.5)
+
+    def calls() -> int:
+        stats = redis_server.client().info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("mget",))
+
+    before = calls()
+    time.sleep(4.0)
+    used = calls() - before
+    # 2 instances x 4 s x (1 MGET of the peers + 1 of the resync's health), and a margin;
+    # before: 40 (a round every 0.25 s).
+    assert used <= 20, used
