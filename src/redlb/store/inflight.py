@@ -12,16 +12,17 @@ read once a second (every 5 s when idle), this instance announced every 10 s, in
 silent for a minute pruned.
 
 What it costs, per pool and worker:
-- busy with peers: a round every ``INTERVAL`` (0.1 s), 2 commands: 20 a second whatever
-  the rate (0.002 commands per request at 10,000 requests/s).  Rounds every 25 ms cost 4
-  times that and balanced no better (tests/test_review_strategies.py: the slow backend's
-  share is that of exact counts at 0.1 s, once the baseline is the published mean);
+- busy with peers: a round every 25 ms per request in flight here, 25 to 100 ms, of 2
+  commands: 20 to 80 a second whatever the rate (at 10,000 requests/s, some 40 in flight,
+  0.002 commands per request).  Fresh where one request is a large part of the picture,
+  cheap where many are in flight (tests/test_review_strategies.py: at 4 clients per
+  instance the slow backend's share is that of exact counts);
 - alone (no other instance in the index): nobody reads this instance's counts, so none are
   written; a peer that appears is seen within a second, and it counts this instance as
   idle until then.  About one command a second (the index);
 - idle (nothing in flight, nothing happened): nothing written (the key expires, so peers
-  stop counting this instance), the peers read once a second; the loop looks every
-  ``INTERVAL`` whether it is busy again, without Redis.
+  stop counting this instance), the peers read once a second; the loop looks four times a
+  second whether it is busy again, without Redis.
 Redis down: the last view is dropped (local counts only) and publishing resumes when it is
 back.
 """
@@ -38,8 +39,16 @@ from redlb.store.link import RedisLink
 
 log = logging.getLogger("redlb.inflight")
 
-INTERVAL = 0.1  # busy: a round this often (and how often the loop looks, without Redis)
+# Busy: a round every INTERVAL_PER_REQUEST x this instance's mean in flight, within
+# [MIN_INTERVAL, MAX_INTERVAL].  What a stale view misses is the peers' starts and finishes,
+# each a change of one; with k requests in flight per instance one change matters 1/k as
+# much, so the view can be k times older (measured: 1 client per instance needs 25 ms,
+# 4 balance as exact counts do at 0.1 s).
+INTERVAL_PER_REQUEST = 0.025
+MIN_INTERVAL = 0.025  # also how often a busy loop looks whether a round is due (no Redis)
+MAX_INTERVAL = 0.1
 IDLE_INTERVAL = 1.0  # nothing in flight here and nothing happened: read the peers this often
+IDLE_LOOK = 0.25  # idle: how often the loop looks whether it is busy again (no Redis)
 TTL_MS = 2000
 INDEX_EVERY = 1.0  # look for new instances this often
 IDLE_INDEX_EVERY = 5.0
@@ -79,6 +88,7 @@ class InflightPublisher:
         self.indexed_at = -INDEX_EVERY
         self.announced_at = -ANNOUNCE_EVERY
         self.round_at = -IDLE_INTERVAL
+        self.interval = MIN_INTERVAL  # between busy rounds, from the last round's mean
         self.published = False  # the last SET had counts in it (an empty one clears them)
         self.failing = False
 
@@ -94,7 +104,7 @@ class InflightPublisher:
         while True:
             load = self.load
             busy = bool(load.local_total or load.times)
-            if time.monotonic() - self.round_at >= (INTERVAL if busy else IDLE_INTERVAL):
+            if time.monotonic() - self.round_at >= (self.interval if busy else IDLE_INTERVAL):
                 try:
                     await self.publish_once(busy)
                     if self.failing:
@@ -110,13 +120,16 @@ class InflightPublisher:
                     self.indexed_at = -INDEX_EVERY  # Redis may have lost the index: look again
                     self.announced_at = -ANNOUNCE_EVERY
                     await asyncio.sleep(1.0)
-            await asyncio.sleep(INTERVAL)
+            await asyncio.sleep(MIN_INTERVAL if busy else IDLE_LOOK)
 
     async def publish_once(self, busy: bool = True) -> None:
         keys = self.keys
         now = time.monotonic()
         self.round_at = now
         means = self.load.take_means()
+        self.interval = min(
+            MAX_INTERVAL, max(MIN_INTERVAL, INTERVAL_PER_REQUEST * sum(means.values()))
+        )
         counts = encode(means)
         pipe = self.link.client.pipeline(transaction=False)
         publish = bool(self.others) and (bool(counts) or self.published)
