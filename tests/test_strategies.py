@@ -198,6 +198,22 @@ def test_others_move_with_this_instance_since_they_were_read() -> None:
     assert strategy.pick(Snapshot.of([a, b])) is b
 
 
+def test_own_finish_is_not_taken_for_the_fleets() -> None:
+    """This instance had 2 on the slow backend s and 1 on f (its published means), the two
+    peers 3 on s and 2 on f: 5 against 3.  One of its own requests on s ends: 4 against 3,
+    so the next pick is f.  Taking that finish for the fleet's (s at 5 - 3 = 2) sent every
+    client back where it came from, and a 5-3-4 split of 12 clients held for good."""
+    load = LoadView()
+    s, f = BACKENDS[:2]
+    for backend in (s, s, f):
+        load.started(backend)
+    load.set_others({s.key: 3.0, f.key: 2.0}, peers=2, baseline={s.key: 2.0, f.key: 1.0})
+    load.finished(s, 0.2)
+    assert load.outstanding(s) == 4 and load.outstanding(f) == 3
+    strategy = LeastOutstanding(load, random.Random(1).random)
+    assert all(strategy.pick(Snapshot.of([s, f])) is f for _ in range(20))
+
+
 def test_load_view_finished_never_goes_negative() -> None:
     load = LoadView()
     a = BACKENDS[0]

@@ -94,16 +94,19 @@ class LoadView:
 
         Published counts are up to two intervals old; every instance that trusted them alone
         would fill the same gap at once (a herd: N instances, N times the requests).  Each
-        instance assumes instead that its peers changed their counts as it changed its own
-        since the last read: a symmetric fleet then balances like exact local counts, and an
-        instance that is alone busy still sees the others' load.
+        instance assumes instead that its peers went above their published means as it went
+        above its own: picks made on the same view are alike.  Only rises: finishes are not
+        alike (each ends a request started at its own time), and taking this instance's own
+        finish for the fleet's made the backend it just left look emptiest, so every client
+        went back where it came from and an uneven split (5 on the slow backend, 3 on a fast
+        one) held for good.
         """
         others = self.others.get(key, 0.0)
         peers = self.peers
         if peers:
-            others += peers * (local - self.baseline.get(key, 0))
-            if others < 0.0:
-                others = 0.0
+            rise = local - self.baseline.get(key, 0)
+            if rise > 0:
+                others += peers * rise
         return others
 
     def take_means(self) -> dict[str, float]:

@@ -16,7 +16,7 @@ What it costs, per pool and worker:
   commands: 20 to 80 a second whatever the rate (at 10,000 requests/s, some 40 in flight,
   0.002 commands per request).  Fresh where one request is a large part of the picture,
   cheap where many are in flight (tests/test_review_strategies.py: at 4 clients per
-  instance the slow backend's share is that of exact counts);
+  instance the slow backend's share is near that of exact counts);
 - alone (no other instance in the index): nobody reads this instance's counts, so none are
   written; a peer that appears is seen within a second, and it counts this instance as
   idle until then.  About one command a second (the index);
@@ -43,7 +43,7 @@ log = logging.getLogger("redlb.inflight")
 # [MIN_INTERVAL, MAX_INTERVAL].  What a stale view misses is the peers' starts and finishes,
 # each a change of one; with k requests in flight per instance one change matters 1/k as
 # much, so the view can be k times older (measured: 1 client per instance needs 25 ms,
-# 4 balance as exact counts do at 0.1 s).
+# 4 balance near exact counts at 0.1 s).
 INTERVAL_PER_REQUEST = 0.025
 MIN_INTERVAL = 0.025  # also how often a busy loop looks whether a round is due (no Redis)
 MAX_INTERVAL = 0.1
