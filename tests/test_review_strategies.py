@@ -116,14 +116,6 @@ def _redis_calls(redis_server) -> int:
     return sum(int(v["calls"]) for v in stats.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the in-flight publisher runs 2 commands every 25 ms whatever the rate: 80 a second "
-    "per pool and worker, so <= 0.01 commands per request holds only above 8,000 requests/s "
-    "per worker; measured 0.019 (least_outstanding) and 0.031 (hash) at ~2,500/s.  An interval "
-    "that follows the rate would leave low-rate fleets (the slow-backend case) on stale counts: "
-    "a design choice for the lead, not a local fix",
-)
 @pytest.mark.parametrize("strategy", ["least_outstanding", "hash"])
 def test_fleet_strategies_cost_at_most_one_redis_command_per_100_requests(
     redis_server, backends, start_proxy, strategy
@@ -174,13 +166,6 @@ def test_weights_key_of_another_type_is_said_once(redis_server, backends, start_
     assert Counter(served_by(proxy.port)[0] for _ in range(8))["b1"] == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wrr.smooth_period caps the period at max(n, 2,000,000 / n) entries and scales "
-    "weights down with a floor of 1: 1,000 backends weighted 10 and 1 become 3 and 1, so the "
-    "heavy half gets 75% of the requests instead of 91%.  Honouring it needs a period of "
-    "sum(weights) built in O(log n) a step (EDF/stride) rather than nginx's O(n) scan",
-)
 def test_smooth_weighted_period_honours_weights_in_a_large_pool() -> None:
     from redlb.address import parse_backend
     from redlb.balancer.wrr import smooth_period
@@ -210,11 +195,11 @@ def fast_fast_slow(redis_server, loop_thread):
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: the slow backend gets no more than its fair share under "
-    "least_outstanding; at 4 closed-loop clients on each of 3 instances it holds 1.13-1.23x "
-    "its share (4.31 in flight against 3.70; least_conn 5.09 against 3.75).  The peers-moved-"
-    "like-me estimate between 25 ms publishes narrows the herd but does not close it",
+    strict=False,  # passes now and then, when the split happens to favour the fast ones
+    reason="the bar is below what exact counts give: one instance seeing all 12 clients "
+    "(least_conn, exact) holds the slow one at 3.95 against 3.73 (1.06x), since a fast "
+    "backend's client is between requests far more often than the slow one's; the fleet "
+    "measures 1.05-1.20x: see test_slow_backend_share_across_the_fleet_is_near_exact_counts",
 )
 def test_slow_backend_holds_no_more_than_its_fair_share_at_four_clients_each(
     redis_server, fast_fast_slow, start_proxy
@@ -277,3 +262,34 @@ def test_query_key_names_that_can_never_match_are_refused() -> None:
     assert request_key(spec, b"peer", b"/p?user=7", []) == b"7"
     with pytest.raises(ValueError, match="query"):
         parse_key_spec("query:a&b")
+
+
+def _slow_ratio(redis_server, backends, start_proxy, strategy: str, instances: int) -> float:
+    proxies = [start_proxy(redis_server.url, "--strategy", strategy, "--no-access-log")
+               for _ in range(instances)]  # fmt: skip
+    ports = [p.port for p in proxies]
+    closed_loop(ports, 1, 1.0)  # warm up
+    for backend in backends:
+        backend.reset()
+    statuses = closed_loop(ports, 12 // instances, 6.0)
+    averages = [b.average() for b in backends]
+    for proxy in proxies:
+        proxy.stop(timeout=10)
+    assert set(statuses) == {200}, statuses
+    return averages[-1] / (sum(averages) / 3)
+
+
+def test_slow_backend_share_across_the_fleet_is_near_exact_counts(
+    redis_server, fast_fast_slow, start_proxy
+):
+    """Three instances with 4 clients each, against one instance counting all 12 exactly.
+
+    Exact counts (least_conn on one instance) are the best any count can do: 1.05-1.08x.
+    The bar guards against a split that locks in: with the "peers moved like me" estimate
+    applied to this instance's own finishes, every client went back to the backend it had
+    just left and a 5-3-4 split held for good (1.28-1.33x in 3 runs of 4).
+    """
+    exact = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_conn", 1)
+    fleet = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_outstanding", 3)
+    print(f"\nslow backend / fair share: exact counts {exact:.3f}, fleet {fleet:.3f}")
+    assert fleet <= exact * 1.15, (fleet, exact)  # measured 1.00-1.13x of exact

@@ -19,7 +19,7 @@ from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
 from redlb.balancer.requestkey import KeySpec, cookie, parse_key_spec, request_key
 from redlb.balancer.sticky import StickyCookie
-from redlb.balancer.wrr import WeightedOrder, smooth_period
+from redlb.balancer.wrr import WeightedOrder, smooth_period, stride_period
 from redlb.pool import Pool
 
 BACKENDS = [Backend(f"10.0.0.{i}", 8000 + i) for i in range(1, 41)]
@@ -50,6 +50,23 @@ def test_any_run_of_the_period_follows_the_weights(weights: list[int], data: st.
     weight_sum = sum(weights)
     for backend, weight in zip(backends, weights, strict=True):
         assert abs(run[backend] - length * weight / weight_sum) < 2
+
+
+@given(weights_lists, st.data())
+@settings(deadline=None)
+def test_stride_order_of_large_pools_follows_the_weights(
+    weights: list[int], data: st.DataObject
+) -> None:
+    """The layout past nginx's work bound: exact over a period, any run within 3."""
+    backends = BACKENDS[: len(weights)]
+    period = stride_period(backends, weights)
+    assert Counter(period) == dict(zip(backends, weights, strict=True))
+    total = len(period)
+    start = data.draw(st.integers(0, 3 * total))
+    length = data.draw(st.integers(1, 3 * total))
+    run = Counter(period[(start + k) % total] for k in range(length))
+    for backend, weight in zip(backends, weights, strict=True):
+        assert abs(run[backend] - length * weight / total) < 3
 
 
 @given(weights_lists, st.lists(st.integers(1, 400), min_size=1, max_size=30))
@@ -179,6 +196,22 @@ def test_others_move_with_this_instance_since_they_were_read() -> None:
     assert load.outstanding(b) == 0  # the others had none there: still none
     strategy = LeastOutstanding(load, random.Random(1).random)
     assert strategy.pick(Snapshot.of([a, b])) is b
+
+
+def test_own_finish_is_not_taken_for_the_fleets() -> None:
+    """This instance had 2 on the slow backend s and 1 on f (its published means), the two
+    peers 3 on s and 2 on f: 5 against 3.  One of its own requests on s ends: 4 against 3,
+    so the next pick is f.  Taking that finish for the fleet's (s at 5 - 3 = 2) sent every
+    client back where it came from, and a 5-3-4 split of 12 clients held for good."""
+    load = LoadView()
+    s, f = BACKENDS[:2]
+    for backend in (s, s, f):
+        load.started(backend)
+    load.set_others({s.key: 3.0, f.key: 2.0}, peers=2, baseline={s.key: 2.0, f.key: 1.0})
+    load.finished(s, 0.2)
+    assert load.outstanding(s) == 4 and load.outstanding(f) == 3
+    strategy = LeastOutstanding(load, random.Random(1).random)
+    assert all(strategy.pick(Snapshot.of([s, f])) is f for _ in range(20))
 
 
 def test_load_view_finished_never_goes_negative() -> None:

@@ -51,7 +51,9 @@ class LeastOutstanding(Strategy):
                 mine = local.get(name, 0)
                 theirs = others.get(name, 0.0)
                 if peers:
-                    theirs = max(0.0, theirs + peers * (mine - baseline.get(name, 0)))
+                    rise = mine - baseline.get(name, 0)
+                    if rise > 0:
+                        theirs += peers * rise
                 cost = mine + theirs + 1.0
                 if weights:
                     cost /= weights[index]

@@ -51,8 +51,9 @@ class LoadView:
         self.window_start = clock()
         self.others: dict[str, float] = {}
         self.others_total = 0.0
-        # The local counts when ``others`` arrived, and how many instances it sums.
-        self.baseline: dict[str, int] = {}
+        # This instance's own counts as the peers last saw them (the means it published with
+        # the read of ``others``), and how many instances ``others`` sums.
+        self.baseline: dict[str, float] = {}
         self.peers = 0
         # Peak EWMA of response time per backend key (seconds); filled only when tracked.
         self.latency: dict[str, float] | None = None
@@ -93,16 +94,19 @@ class LoadView:
 
         Published counts are up to two intervals old; every instance that trusted them alone
         would fill the same gap at once (a herd: N instances, N times the requests).  Each
-        instance assumes instead that its peers changed their counts as it changed its own
-        since the last read: a symmetric fleet then balances like exact local counts, and an
-        instance that is alone busy still sees the others' load.
+        instance assumes instead that its peers went above their published means as it went
+        above its own: picks made on the same view are alike.  Only rises: finishes are not
+        alike (each ends a request started at its own time), and taking this instance's own
+        finish for the fleet's made the backend it just left look emptiest, so every client
+        went back where it came from and an uneven split (5 on the slow backend, 3 on a fast
+        one) held for good.
         """
         others = self.others.get(key, 0.0)
         peers = self.peers
         if peers:
-            others += peers * (local - self.baseline.get(key, 0))
-            if others < 0.0:
-                others = 0.0
+            rise = local - self.baseline.get(key, 0)
+            if rise > 0:
+                others += peers * rise
         return others
 
     def take_means(self) -> dict[str, float]:
@@ -132,10 +136,12 @@ class LoadView:
     def total(self) -> float:
         return self.local_total + self.others_total
 
-    def set_others(self, others: dict[str, float], peers: int = 0) -> None:
+    def set_others(
+        self, others: dict[str, float], peers: int = 0, baseline: dict[str, float] | None = None
+    ) -> None:
         self.others = others
         self.others_total = sum(others.values())
-        self.baseline = dict(self.local)
+        self.baseline = dict(self.local) if baseline is None else baseline
         self.peers = peers
 
     # Peak EWMA

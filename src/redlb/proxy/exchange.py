@@ -168,7 +168,8 @@ class Exchange:
         if self.req.expect_continue and not self.request_done:
             self.client.write(errors.CONTINUE_100)
         sticky = up.sticky
-        stuck = sticky.find(self.req.sticky, up.pool.healthy) if sticky is not None else None
+        value = self.req.sticky
+        stuck = sticky.find(value, up.pool.healthy) if sticky is not None and value else None
         if stuck is not None or up.strategy.immediate:
             self._attempt(stuck)
         else:
@@ -263,8 +264,11 @@ class Exchange:
             up.load.started(backend)
         sticky = up.sticky
         if sticky is not None:
-            named = sticky.find(self.req.sticky, up.pool.healthy)
-            self.cookie = None if named == backend else sticky.set_cookie(backend)
+            # Kept (no Set-Cookie) when its cookie names this backend: found in the snapshot
+            # it was picked from, so the same object (after a refresh, one more Set-Cookie).
+            value = self.req.sticky
+            named = sticky.find(value, up.pool.healthy) if value else None
+            self.cookie = None if named is backend else sticky.set_cookie(backend)
         self.attempts += 1
         self.backend = backend
         self.tried.append(backend)

@@ -47,6 +47,7 @@ class PoolState:
         "budget",
         "config",
         "conns",
+        "cookie_name",
         "cursor",
         "ejector",
         "instance_id",
@@ -97,6 +98,7 @@ class PoolState:
         self.sticky_secret: bytes | None = None  # the last one read: kept if Redis loses it
         self.sticky_task: asyncio.Task[None] | None = None
         self.reads_request = self.key_spec is not None or config.sticky is not None
+        self.cookie_name = config.sticky.encode() if config.sticky is not None else None
         self.ejector = Ejector(self.pool, link, self.keys, config)
         self.budget = RetryBudget(config.retry_budget_percent, config.retry_min_concurrency)
 
@@ -131,8 +133,8 @@ class PoolState:
         """(hash key, sticky cookie value) of a request to this pool."""
         spec = self.key_spec
         key = request_key(spec, peer, target, headers) if spec is not None else b""
-        name = self.config.sticky
-        return key, cookie(headers, name.encode()) if name is not None else b""
+        name = self.cookie_name
+        return key, cookie(headers, name) if name is not None else b""
 
     def connections_to(
         self, backend: Backend, host_override: bytes | None = None
@@ -165,6 +167,7 @@ class PoolState:
         if config.sticky != old.sticky:
             self.stop_sticky()
         self.reads_request = self.key_spec is not None or config.sticky is not None
+        self.cookie_name = config.sticky.encode() if config.sticky is not None else None
         self.ejector = Ejector(self.pool, self.link, self.keys, config)
         self.pool.max_eject_percent = config.eject_max_percent
         self.budget.percent = config.retry_budget_percent

@@ -48,11 +48,13 @@ Given a pool key ``P`` (default ``servers``):
     the first instance that saw it join, ``HDEL`` when one sees it leave: the fleet ramps
     its weight from one start.
 ``redlb:{P}:inflight:{instance}`` (STRING ``backend=n,...``, TTL 2 s)
-    One instance's mean requests in flight per backend over the last 25 ms, rewritten every
-    25 ms (250 ms when idle) by least_outstanding / peak_ewma / bounded hash pools; a crashed
-    instance's counts expire.
-``redlb:{P}:inflight`` (ZSET instance -> last publish, ms)
-    Which instances publish: read once a second, pruned of instances silent for a minute.
+    One instance's mean requests in flight per backend since its last write, rewritten every
+    25-100 ms by least_outstanding / peak_ewma / bounded hash pools when other instances
+    read them (store/inflight.py: not while alone, not while idle); a crashed instance's
+    counts expire.
+``redlb:{P}:inflight`` (ZSET instance -> last announce, ms)
+    Which instances publish: read once a second, announced every 10 s, pruned of instances
+    silent for a minute.
 
 Routing (one hash for the whole fleet):
 
