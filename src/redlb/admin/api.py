@@ -85,6 +85,8 @@ class AdminApi:
             ("DELETE", re.compile(rf"^{API}/pools/{p}/ejections/{b}$"), self.clear_ejection,
              True),
         ]  # fmt: skip
+        # Hold no fleet data: served without the token.
+        self.public = {self.index, self.static_file, self.favicon, self.openapi}
 
     async def __call__(self, request: Request) -> Response:
         if not self.guard.host_allowed(request.headers.get(b"host", b"")):
@@ -97,7 +99,9 @@ class AdminApi:
             allowed.append(method)
             if method != request.method and not (method == "GET" and request.method == "HEAD"):
                 continue
-            public = not request.path.startswith(API) or request.path.endswith("/openapi.json")
+            # Decided by the resource matched, never by how the path looks: a pool may
+            # well be named "openapi.json".
+            public = handler in self.public
             if not public and not self.guard.allows(request.headers.get(b"authorization", b"")):
                 return json_response(
                     401,
@@ -381,7 +385,7 @@ def _body(
 ) -> dict[str, Any]:
     try:
         value = json.loads(request.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # 64 KiB of "[" nests deeper than the parser goes
         raise BadRequest(400, "the body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadRequest(400, "the body must be a JSON object")
