@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from redlb.address import InvalidAddress, parse_backend
 from redlb.admin.auth import Guard
@@ -33,6 +33,7 @@ from redlb.store.weights import MAX_WEIGHT
 API = "/api/v1"
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 RESERVED_PREFIXES = ("redlb:", "frontend:", "__")
+WATCH_ATTEMPTS = 20  # an add retried while other writers change the same pool
 STATIC_TYPES = {
     ".html": b"text/html; charset=utf-8",
     ".js": b"text/javascript; charset=utf-8",
@@ -261,16 +262,25 @@ class AdminApi:
         body = _body(request, required={"address": str}, optional={})
         backend = _backend(body["address"])
         keys = Keys(name)
-        if await self._find(name, backend.key):
-            raise BadRequest(409, f"{backend.key} is already in {name}")
-        kind = view.text(await self.client.type(name))
-        if kind not in ("list", "none"):
-            raise BadRequest(409, f"the key {name!r} is a {kind}, not a list")
-        pipe = self.client.pipeline(transaction=True)
-        pipe.rpush(name, backend.key)
-        pipe.publish(keys.events, "edit")
-        await pipe.execute()
-        return json_response(201, {"pool": name, "address": backend.key})
+        for _ in range(WATCH_ATTEMPTS):
+            async with self.client.pipeline(transaction=True) as pipe:
+                # Check and push as one: two instances adding the same address at once
+                # would otherwise both find it absent and both push it.
+                await pipe.watch(name)
+                if await self._find(name, backend.key, pipe):
+                    raise BadRequest(409, f"{backend.key} is already in {name}")
+                kind = view.text(await pipe.type(name))
+                if kind not in ("list", "none"):
+                    raise BadRequest(409, f"the key {name!r} is a {kind}, not a list")
+                pipe.multi()
+                pipe.rpush(name, backend.key)
+                pipe.publish(keys.events, "edit")
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    continue  # the list changed meanwhile: look again
+            return json_response(201, {"pool": name, "address": backend.key})
+        raise BadRequest(409, f"{name} kept changing while {backend.key} was added; try again")
 
     async def remove_backend(self, request: Request, pool: str, address: str) -> Response:
         _no_query(request)
@@ -283,6 +293,7 @@ class AdminApi:
         for raw in entries:
             pipe.lrem(name, 0, raw)
         pipe.srem(Keys(name).draining, backend.key)
+        pipe.hdel(Keys(name).weights, backend.key)  # as `redlb backend rm`: added again, it is 1
         pipe.publish(Keys(name).events, "edit")
         await pipe.execute()
         return json_response(200, {"pool": name, "address": backend.key, "removed": True})
@@ -344,12 +355,14 @@ class AdminApi:
             raise BadRequest(404, f"{backend.key} is not ejected from {name}")
         return json_response(200, {"pool": name, "address": backend.key, "ejected": False})
 
-    async def _find(self, pool: str, key: str) -> list[Any]:
-        """The raw entries of the pool list that name this backend."""
-        if view.text(await self.client.type(pool)) != "list":
+    async def _find(self, pool: str, key: str, reader: Any = None) -> list[Any]:
+        """The raw entries of the pool list that name this backend (read through ``reader``,
+        a watching pipeline, when given)."""
+        reader = reader or self.client
+        if view.text(await reader.type(pool)) != "list":
             return []
         found = []
-        for raw in set(await self.client.lrange(pool, 0, view.MAX_POOL_READ - 1)):
+        for raw in set(await reader.lrange(pool, 0, view.MAX_POOL_READ - 1)):
             try:
                 if parse_backend(raw).key == key:
                     found.append(raw)
