@@ -15,11 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from click.testing import CliRunner
 
-from redlb.cli import main
 from redlb.store.embedded import free_port
-from support import admin_call, metric_sum, raw_exchange, rss_bytes, scrape, wait_for
+from support import admin_call, metric_sum, rss_bytes, scrape, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,3 +117,179 @@ def test_answers_left_unread_do_not_pile_up_in_the_worker(redis_server, backends
     sock.close()
     assert grown < 16 * 1024 * 1024, (sent, grown)
     assert admin_call(port, "GET", "/api/v1/pools")[0] == 200
+
+
+# The fleet view: documents it cannot read are skipped, not a 500
+
+
+def test_a_malformed_fleet_document_is_skipped(redis_server, backends, start_proxy, tmp_path):
+    """Before: one worker document of another shape (an older or newer redlb in a rolling
+    upgrade, or a hand-written key) made every fleet read a 500 and `redlb status` a
+    traceback."""
+    r = redis_server.client()
+    r.rpush("servers", backends[0].address)
+    proxy, port = start_admin(start_proxy, redis_server)
+    assert wait_for(lambda: len(admin_call(port, "GET", "/api/v1/instances")[1]["instances"]) == 1)
+    now = time.time()
+    for member, doc in (
+        ("old/0", {"instance": "old"}),
+        ("list/0", [1, 2]),
+        ("typed/0", {"instance": "t", "backends": [["p", "b", "x", 1, 2]]}),
+    ):
+        r.set(f"redlb:fleet:worker:{member}", json.dumps(doc), px=60_000)
+        r.zadd("redlb:fleet:workers", {member: now + 30})  # fmt: skip
+    for path in ("/api/v1/instances", "/api/v1/stats", "/api/v1/overview", "/api/v1/pools",
+                 "/api/v1/pools/servers", "/api/v1/health"):  # fmt: skip
+        status, body, _ = admin_call(port, "GET", path)
+        assert status == 200, (path, status, body)
+    assert len(admin_call(port, "GET", "/api/v1/instances")[1]["instances"]) == 1
+    out = subprocess.run([sys.executable, "-m", "redlb", "status", "--redis", redis_server.url],
+                         capture_output=True, text=True, timeout=30, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-500:]
+
+
+# Writes from two instances at once
+
+
+def test_concurrent_adds_of_one_backend_through_two_instances(redis_server, backends,
+                                                              start_proxy):  # fmt: skip
+    """Before: check (LRANGE) then act (RPUSH) without a transaction: two operators adding
+    the same backend through two instances both got 201 and the pool held it twice."""
+    r = redis_server.client()
+    r.rpush("servers", backends[0].address)
+    _, port_a = start_admin(start_proxy, redis_server)
+    _, port_b = start_admin(start_proxy, redis_server)
+    for round_ in range(8):
+        address = f"127.0.0.1:{20000 + round_}"
+        statuses: list[int] = []
+        barrier = threading.Barrier(8)
+
+        def add(port: int, address: str = address) -> None:
+            barrier.wait()
+            statuses.append(admin_call(port, "POST", "/api/v1/pools/servers/backends",
+                                       {"address": address})[0])  # fmt: skip
+
+        threads = [threading.Thread(target=add, args=(p,)) for p in [port_a, port_b] * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        entries = [e for e in r.lrange("servers", 0, -1) if e == address.encode()]
+        assert len(entries) == 1 and sorted(statuses) == [201] + [409] * 7, (round_, statuses)
+
+
+def test_removing_a_backend_through_the_api_forgets_its_weight(redis_server, backends,
+                                                               start_proxy):  # fmt: skip
+    """`redlb backend rm` deletes the weight with the entry; the API left it behind, so the
+    same address added again came back with its old weight."""
+    r = redis_server.client()
+    r.rpush("servers", backends[0].address, backends[1].address)
+    _, port = start_admin(start_proxy, redis_server)
+    path = f"/api/v1/pools/servers/backends/{backends[1].address}"
+    assert admin_call(port, "PUT", path + "/weight", {"weight": 7})[0] == 200
+    assert admin_call(port, "DELETE", path)[0] == 200
+    assert r.hget("redlb:servers:weights", backends[1].address) is None
+    status, _, _ = admin_call(port, "POST", "/api/v1/pools/servers/backends",
+                              {"address": backends[1].address})  # fmt: skip
+    assert status == 201
+    pool = admin_call(port, "GET", "/api/v1/pools/servers")[1]
+    weights = {b["address"]: b["weight"] for b in pool["backends"]}
+    assert weights[backends[1].address] == 1, weights
+
+
+# Metrics: a worker that stops cleanly hands in its last counts
+
+
+def test_a_worker_stopped_cleanly_keeps_its_last_second_of_counts(redis_server, backends,
+                                                                  start_proxy):  # fmt: skip
+    """Before: a worker wrote its counts once a second and not on its way out, so the
+    requests of its last second vanished from /metrics when it was stopped and replaced."""
+    redis_server.client().rpush("servers", backends[0].address)
+    proxy = start_proxy(redis_server.url, "--workers", "2")
+    assert wait_for(lambda: len(psutil.Process(proxy.pid).children()) == 2, 10)
+    for _round in range(3):
+        before = metric_sum(scrape(proxy), "redlb_requests_total")
+        workers = psutil.Process(proxy.pid).children()
+        sent = 0
+        for _ in range(40):  # a new connection each: spread over both workers
+            assert proxy.get("/")[0] == 200
+            sent += 1
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)  # at once: inside the 1 s between writes
+        assert wait_for(
+            lambda: len(psutil.Process(proxy.pid).children()) == 2 and proxy.ready(), 20
+        )
+        assert wait_for(
+            lambda: metric_sum(scrape(proxy), "redlb_requests_total") >= before + sent, 5
+        ), (before, sent, metric_sum(scrape(proxy), "redlb_requests_total"))
+        assert metric_sum(scrape(proxy), "redlb_requests_total") == before + sent
+
+
+# The config file: every bad value one line and exit 2, as the same value given as a flag
+
+
+def _redlb(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REDLB_")}
+    return subprocess.run([sys.executable, "-m", "redlb", *args], capture_output=True,
+                          text=True, timeout=30, cwd=cwd, env={**clean, **env})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("admin-token-file = 1979-05-27\n", "c.toml:1: admin-token-file must be a"),
+        ("max.body = 1\n", "c.toml:1: unknown key 'max'"),
+        ('workers = "two"\n', "c.toml:1: workers must be an integer"),
+        ("host = [1, 2]\n", "c.toml:1: host must be a"),
+        ("pool = 3\n", "c.toml:1: pool must be a"),
+        ('rotation = "random"\n', "c.toml:1: rotation: 'random' is not one of"),
+        ('admin-listen = "nowhere"\n', "--admin-listen: 'nowhere' is not host:port"),
+    ],
+)
+def test_bad_config_values_are_one_line_and_exit_2(tmp_path: Path, text: str, message: str):
+    """Before: a TOML date for a path was a TypeError traceback; a dotted key named line 0;
+    numbers were taken as pool and host names; and a file's bad value exited 1 where the
+    same value as a flag or REDLB_* exits 2 (a usage error)."""
+    (tmp_path / "c.toml").write_text(text)
+    for args in (["config", "check", "c.toml"], ["serve", "--config", "c.toml"]):
+        out = _redlb(args, tmp_path)
+        assert out.returncode == 2, (args, out.returncode, out.stderr)
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+        assert message in out.stderr, out.stderr
+    out = _redlb(["config", "show"], tmp_path, REDLB_CONFIG=str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+
+
+# The dashboard: a slow fleet read does not pile up polls
+
+
+def test_the_dashboard_never_has_two_polls_in_flight(redis_server, backends, start_proxy):
+    """Before: setInterval fired a poll every second whether or not the last had come
+    back; with Redis paused (each answer waits out the 8 s Redis timeout) the browser
+    opened its six connections and queued the rest, each one more fleet read for redlb."""
+    from browser import ensure_chromium, headless
+
+    browser, driver_path = ensure_chromium()
+    redis_server.client().rpush("servers", backends[0].address)
+    # Idle keep-alive connections (the page's own files) go after 1 s: what stays open is
+    # a poll waiting for its answer.
+    proxy, port = start_admin(start_proxy, redis_server, "--header-timeout", "1")
+    driver = headless(browser, driver_path)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        assert wait_for(lambda: "live" in driver.find_element("id", "status").text, 15)
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        try:
+            most = 0
+            time.sleep(1.5)
+            for _ in range(50):  # 5 s more: five more polls due
+                time.sleep(0.1)
+                conns = [c for c in psutil.Process(proxy.pid).net_connections("tcp")
+                         if c.laddr.port == port and c.status == "ESTABLISHED"]  # fmt: skip
+                most = max(most, len(conns))
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        assert most <= 1, most
+        assert wait_for(lambda: "live" in driver.find_element("id", "status").text, 20)
+    finally:
+        driver.quit()
