@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from redlb.store.embedded import free_port
-from support import admin_call, metric_sum, rss_bytes, scrape, wait_for
+from support import admin_call, raw_exchange, metric_sum, rss_bytes, scrape, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -293,3 +293,114 @@ def test_the_dashboard_never_has_two_polls_in_flight(redis_server, backends, sta
         assert wait_for(lambda: "live" in driver.find_element("id", "status").text, 20)
     finally:
         driver.quit()
+
+
+# The JSON log: valid JSON, one object a line, whatever the client sends
+
+
+def test_json_log_lines_stay_json_under_hostile_bytes(redis_server, backends, start_proxy):
+    r = redis_server.client()
+    r.rpush("servers", backends[0].address, "127.0.0.1:1")  # the second refuses: warnings
+    r.hset("redlb:routes", "/api", "servers")
+    proxy = start_proxy(redis_server.url, "--log-format", "json")
+    hostile = [
+        b'/a"b\\c\x01\x7f\xff\xfe%00%0a?q="\\',
+        b"/\xc3\x28\xe2\x82\x28\xf0\x28\x8c\xbc",
+        b"/api/" + bytes(range(0x80, 0x100)),
+        b"/api/\x1b[31m" + b"x" * 7000,
+    ]
+    sent = 0
+    for target in hostile:
+        for host in (b"h\xffst", b'"}{', b"ok"):
+            raw_exchange(proxy.port, b"GET %b HTTP/1.1\r\nHost: %b\r\nX-A: \xff\"\r\n"
+                         b"Connection: close\r\n\r\n" % (target, host))  # fmt: skip
+            sent += 1
+    for _ in range(6):
+        proxy.get("/api/x")
+        sent += 1
+    proxy.stop()
+    assert len(proxy.access_log().splitlines()) == sent, proxy.access_log()[-500:]
+    for name, text in (("access", proxy.access_log()), ("event", proxy.log())):
+        lines = text.split("\n")
+        assert lines[-1] == "" and len(lines) > 2, (name, text[-300:])
+        for line in lines[:-1]:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                pytest.fail(f"{name} log line is not JSON: {line[:200]!r}")
+            assert isinstance(record, dict), line
+
+
+# The fleet registry through pauses, flushes and restarts
+
+
+def _instance_pids(port: int) -> set[int]:
+    status, body, _ = admin_call(port, "GET", "/api/v1/instances")
+    assert status == 200, body
+    return {i["pid"] for i in body["instances"]}
+
+
+def test_fleet_view_through_a_paused_instance_a_flush_and_a_redis_restart(
+    redis_server, backends, start_proxy, tmp_path
+):
+    r = redis_server.client()
+    r.rpush("servers", backends[0].address)
+    a, port = start_admin(start_proxy, redis_server)
+    b = start_proxy(redis_server.url, "--workers", "2")
+    both = {a.pid, b.pid}
+    assert wait_for(lambda: _instance_pids(port) == both, 10)
+    # A frozen instance leaves the view by the deadline (5 s without a heartbeat), and
+    # comes back when it thaws.
+    stopped = [b.pid, *(c.pid for c in psutil.Process(b.pid).children())]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: _instance_pids(port) == {a.pid}, 10)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert wait_for(lambda: _instance_pids(port) == both, 10)
+
+    def workers() -> dict[int, int]:
+        instances = admin_call(port, "GET", "/api/v1/instances")[1]["instances"]
+        return {i["pid"]: i["workers"] for i in instances}
+
+    assert wait_for(lambda: workers() == {a.pid: 1, b.pid: 2}, 10), workers()
+    # FLUSHALL: every instance registers again within a heartbeat or two.
+    r.flushall()
+    r.rpush("servers", backends[0].address)
+    assert wait_for(lambda: _instance_pids(port) == both, 10)
+    # Redis restarted empty on the same port.
+    redis_server.kill()
+    redis_server.wipe()
+    redis_server.start()
+    assert wait_for(lambda: admin_call(port, "GET", "/api/v1/instances")[0] == 200, 15)
+    assert wait_for(lambda: _instance_pids(port) == both, 15)
+    # The registry index does not keep members whose documents are gone for long.
+    assert wait_for(lambda: len(redis_server.client().zrange("redlb:fleet:workers", 0, -1)) == 3,
+                    10)  # fmt: skip
+
+
+def test_top_keeps_watching_through_a_redis_outage(redis_server, backends, start_proxy,
+                                                   tmp_path):  # fmt: skip
+    """Before: `redlb top` exited at the first failed read, so the live view went away
+    exactly when an operator needs it (a Redis restart or failover)."""
+    redis_server.client().rpush("servers", backends[0].address)
+    start_proxy(redis_server.url)
+    env = {**os.environ, "COLUMNS": "200", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}
+    top = subprocess.Popen([sys.executable, "-m", "redlb", "top", "--redis", redis_server.url,
+                            "--count", "12", "--interval", "0.5"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)  # fmt: skip
+    try:
+        time.sleep(1.5)
+        redis_server.kill()
+        time.sleep(2.0)
+        redis_server.start()
+        out, err = top.communicate(timeout=60)
+    finally:
+        if top.poll() is None:
+            top.kill()
+    assert top.returncode == 0, err
+    assert "cannot read the fleet" in out
+    assert out.rstrip().splitlines()[-1].strip() != "", out[-300:]
+    assert backends[0].address in out.rpartition("cannot read the fleet")[2], out[-1500:]
