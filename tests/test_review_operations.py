@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from redlb.store.embedded import free_port
-from support import admin_call, raw_exchange, metric_sum, rss_bytes, scrape, wait_for
+from support import admin_call, metric_sum, raw_exchange, rss_bytes, scrape, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
