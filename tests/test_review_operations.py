@@ -404,3 +404,81 @@ def test_top_keeps_watching_through_a_redis_outage(redis_server, backends, start
     assert "cannot read the fleet" in out
     assert out.rstrip().splitlines()[-1].strip() != "", out[-300:]
     assert backends[0].address in out.rpartition("cannot read the fleet")[2], out[-1500:]
+
+
+# Metrics: exact sums across workers and instances, bounded labels
+
+
+def test_counts_summed_per_instance_equal_what_each_was_sent(redis_server, backends, start_proxy):
+    redis_server.client().rpush("servers", *[b.address for b in backends])
+    a = start_proxy(redis_server.url, "--workers", "2")
+    b = start_proxy(redis_server.url, "--workers", "2")
+    sent = {a.port: 0, b.port: 0}
+    body_bytes = {a.port: 0, b.port: 0}
+    for i in range(90):
+        proxy = a if i % 3 else b
+        status, body, _ = proxy.get(f"/n{i}")  # a new connection each: both workers serve
+        assert status == 200
+        sent[proxy.port] += 1
+        body_bytes[proxy.port] += len(body)
+    for proxy in (a, b):
+
+        def settled(proxy=proxy) -> bool:
+            return metric_sum(scrape(proxy), "redlb_requests_total") == sent[proxy.port]
+
+        assert wait_for(settled, 5), (sent, metric_sum(scrape(proxy), "redlb_requests_total"))
+        samples = scrape(proxy)
+        assert metric_sum(samples, "redlb_request_duration_seconds_count") == sent[proxy.port]
+        assert metric_sum(samples, "redlb_response_body_bytes_total") == body_bytes[proxy.port]
+        assert metric_sum(samples, "redlb_requests_total", code_class="2xx") == sent[proxy.port]
+
+
+def test_random_hosts_paths_and_methods_do_not_grow_the_labels(redis_server, backends,
+                                                               start_proxy):  # fmt: skip
+    import random
+
+    r = redis_server.client()
+    r.rpush("servers", backends[0].address)
+    r.hset("redlb:routes", mapping={"/api": "servers", "shop.example/": "servers"})
+    proxy = start_proxy(redis_server.url)
+    rng = random.Random(12)
+    methods = [b"GET", b"POST", b"PURGE", b"MKCOL", b"FOO", b"G\xffT"]
+    for i in range(300):
+        host = b"%x.example" % rng.getrandbits(64)
+        path = b"/%x/%x" % (rng.getrandbits(32), i) if i % 2 else b"/api/%x" % i
+        method = rng.choice(methods)
+        raw_exchange(proxy.port, b"%b %b HTTP/1.1\r\nHost: %b\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\n\r\n" % (method, path, host), timeout=2)  # fmt: skip
+    samples = scrape(proxy)
+    label_sets = [labels for (name, labels) in samples if name == "redlb_requests_total"]
+    routes = {dict(ls)["route"] for ls in label_sets}
+    assert len(label_sets) <= 30, sorted(map(dict, label_sets))[:40]
+    assert routes <= {"/api", "shop.example/", "no route", "default"}, routes
+
+
+def test_recorder_buckets_match_a_plain_bisect():
+    """The recorder finds the first-byte bucket from the duration's (one bisect a request
+    instead of two); it must land where a plain bisect would."""
+    import random
+    from bisect import bisect_left
+    from types import SimpleNamespace
+
+    from redlb.metrics.recorder import BUCKETS, FB_FIRST_BUCKET, FIRST_BUCKET, N_BUCKETS, Recorder
+
+    rng = random.Random(7)
+    edges = [*BUCKETS, *(b * 1.0000001 for b in BUCKETS), *(b * 0.9999999 for b in BUCKETS)]
+    for _ in range(3000):
+        seconds = rng.choice([rng.uniform(0, 12), rng.choice(edges), 10 ** rng.uniform(-5, 1.2)])
+        first_byte = rng.choice([seconds, seconds * rng.random(), rng.choice(edges)])
+        first_byte = min(first_byte, seconds) or 1e-9
+        rec = Recorder()
+        ex = SimpleNamespace(req=SimpleNamespace(route=None, method=b"GET"), backend=None,
+                             status=200, body_bytes=0, bytes_out=0, first_byte=first_byte)  # fmt: skip
+        rec.request(ex, seconds)  # type: ignore[arg-type]
+        (series,) = rec.requests.values()
+        want = [0] * N_BUCKETS
+        want[bisect_left(BUCKETS, seconds)] = 1
+        assert series[FIRST_BUCKET : FIRST_BUCKET + N_BUCKETS] == want
+        want = [0] * N_BUCKETS
+        want[bisect_left(BUCKETS, first_byte)] = 1
+        assert series[FB_FIRST_BUCKET : FB_FIRST_BUCKET + N_BUCKETS] == want, (seconds, first_byte)

@@ -272,7 +272,7 @@ class AdminApi:
                 kind = view.text(await pipe.type(name))
                 if kind not in ("list", "none"):
                     raise BadRequest(409, f"the key {name!r} is a {kind}, not a list")
-                pipe.multi()
+                pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.rpush(name, backend.key)
                 pipe.publish(keys.events, "edit")
                 try:
