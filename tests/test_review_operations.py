@@ -482,3 +482,31 @@ def test_recorder_buckets_match_a_plain_bisect():
         want = [0] * N_BUCKETS
         want[bisect_left(BUCKETS, first_byte)] = 1
         assert series[FB_FIRST_BUCKET : FB_FIRST_BUCKET + N_BUCKETS] == want, (seconds, first_byte)
+
+
+def test_one_key_of_the_wrong_type_does_not_blind_the_whole_fleet_view(
+    redis_server, backends, start_proxy, tmp_path
+):
+    """Before: a route to a pool whose key is a string (the API itself accepts that route),
+    or a draining set that is not a set, made /overview, /pools, /health a 503 "Redis did
+    not answer: ResponseError": the dashboard and `redlb status` showed nothing at all."""
+    r = redis_server.client()
+    r.rpush("servers", backends[0].address)
+    r.set("strkey", "x")
+    r.rpush("other", backends[1].address)
+    r.set("redlb:other:draining", "not a set")
+    r.hset(f"redlb:servers:health:{backends[0].address}", "a", "b")  # a hash, not a string
+    proxy, port = start_admin(start_proxy, redis_server)
+    status, _, _ = admin_call(port, "PUT", "/api/v1/routes", {"match": "/s", "pool": "strkey"})
+    assert status == 200
+    r.hset("redlb:routes", "/o", "other")
+    for path in ("/api/v1/overview", "/api/v1/pools", "/api/v1/health", "/api/v1/pools/strkey",
+                 "/api/v1/pools/other"):  # fmt: skip
+        status, body, _ = admin_call(port, "GET", path)
+        assert status == 200, (path, status, body)
+    pools = {p["name"]: p for p in admin_call(port, "GET", "/api/v1/pools")[1]["pools"]}
+    assert pools["servers"]["backends"][0]["address"] == backends[0].address
+    assert "string" in pools["strkey"]["error"] and "draining" in pools["other"]["error"]
+    out = subprocess.run([sys.executable, "-m", "redlb", "status", "--redis", redis_server.url],
+                         capture_output=True, text=True, timeout=30, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr

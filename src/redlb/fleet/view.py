@@ -209,10 +209,25 @@ async def pool(
     pipe.smembers(keys.draining)
     pipe.hgetall(keys.settings)
     pipe.hgetall(keys.weights)
-    kind, entries, draining_raw, settings, weights_raw = await pipe.execute()
+    # One key of the wrong type (WRONGTYPE) marks this pool, not the whole view.
+    kind, entries, draining_raw, settings, weights_raw = await pipe.execute(raise_on_error=False)
     if text(kind) not in ("list", "none"):
-        return {"name": name, "error": f"the key {name!r} is a {text(kind)}, not a list",
-                "backends": [], "invalid": [], "settings": {}}  # fmt: skip
+        problem: str | None = f"the key {name!r} is a {text(kind)}, not a list"
+    else:
+        problem = next(
+            (
+                f"the key {key!r} is not a {want}"
+                for key, want, answer in (
+                    (keys.draining, "set", draining_raw),
+                    (keys.settings, "hash", settings),
+                    (keys.weights, "hash", weights_raw),
+                )
+                if isinstance(answer, Exception)
+            ),
+            None,
+        )
+    if problem is not None:
+        return {"name": name, "error": problem, "backends": [], "invalid": [], "settings": {}}
     backends: list[Backend] = []
     invalid = []
     for raw in entries:
@@ -229,10 +244,12 @@ async def pool(
     for b in backends:
         pipe.get(keys.health(b))
         pipe.pttl(keys.ejected(b))
-    answers = await pipe.execute() if backends else []
+    answers = await pipe.execute(raise_on_error=False) if backends else []
     rows = []
     for i, b in enumerate(backends):
         health = answers[2 * i]
+        if isinstance(health, Exception):  # a health key of another type: no verdict
+            health = None
         ttl = int(answers[2 * i + 1])
         row: dict[str, Any] = {
             "address": b.key,
