@@ -510,3 +510,24 @@ def test_one_key_of_the_wrong_type_does_not_blind_the_whole_fleet_view(
     out = subprocess.run([sys.executable, "-m", "redlb", "status", "--redis", redis_server.url],
                          capture_output=True, text=True, timeout=30, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
+
+
+def test_hostile_pool_and_route_names_keep_metrics_parseable(redis_server, backends, start_proxy):
+    r = redis_server.client()
+    names = ['p"q', "back\\slash", "a{b}c", 'x"}1,y="']
+    for i, name in enumerate(names):
+        r.rpush(name, backends[0].address)
+        r.hset("redlb:routes", f"/r{i}", name)
+    proxy = start_proxy(redis_server.url)
+    assert wait_for(lambda: proxy.get("/r0/x")[0] == 200, 10)
+    for i in range(len(names)):
+        assert proxy.get(f"/r{i}/x")[0] == 200
+    samples = scrape(proxy)  # prometheus_client's own parser reads it back
+    pools = {dict(ls).get("pool") for (n, ls) in samples if n == "redlb_pool_size"}
+    assert set(names) <= pools, pools
+    served = {dict(ls).get("pool") for (n, ls) in samples if n == "redlb_requests_total"}
+    assert wait_for(
+        lambda: set(names)
+        <= {dict(ls).get("pool") for (n, ls) in scrape(proxy) if n == "redlb_requests_total"},
+        5,
+    ), served

@@ -143,10 +143,13 @@ class AdminProtocol(asyncio.Protocol):
             self.timer = None
 
     def _idle(self) -> None:
-        # abort, not close: close would wait for unread answers to be flushed, maybe forever.
         self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
+        if self.transport is None:
+            return
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # close would wait for the unread answers, maybe forever
+        else:
+            self.transport.close()  # a plain FIN: a browser reopens an idle keep-alive quietly
 
     # Parser callbacks
 
