@@ -527,7 +527,49 @@ def test_hostile_pool_and_route_names_keep_metrics_parseable(redis_server, backe
     assert set(names) <= pools, pools
     served = {dict(ls).get("pool") for (n, ls) in samples if n == "redlb_requests_total"}
     assert wait_for(
-        lambda: set(names)
-        <= {dict(ls).get("pool") for (n, ls) in scrape(proxy) if n == "redlb_requests_total"},
+        lambda: (
+            set(names)
+            <= {dict(ls).get("pool") for (n, ls) in scrape(proxy) if n == "redlb_requests_total"}
+        ),
         5,
     ), served
+
+
+def test_drain_racing_a_remove_leaves_no_orphan_state(redis_server, backends, start_proxy):
+    """Before: drain and weight checked membership, then wrote, outside a transaction; a
+    remove through another instance in between left the address in the draining set (or
+    the weights hash) of a pool it is not in, so re-adding it later brought it back
+    silently drained (or weighted)."""
+    r = redis_server.client()
+    _, port_a = start_admin(start_proxy, redis_server)
+    _, port_b = start_admin(start_proxy, redis_server)
+    orphans = []
+    for round_ in range(25):
+        address = f"127.0.0.1:{21000 + round_}"
+        r.rpush("servers", address)
+        barrier = threading.Barrier(3)
+        path = f"/api/v1/pools/servers/backends/{address}"
+
+        def drain() -> None:
+            barrier.wait()
+            admin_call(port_a, "POST", path + "/drain", {})
+
+        def weight() -> None:
+            barrier.wait()
+            admin_call(port_a, "PUT", path + "/weight", {"weight": 9})
+
+        def remove() -> None:
+            barrier.wait()
+            admin_call(port_b, "DELETE", path)
+
+        threads = [threading.Thread(target=f) for f in (drain, weight, remove)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        if r.sismember("redlb:servers:draining", address) or r.hexists(
+            "redlb:servers:weights", address
+        ):
+            orphans.append(address)
+        assert address.encode() not in r.lrange("servers", 0, -1)
+    assert not orphans, orphans

@@ -309,16 +309,16 @@ class AdminApi:
         _body(request, required={}, optional={})
         name = _pool_name(pool)
         backend = _backend(address)
-        if not await self._find(name, backend.key):
-            raise BadRequest(404, f"{backend.key} is not in {name}")
         keys = Keys(name)
-        pipe = self.client.pipeline(transaction=True)
-        if on:
-            pipe.sadd(keys.draining, backend.key)
-        else:
-            pipe.srem(keys.draining, backend.key)
-        pipe.publish(keys.events, "drain")
-        await pipe.execute()
+
+        def write(pipe: Any) -> None:
+            if on:
+                pipe.sadd(keys.draining, backend.key)
+            else:
+                pipe.srem(keys.draining, backend.key)
+            pipe.publish(keys.events, "drain")
+
+        await self._member_write(name, backend.key, write)
         return json_response(200, {"pool": name, "address": backend.key, "draining": on})
 
     async def set_weight(self, request: Request, pool: str, address: str) -> Response:
@@ -329,16 +329,16 @@ class AdminApi:
             raise BadRequest(400, f"weight must be an integer within 1..{MAX_WEIGHT}")
         name = _pool_name(pool)
         backend = _backend(address)
-        if not await self._find(name, backend.key):
-            raise BadRequest(404, f"{backend.key} is not in {name}")
         keys = Keys(name)
-        pipe = self.client.pipeline(transaction=True)
-        if weight == 1:
-            pipe.hdel(keys.weights, backend.key)  # 1 is the default: keep the hash small
-        else:
-            pipe.hset(keys.weights, backend.key, str(weight))
-        pipe.publish(keys.events, "weight")
-        await pipe.execute()
+
+        def write(pipe: Any) -> None:
+            if weight == 1:
+                pipe.hdel(keys.weights, backend.key)  # 1 is the default: keep the hash small
+            else:
+                pipe.hset(keys.weights, backend.key, str(weight))
+            pipe.publish(keys.events, "weight")
+
+        await self._member_write(name, backend.key, write)
         return json_response(200, {"pool": name, "address": backend.key, "weight": weight})
 
     async def clear_ejection(self, request: Request, pool: str, address: str) -> Response:
@@ -354,6 +354,24 @@ class AdminApi:
         if not removed:
             raise BadRequest(404, f"{backend.key} is not ejected from {name}")
         return json_response(200, {"pool": name, "address": backend.key, "ejected": False})
+
+    async def _member_write(self, pool: str, key: str, write: Callable[[Any], None]) -> None:
+        """``write`` (queued on a transaction) if the backend is in the pool, as one: a
+        remove through another instance in between would leave the drain or weight of an
+        address the pool no longer has, and it would come back so when re-added."""
+        for _ in range(WATCH_ATTEMPTS):
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(pool)
+                if not await self._find(pool, key, pipe):
+                    raise BadRequest(404, f"{key} is not in {pool}")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                write(pipe)
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    continue  # the list changed meanwhile: look again
+                return
+        raise BadRequest(409, f"{pool} kept changing; try again")
 
     async def _find(self, pool: str, key: str, reader: Any = None) -> list[Any]:
         """The raw entries of the pool list that name this backend (read through ``reader``,
