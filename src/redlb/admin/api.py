@@ -371,7 +371,7 @@ class AdminApi:
                 except WatchError:
                     continue  # the list changed meanwhile: look again
                 return
-        raise BadRequest(409, f"{pool} kept changing; try again")
+        raise BadRequest(503, f"{pool} kept changing; try again")  # as documented: retry
 
     async def _find(self, pool: str, key: str, reader: Any = None) -> list[Any]:
         """The raw entries of the pool list that name this backend (read through ``reader``,
