@@ -15,6 +15,7 @@ import click
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from redlb.cli import _redis_options, build_config, serve
 from redlb.fleet import view
@@ -131,14 +132,28 @@ def top(redis_url: str | None, pool: str, state_dir: str, interval: float, count
     url = _url(redis_url, state_dir)
     console = Console()
     shown = 0
-    with Live(render(fetch(url, pool)), console=console, auto_refresh=False) as live:
+    last: Group | None = None
+
+    def frame() -> Group:
+        # A failed read after the first is shown over the last good view, and the next
+        # refresh tries again: top is for watching an incident, Redis failing included.
+        nonlocal last
+        try:
+            last = render(fetch(url, pool))
+            return last
+        except click.ClickException as exc:
+            if last is None:
+                raise
+            return Group(Text(f"{exc.format_message()} (retrying)", style="bold red"), last)
+
+    with Live(frame(), console=console, auto_refresh=False) as live:
         try:
             while True:
                 shown += 1
                 if count and shown >= count:
                     break
                 time.sleep(interval)
-                live.update(render(fetch(url, pool)), refresh=True)
+                live.update(frame(), refresh=True)
         except KeyboardInterrupt:
             pass
 

@@ -138,7 +138,10 @@ class Config:
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"unknown log format {self.log_format!r}; choose one of {LOG_FORMATS}")
         if self.admin_listen:
-            host, _ = parse_listen(self.admin_listen)
+            try:
+                host, _ = parse_listen(self.admin_listen)
+            except ValueError as exc:
+                raise ValueError(f"--admin-listen: {exc}") from None
             if host not in ("127.0.0.1", "::1", "localhost") and not self.admin_token:
                 raise ValueError(
                     "the admin listener is off loopback: give a token (--admin-token-file "

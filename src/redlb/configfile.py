@@ -27,6 +27,8 @@ NOT_IN_FILE = frozenset({"config"})
 class ConfigFileError(click.ClickException):
     """A file that cannot be used, with its name and (when known) the line."""
 
+    exit_code = 2  # a usage error, as the same value given as a flag or REDLB_* variable
+
 
 def file_keys(command: click.Command) -> dict[str, tuple[click.Option, bool]]:
     """TOML key -> (option, whether the key is the negative spelling of a switch)."""
@@ -90,7 +92,10 @@ def _scalar(where: str, key: str, option: click.Option, kind: Any, value: Any, c
     numeric = isinstance(kind, click.types.FloatParamType) or kind.name == "number"
     if numeric and not isinstance(value, int | float):
         raise ConfigFileError(f"{where}: {key} must be a number, not {value!r}")
-    if isinstance(kind, click.types.StringParamType | click.Choice) and not isinstance(value, str):
+    # Every other option (text, choices, paths, addresses) is a TOML string: a number or
+    # a date is not silently turned into a pool name or handed to os.stat.
+    textual = not numeric and not isinstance(kind, click.types.IntParamType)
+    if textual and not isinstance(value, str):
         raise ConfigFileError(f"{where}: {key} must be a string, not {value!r}")
     try:
         return kind.convert(value, option, ctx)
@@ -100,7 +105,7 @@ def _scalar(where: str, key: str, option: click.Option, kind: Any, value: Any, c
 
 def _line_of(text: str, key: str) -> int:
     name = rf"""(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')"""
-    pattern = re.compile(rf"^\s*(?:{name}\s*=|\[+\s*{name}\s*[.\]])")
+    pattern = re.compile(rf"^\s*(?:{name}\s*[=.]|\[+\s*{name}\s*[.\]])")  # a=, a.b=, [a], [[a.b]]
     for number, line in enumerate(text.splitlines(), 1):
         if pattern.match(line):
             return number

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from redlb.address import InvalidAddress, parse_backend
 from redlb.admin.auth import Guard
@@ -33,6 +33,7 @@ from redlb.store.weights import MAX_WEIGHT
 API = "/api/v1"
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 RESERVED_PREFIXES = ("redlb:", "frontend:", "__")
+WATCH_ATTEMPTS = 20  # an add retried while other writers change the same pool
 STATIC_TYPES = {
     ".html": b"text/html; charset=utf-8",
     ".js": b"text/javascript; charset=utf-8",
@@ -85,6 +86,8 @@ class AdminApi:
             ("DELETE", re.compile(rf"^{API}/pools/{p}/ejections/{b}$"), self.clear_ejection,
              True),
         ]  # fmt: skip
+        # Hold no fleet data: served without the token.
+        self.public = {self.index, self.static_file, self.favicon, self.openapi}
 
     async def __call__(self, request: Request) -> Response:
         if not self.guard.host_allowed(request.headers.get(b"host", b"")):
@@ -97,7 +100,9 @@ class AdminApi:
             allowed.append(method)
             if method != request.method and not (method == "GET" and request.method == "HEAD"):
                 continue
-            public = not request.path.startswith(API) or request.path.endswith("/openapi.json")
+            # Decided by the resource matched, never by how the path looks: a pool may
+            # well be named "openapi.json".
+            public = handler in self.public
             if not public and not self.guard.allows(request.headers.get(b"authorization", b"")):
                 return json_response(
                     401,
@@ -257,16 +262,25 @@ class AdminApi:
         body = _body(request, required={"address": str}, optional={})
         backend = _backend(body["address"])
         keys = Keys(name)
-        if await self._find(name, backend.key):
-            raise BadRequest(409, f"{backend.key} is already in {name}")
-        kind = view.text(await self.client.type(name))
-        if kind not in ("list", "none"):
-            raise BadRequest(409, f"the key {name!r} is a {kind}, not a list")
-        pipe = self.client.pipeline(transaction=True)
-        pipe.rpush(name, backend.key)
-        pipe.publish(keys.events, "edit")
-        await pipe.execute()
-        return json_response(201, {"pool": name, "address": backend.key})
+        for _ in range(WATCH_ATTEMPTS):
+            async with self.client.pipeline(transaction=True) as pipe:
+                # Check and push as one: two instances adding the same address at once
+                # would otherwise both find it absent and both push it.
+                await pipe.watch(name)
+                if await self._find(name, backend.key, pipe):
+                    raise BadRequest(409, f"{backend.key} is already in {name}")
+                kind = view.text(await pipe.type(name))
+                if kind not in ("list", "none"):
+                    raise BadRequest(409, f"the key {name!r} is a {kind}, not a list")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.rpush(name, backend.key)
+                pipe.publish(keys.events, "edit")
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    continue  # the list changed meanwhile: look again
+            return json_response(201, {"pool": name, "address": backend.key})
+        raise BadRequest(409, f"{name} kept changing while {backend.key} was added; try again")
 
     async def remove_backend(self, request: Request, pool: str, address: str) -> Response:
         _no_query(request)
@@ -279,6 +293,7 @@ class AdminApi:
         for raw in entries:
             pipe.lrem(name, 0, raw)
         pipe.srem(Keys(name).draining, backend.key)
+        pipe.hdel(Keys(name).weights, backend.key)  # as `redlb backend rm`: added again, it is 1
         pipe.publish(Keys(name).events, "edit")
         await pipe.execute()
         return json_response(200, {"pool": name, "address": backend.key, "removed": True})
@@ -294,16 +309,16 @@ class AdminApi:
         _body(request, required={}, optional={})
         name = _pool_name(pool)
         backend = _backend(address)
-        if not await self._find(name, backend.key):
-            raise BadRequest(404, f"{backend.key} is not in {name}")
         keys = Keys(name)
-        pipe = self.client.pipeline(transaction=True)
-        if on:
-            pipe.sadd(keys.draining, backend.key)
-        else:
-            pipe.srem(keys.draining, backend.key)
-        pipe.publish(keys.events, "drain")
-        await pipe.execute()
+
+        def write(pipe: Any) -> None:
+            if on:
+                pipe.sadd(keys.draining, backend.key)
+            else:
+                pipe.srem(keys.draining, backend.key)
+            pipe.publish(keys.events, "drain")
+
+        await self._member_write(name, backend.key, write)
         return json_response(200, {"pool": name, "address": backend.key, "draining": on})
 
     async def set_weight(self, request: Request, pool: str, address: str) -> Response:
@@ -314,16 +329,16 @@ class AdminApi:
             raise BadRequest(400, f"weight must be an integer within 1..{MAX_WEIGHT}")
         name = _pool_name(pool)
         backend = _backend(address)
-        if not await self._find(name, backend.key):
-            raise BadRequest(404, f"{backend.key} is not in {name}")
         keys = Keys(name)
-        pipe = self.client.pipeline(transaction=True)
-        if weight == 1:
-            pipe.hdel(keys.weights, backend.key)  # 1 is the default: keep the hash small
-        else:
-            pipe.hset(keys.weights, backend.key, str(weight))
-        pipe.publish(keys.events, "weight")
-        await pipe.execute()
+
+        def write(pipe: Any) -> None:
+            if weight == 1:
+                pipe.hdel(keys.weights, backend.key)  # 1 is the default: keep the hash small
+            else:
+                pipe.hset(keys.weights, backend.key, str(weight))
+            pipe.publish(keys.events, "weight")
+
+        await self._member_write(name, backend.key, write)
         return json_response(200, {"pool": name, "address": backend.key, "weight": weight})
 
     async def clear_ejection(self, request: Request, pool: str, address: str) -> Response:
@@ -340,12 +355,32 @@ class AdminApi:
             raise BadRequest(404, f"{backend.key} is not ejected from {name}")
         return json_response(200, {"pool": name, "address": backend.key, "ejected": False})
 
-    async def _find(self, pool: str, key: str) -> list[Any]:
-        """The raw entries of the pool list that name this backend."""
-        if view.text(await self.client.type(pool)) != "list":
+    async def _member_write(self, pool: str, key: str, write: Callable[[Any], None]) -> None:
+        """``write`` (queued on a transaction) if the backend is in the pool, as one: a
+        remove through another instance in between would leave the drain or weight of an
+        address the pool no longer has, and it would come back so when re-added."""
+        for _ in range(WATCH_ATTEMPTS):
+            async with self.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(pool)
+                if not await self._find(pool, key, pipe):
+                    raise BadRequest(404, f"{key} is not in {pool}")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                write(pipe)
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    continue  # the list changed meanwhile: look again
+                return
+        raise BadRequest(503, f"{pool} kept changing; try again")  # as documented: retry
+
+    async def _find(self, pool: str, key: str, reader: Any = None) -> list[Any]:
+        """The raw entries of the pool list that name this backend (read through ``reader``,
+        a watching pipeline, when given)."""
+        reader = reader or self.client
+        if view.text(await reader.type(pool)) != "list":
             return []
         found = []
-        for raw in set(await self.client.lrange(pool, 0, view.MAX_POOL_READ - 1)):
+        for raw in set(await reader.lrange(pool, 0, view.MAX_POOL_READ - 1)):
             try:
                 if parse_backend(raw).key == key:
                     found.append(raw)
@@ -381,7 +416,7 @@ def _body(
 ) -> dict[str, Any]:
     try:
         value = json.loads(request.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # 64 KiB of "[" nests deeper than the parser goes
         raise BadRequest(400, "the body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadRequest(400, "the body must be a JSON object")

@@ -2,7 +2,10 @@
 
 Requests on one connection are answered in order, one at a time (reading pauses while a
 handler runs).  Limits: 8 KiB of target, 16 KiB of headers, 64 KiB of body; past them the
-connection gets a 4xx and is closed.
+connection gets a 4xx and is closed.  A connection must send a whole request within
+``idle_timeout`` of opening or of its last answer, and read its answers within it too
+(no answer is written while the client leaves the previous ones unread): a client cannot
+hold a worker's descriptors or memory by sending nothing or reading nothing.
 """
 
 from __future__ import annotations
@@ -79,8 +82,11 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class AdminProtocol(asyncio.Protocol):
-    def __init__(self, handle: Handler) -> None:
+    def __init__(self, handle: Handler, idle_timeout: float = 10.0) -> None:
         self.handle = handle
+        self.idle_timeout = idle_timeout
+        self.timer: asyncio.TimerHandle | None = None
+        self.writable: asyncio.Future[None] | None = None  # set while the kernel is full
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -99,6 +105,7 @@ class AdminProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.refusal is not None:
@@ -114,8 +121,35 @@ class AdminProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self._disarm_timer()
         if self.task is not None:
             self.task.cancel()
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    def _arm_timer(self) -> None:
+        self._disarm_timer()
+        self.timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._idle)
+
+    def _disarm_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _idle(self) -> None:
+        self.closing = True
+        if self.transport is None:
+            return
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # close would wait for the unread answers, maybe forever
+        else:
+            self.transport.close()  # a plain FIN: a browser reopens an idle keep-alive quietly
 
     # Parser callbacks
 
@@ -161,6 +195,7 @@ class AdminProtocol(asyncio.Protocol):
             self.transport.pause_reading()
         if not self.busy:
             self.busy = True
+            self._disarm_timer()  # a handler may wait on Redis longer than a client may idle
             self.task = asyncio.get_running_loop().create_task(self._serve())
 
     def _over(self, status: int, message: str) -> None:
@@ -180,10 +215,15 @@ class AdminProtocol(asyncio.Protocol):
                 log.exception("admin API: %s %s failed", request.method, request.path)
                 response = error(500, "internal error (logged)")
             self._send(response, close=not keep_alive)
+            if self.writable is not None:  # the client is not reading: wait for it, a while
+                self._arm_timer()
+                await self.writable
+                self._disarm_timer()
         self.busy = False
         if self.refusal is not None:
             self._send(self.refusal, close=True)
         elif not self.closing and self.transport is not None:
+            self._arm_timer()
             self.transport.resume_reading()
 
     def _send(self, response: Response, close: bool) -> None:

@@ -22,4 +22,5 @@ def admin_protocol(ctx: ProxyContext, url: str) -> Callable[[], AdminProtocol]:
     timeout = max(config.redis_timeout, ADMIN_REDIS_TIMEOUT)
     client = make_client(url, timeout)
     api = AdminApi(client, Guard(config.admin_token), config.pool, timeout)
-    return lambda: AdminProtocol(api)
+    # A request's whole head and body within --header-timeout, as on the data plane.
+    return lambda: AdminProtocol(api, config.header_timeout)

@@ -172,7 +172,12 @@ class Publisher:
         self.published += commands
 
     async def withdraw(self) -> None:
-        """On a clean stop: leave the registry at once instead of after the TTL."""
+        """On a clean stop: hand in the last counts (a replaced worker's last second would
+        vanish from /metrics), then leave the registry at once instead of after the TTL."""
+        try:
+            self.write_snapshot()
+        except OSError as exc:
+            log.warning("cannot write the metrics snapshot: %s", exc)
         if not self.link.up:
             return
         pipe = self.link.client.pipeline(transaction=False)

@@ -38,10 +38,54 @@ async def worker_documents(client: Redis, now: float | None = None) -> list[dict
         if item is None:
             continue
         try:
-            docs.append(json.loads(item))
-        except ValueError:
+            doc = json.loads(item)
+        except (ValueError, RecursionError):
             continue
+        if well_formed(doc):
+            docs.append(doc)
     return docs
+
+
+# What the readers below take from a worker document (fleet/publisher.py writes it).
+_NUMBER = (int, float)
+_FIELDS: dict[str, Any] = {
+    "instance": str, "host": str, "pid": int, "version": str, "started": _NUMBER,
+    "listen": list, "worker": int, "time": _NUMBER, "interval": _NUMBER, "pools": list,
+    "routes": list, "route_count": int, "active_requests": int, "open_connections": int,
+    "redis_latency": _NUMBER, "draining": bool, "backends": list,
+}  # fmt: skip
+
+
+def well_formed(doc: Any) -> bool:
+    """A document of another shape (another redlb version mid-upgrade, a key written by
+    hand) is left out of the view rather than failing every read of the fleet."""
+    if not isinstance(doc, dict):
+        return False
+    for name, kind in _FIELDS.items():
+        value = doc.get(name)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            return False
+    if not all(isinstance(p, str) for p in doc["pools"]):
+        return False
+    for row in doc["backends"]:
+        if not (
+            isinstance(row, list)
+            and len(row) == 5
+            and isinstance(row[0], str)
+            and isinstance(row[1], str)
+            and isinstance(row[2], int)
+            and all(_counts(series) for series in row[3:])
+        ):
+            return False
+    return True
+
+
+def _counts(series: Any) -> bool:
+    return (
+        isinstance(series, list)
+        and len(series) == WIDTH
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in series)
+    )
 
 
 def instances(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,10 +209,25 @@ async def pool(
     pipe.smembers(keys.draining)
     pipe.hgetall(keys.settings)
     pipe.hgetall(keys.weights)
-    kind, entries, draining_raw, settings, weights_raw = await pipe.execute()
+    # One key of the wrong type (WRONGTYPE) marks this pool, not the whole view.
+    kind, entries, draining_raw, settings, weights_raw = await pipe.execute(raise_on_error=False)
     if text(kind) not in ("list", "none"):
-        return {"name": name, "error": f"the key {name!r} is a {text(kind)}, not a list",
-                "backends": [], "invalid": [], "settings": {}}  # fmt: skip
+        problem: str | None = f"the key {name!r} is a {text(kind)}, not a list"
+    else:
+        problem = next(
+            (
+                f"the key {key!r} is not a {want}"
+                for key, want, answer in (
+                    (keys.draining, "set", draining_raw),
+                    (keys.settings, "hash", settings),
+                    (keys.weights, "hash", weights_raw),
+                )
+                if isinstance(answer, Exception)
+            ),
+            None,
+        )
+    if problem is not None:
+        return {"name": name, "error": problem, "backends": [], "invalid": [], "settings": {}}
     backends: list[Backend] = []
     invalid = []
     for raw in entries:
@@ -185,10 +244,12 @@ async def pool(
     for b in backends:
         pipe.get(keys.health(b))
         pipe.pttl(keys.ejected(b))
-    answers = await pipe.execute() if backends else []
+    answers = await pipe.execute(raise_on_error=False) if backends else []
     rows = []
     for i, b in enumerate(backends):
         health = answers[2 * i]
+        if isinstance(health, Exception):  # a health key of another type: no verdict
+            health = None
         ttl = int(answers[2 * i + 1])
         row: dict[str, Any] = {
             "address": b.key,

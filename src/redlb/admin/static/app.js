@@ -130,7 +130,16 @@ function renderPools(data) {
   section.replaceChildren(...blocks);
 }
 
-async function refresh() {
+// One poll at a time: when the fleet read is slow (a big fleet, Redis paused), polls must
+// not pile up, each one more read of the whole fleet for redlb.
+let polling = null;
+
+function refresh() {
+  if (!polling) polling = poll().finally(() => { polling = null; });
+  return polling;
+}
+
+async function poll() {
   try {
     const data = await call("GET", "/overview");
     renderInstances(data);
