@@ -29,6 +29,7 @@ from redlb.config import Config
 from redlb.fleet import instance as fleet_instance
 from redlb.fleet.publisher import Publisher
 from redlb.jsonlog import access_log
+from redlb.metrics import snapshot
 from redlb.proxy.context import ProxyContext
 from redlb.proxy.downstream import ClientConnection
 from redlb.proxy.poolstate import PoolState
@@ -225,6 +226,8 @@ def supervise(
         slot = children.pop(pid, -1)
         if slot < 0 or stopping:
             continue
+        with contextlib.suppress(OSError):  # its counts stay summed, in one file for all
+            snapshot.retire(fleet_instance.current(config).metrics_dir, pid)
         log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status_code)
         cursor.recover(pid)
         if time.monotonic() - last_restart < 1.0:

@@ -6,7 +6,9 @@ sums them.  The answering worker refreshes its own file first, so each worker's 
 ever grows between two scrapes, whichever worker answers: counters never go backwards.
 
 A worker that died leaves its file behind: its counters stay in the sum (as in
-prometheus_client's multiprocess mode) while its gauges (in flight, memory) drop out.
+prometheus_client's multiprocess mode) while its gauges (in flight, memory) drop out.  The
+supervisor folds a dead worker's file into ``retired.json`` (one sum of every dead worker),
+so that a crash-looping worker does not add one more file to every scrape each restart.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ STATS_COUNTERS = {
     "tunnels": "redlb_tunnels",
 }
 POOL_STATES = ("healthy", "down", "ejected", "draining")
+RETIRED = "retired.json"
+# The pids a retired sum holds: a reader that listed a pid's file before it was folded must
+# not count it twice.  Only the last few can still be listed by a scrape in progress.
+ABSORBED_KEPT = 64
 
 
 def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) -> dict[str, Any]:
@@ -127,13 +133,66 @@ class InstanceView:
 
 def read_all(directory: Path) -> InstanceView:
     view = InstanceView()
+    # A worker's file is read before the retired sum (digits sort before letters): if it was
+    # folded in between, the sum read afterwards names it and the file read is dropped.
+    read: list[dict[str, Any]] = []
+    absorbed: set[int] = set()
     for path in sorted(directory.glob("*.json")):
         with contextlib.suppress(OSError, ValueError):
             snapshot = json.loads(path.read_text())
-            view.snapshots.append(snapshot)
-            if _alive(int(snapshot["pid"])):
-                view.live.append(snapshot)
+            if path.name == RETIRED:
+                absorbed.update(snapshot.get("absorbed", ()))
+                view.snapshots.append(snapshot)
+            else:
+                read.append(snapshot)
+    for snapshot in read:
+        if snapshot["pid"] in absorbed:
+            continue
+        view.snapshots.append(snapshot)
+        if _alive(int(snapshot["pid"])):
+            view.live.append(snapshot)
     return view
+
+
+def retire(directory: Path, pid: int) -> None:
+    """Fold dead worker ``pid``'s counters into the retired sum and remove its file.
+
+    Only the supervisor calls this, after reaping the worker: nobody writes either file then.
+    The sum is written (naming ``pid``) before the worker's file goes, so a scrape counts the
+    worker's share exactly once whichever of the two states it reads.
+    """
+    path = directory / f"{pid}.json"
+    try:
+        dead = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    retired_path = directory / RETIRED
+    try:
+        retired = json.loads(retired_path.read_text())
+    except (OSError, ValueError):
+        retired = {"pid": 0, "worker": -1, "time": 0.0, "requests": [], "connect": [],
+                   "counters": {}, "gauges": {}, "pools": [], "absorbed": []}  # fmt: skip
+    retired["requests"] = _summed(retired["requests"], dead.get("requests", []), 5)
+    retired["connect"] = _summed(retired["connect"], dead.get("connect", []), 2)
+    counters = retired["counters"]
+    for key, value in dead.get("counters", {}).items():
+        counters[key] = counters.get(key, 0) + value
+    retired["absorbed"] = [*retired["absorbed"], pid][-ABSORBED_KEPT:]
+    retired["time"] = time.time()
+    tmp = directory / ".retired.tmp"
+    tmp.write_text(json.dumps(retired, separators=(",", ":")))
+    os.replace(tmp, retired_path)
+    path.unlink(missing_ok=True)
+
+
+def _summed(into: list[list[Any]], more: list[list[Any]], width: int) -> list[list[Any]]:
+    """Rows ``[*labels, series]`` (``width`` labels) added series by series."""
+    totals: dict[tuple[Any, ...], list[float]] = {tuple(row[:width]): row[width] for row in into}
+    for row in more:
+        key, series = tuple(row[:width]), row[width]
+        have = totals.get(key)
+        totals[key] = series if have is None else [a + b for a, b in zip(have, series, strict=True)]
+    return [[*key, series] for key, series in totals.items()]
 
 
 def _alive(pid: int) -> bool:
