@@ -351,3 +351,28 @@ def test_backend_weight(redis_server, backends, start_proxy):
                       {"weight": 2})[0] == 404  # fmt: skip
     assert admin_call(port, "PUT", path, {"weight": 1})[0] == 200
     assert not r.exists("redlb:servers:weights")  # 1 is the default
+
+
+def test_draining_the_last_backend_taking_traffic_needs_force(redis_server, backends, start_proxy):
+    """As `redlb backend drain` without --force: one click on the dashboard drained the only
+    backend left and every request of the pool got a 503."""
+    r = redis_server.client()
+    a, b = backends[0].address, backends[1].address
+    r.rpush("servers", a, b)
+    _, port = start_admin(start_proxy, redis_server)
+
+    def drain(addr: str, body: dict[str, bool]) -> tuple[int, dict[str, str]]:
+        status, answer, _ = admin_call(port, "POST", f"/api/v1/pools/servers/backends/{addr}/drain",
+                                       body)  # fmt: skip
+        return status, answer
+
+    assert drain(a, {})[0] == 200
+    status, answer = drain(b, {})
+    assert status == 409 and "last backend" in answer["error"], answer
+    assert r.smembers("redlb:servers:draining") == {a.encode()}
+    r.set(f"redlb:servers:health:{a}", "down")  # an ejected or down one takes no traffic either
+    assert admin_call(port, "POST", f"/api/v1/pools/servers/backends/{a}/undrain", {})[0] == 200
+    assert drain(b, {})[0] == 409
+    assert drain(b, {"force": True})[0] == 200
+    assert r.smembers("redlb:servers:draining") == {b.encode()}
+    assert drain(a, {"force": "yes"})[0] == 400  # type: ignore[dict-item]

@@ -306,10 +306,20 @@ class AdminApi:
 
     async def _drain(self, request: Request, pool: str, address: str, on: bool) -> Response:
         _no_query(request)
-        _body(request, required={}, optional={})
+        body = _body(request, required={}, optional={"force": bool} if on else {})
         name = _pool_name(pool)
         backend = _backend(address)
         keys = Keys(name)
+
+        async def not_the_last(pipe: Any) -> None:
+            # As `redlb backend drain` without --force: a dashboard click must not turn
+            # every request of the pool into a 503.
+            if not await self._others_taking_traffic(name, backend.key, pipe):
+                raise BadRequest(
+                    409,
+                    f"{backend.key} is the last backend of {name} taking traffic: every "
+                    'request would get a 503 (send {"force": true} to drain it anyway)',
+                )
 
         def write(pipe: Any) -> None:
             if on:
@@ -318,7 +328,8 @@ class AdminApi:
                 pipe.srem(keys.draining, backend.key)
             pipe.publish(keys.events, "drain")
 
-        await self._member_write(name, backend.key, write)
+        check = not_the_last if on and not body.get("force", False) else None
+        await self._member_write(name, backend.key, write, check)
         return json_response(200, {"pool": name, "address": backend.key, "draining": on})
 
     async def set_weight(self, request: Request, pool: str, address: str) -> Response:
@@ -355,15 +366,24 @@ class AdminApi:
             raise BadRequest(404, f"{backend.key} is not ejected from {name}")
         return json_response(200, {"pool": name, "address": backend.key, "ejected": False})
 
-    async def _member_write(self, pool: str, key: str, write: Callable[[Any], None]) -> None:
+    async def _member_write(
+        self,
+        pool: str,
+        key: str,
+        write: Callable[[Any], None],
+        check: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> None:
         """``write`` (queued on a transaction) if the backend is in the pool, as one: a
         remove through another instance in between would leave the drain or weight of an
-        address the pool no longer has, and it would come back so when re-added."""
+        address the pool no longer has, and it would come back so when re-added.  The
+        draining set is watched too: two drains at once cannot both pass ``check``."""
         for _ in range(WATCH_ATTEMPTS):
             async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(pool)
+                await pipe.watch(pool, Keys(pool).draining)
                 if not await self._find(pool, key, pipe):
                     raise BadRequest(404, f"{key} is not in {pool}")
+                if check is not None:
+                    await check(pipe)
                 pipe.multi()  # type: ignore[no-untyped-call]
                 write(pipe)
                 try:
@@ -372,6 +392,30 @@ class AdminApi:
                     continue  # the list changed meanwhile: look again
                 return
         raise BadRequest(503, f"{pool} kept changing; try again")  # as documented: retry
+
+    async def _others_taking_traffic(self, pool: str, key: str, watching: Any) -> bool:
+        """Whether a member other than ``key`` is neither draining, ejected nor down."""
+        keys = Keys(pool)
+        draining = {view.text(m) for m in await watching.smembers(keys.draining)}
+        others = {}
+        for raw in await watching.lrange(pool, 0, view.MAX_POOL_READ - 1):
+            try:
+                other = parse_backend(raw)
+            except InvalidAddress:
+                continue
+            if other.key != key and other.key not in draining:
+                others[other.key] = other
+        if not others:
+            return False
+        reads = self.client.pipeline(transaction=False)  # one round trip for them all
+        for other in others.values():
+            reads.exists(keys.ejected(other))
+            reads.get(keys.health(other))
+        answers = await reads.execute()
+        return any(
+            not ejected and view.text(health or b"") != "down"
+            for ejected, health in zip(answers[::2], answers[1::2], strict=True)
+        )
 
     async def _find(self, pool: str, key: str, reader: Any = None) -> list[Any]:
         """The raw entries of the pool list that name this backend (read through ``reader``,
