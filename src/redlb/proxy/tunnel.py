@@ -43,7 +43,10 @@ class _Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.tunnel.active = True
-        self.other.transport.write(data)
+        try:
+            self.other.transport.write(data)
+        except RuntimeError:  # the other handle closed in this loop pass, before its
+            self.tunnel.close()  # connection_lost: nothing left to relay to
 
     def eof_received(self) -> bool | None:
         self.eof = True
