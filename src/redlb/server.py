@@ -24,6 +24,7 @@ from typing import Any
 import redis
 import uvloop
 
+from redlb import build
 from redlb.address import parse_listen
 from redlb.config import Config
 from redlb.fleet import instance as fleet_instance
@@ -290,7 +291,7 @@ async def _worker(
     )
     ctx.listening = True
     log.info(
-        "worker %d listening on %s (%s, strategy %s)%s",
+        "worker %d listening on %s (%s, strategy %s)%s; hot path %s",
         worker,
         config.listen,
         f"pool {config.pool!r}" if ctx.table.single else f"{len(ctx.table.routes)} routes",
@@ -298,6 +299,7 @@ async def _worker(
         if config.strategy == "round_robin"
         else config.strategy,
         f", status on {config.status_listen}" if config.status_listen else "",
+        build.describe(),
     )
 
     if on_listening is not None:
