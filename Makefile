@@ -49,6 +49,7 @@ browser: $(STAMP)
 bench: $(COMPILED)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/idle_memory.py
+	$(BIN)/python bench/readme.py
 
 clean:
 	rm -rf $(VENV) .redlb .mypy_cache .ruff_cache .pytest_cache build src/redlb/compiled.sha256
