@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 # The hot path is compiled by mypyc (setup.py, src/redlb/build.py): in place, beside the sources.
 COMPILED := $(VENV)/.compiled
 HOT_SOURCES := $(wildcard src/redlb/proxy/*.py src/redlb/routing/*.py) \
-	src/redlb/metrics/recorder.py src/redlb/build.py setup.py
+	src/redlb/metrics/recorder.py src/redlb/store/rotation.py src/redlb/health/passive.py \
+	src/redlb/build.py setup.py
 # Data-path tests run a second time on the pure package (REDLB_PURE=1), the fallback without
 # a compiler: the hostile-input and the request/response paths, about two minutes.
 PURE_TESTS := tests/test_hostile_parsing.py tests/test_data_path.py tests/test_repeat_heads.py \

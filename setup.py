@@ -36,6 +36,11 @@ def hot_path() -> list[Any]:
         print("redlb: mypyc is not installed: the pure package")
         return []
     build = runpy.run_path(str(PACKAGE / "build.py"))
+    # An extension left beside a module no longer compiled (an in-place build) would shadow it.
+    for extension in PACKAGE.rglob("*.so"):
+        relative = extension.relative_to(PACKAGE.parent).with_suffix("").with_suffix("")
+        if ".".join(relative.parts) not in build["COMPILED"]:
+            extension.unlink()
     sources = [
         str(Path("src", *name.split(".")).with_suffix(".py")) for name in build["COMPILED"]
     ]

@@ -23,10 +23,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-# The data path and what it calls per request: parsing, routing, counting.  Pure: the
-# strategies (their snapshot is a tuple subclass) and the access log (jsonlog.py subclasses
-# it, and a compiled class cannot be subclassed by a pure one); one call a request each.
+# The data path and what it calls per request: parsing, routing, the lease cursor, ejection
+# bookkeeping, counting.  Pure: the strategies (their snapshot is a tuple subclass) and the
+# access log (jsonlog.py subclasses it, which a pure class cannot do to a compiled one), and
+# proxy/poolstate.py (mypyc 2.4 mistypes its key_spec); one call a request each.
 COMPILED = (
+    "redlb.health.passive",
     "redlb.metrics.recorder",
     "redlb.proxy.context",
     "redlb.proxy.deadlines",
@@ -39,6 +41,7 @@ COMPILED = (
     "redlb.proxy.upstream",
     "redlb.routing.paths",
     "redlb.routing.table",
+    "redlb.store.rotation",
 )
 DIGEST_FILE = "compiled.sha256"
 PACKAGE_DIR = Path(__file__).resolve().parent
