@@ -232,7 +232,7 @@ def run_wrk(
 
 class Target:
     def __init__(self, name: str, start, redis_client: redis.Redis | None = None,
-                 threads: int = 1, cpus: str = LOAD_CPU):  # fmt: skip
+                 threads: int = 1, cpus: str = LOAD_CPU, settle: float = 0.5):  # fmt: skip
         self.name = name
         self._start = start
         self.process: subprocess.Popen | None = None
@@ -240,12 +240,13 @@ class Target:
         self.redis = redis_client
         self.threads = threads  # wrk's, and where it runs
         self.cpus = cpus
+        self.settle = settle  # seconds between the port opening and the warm-up
 
     def start(self) -> None:
         self.port = free_port()
         self.process = self._start(self.port)
         wait_port(self.port)
-        time.sleep(0.5)
+        time.sleep(self.settle)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -427,8 +428,9 @@ def two_worker_scenario(
         Target("nginx, 2 workers", lambda port: subprocess.Popen(
             ["nginx", "-c", str(nginx_proxy_conf(tmp, port, backend_ports, workers=2)),
              "-e", str(tmp / "p2.err")]), threads=2, cpus=both),
+        # The supervisor opens the port before its workers have read the 10,000 routes.
         Target("redlb, 2 workers", redlb(*full, "--workers", "2", cpus=None), client,
-               threads=2, cpus=both),
+               threads=2, cpus=both, settle=4.0),
     ]  # fmt: skip
     rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
     for r in range(ROUNDS):
