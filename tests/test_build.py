@@ -13,6 +13,7 @@ import pytest
 
 import redlb
 from redlb import build
+from support import wait_for
 
 SRC = Path(redlb.__file__).resolve().parent.parent
 
@@ -68,4 +69,5 @@ def test_an_edited_source_runs_pure_never_its_stale_extension(tmp_path: Path) ->
 def test_serve_says_which_build_it_runs(redis_server, backends, start_proxy) -> None:  # type: ignore[no-untyped-def]
     redis_server.cli("RPUSH", "servers", backends[0].address)
     proxy = start_proxy(redis_server.url)
-    assert f"hot path {build.state} (" in proxy.log()
+    # Logged by a writer thread: it may land just after the proxy answers.
+    assert wait_for(lambda: f"hot path {build.state} (" in proxy.log(), 5), proxy.log()
