@@ -25,7 +25,7 @@ def hot_path() -> list[Any]:
     if os.environ.get("REDLB_PURE", "") not in ("", "0"):
         print("redlb: REDLB_PURE is set: the pure package")
         return []
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if shutil.which(compiler) is None or not headers.exists():
         print("redlb: no C compiler or no Python headers: the pure package")
@@ -41,9 +41,7 @@ def hot_path() -> list[Any]:
         relative = extension.relative_to(PACKAGE.parent).with_suffix("").with_suffix("")
         if ".".join(relative.parts) not in build["COMPILED"]:
             extension.unlink()
-    sources = [
-        str(Path("src", *name.split(".")).with_suffix(".py")) for name in build["COMPILED"]
-    ]
+    sources = [str(Path("src", *name.split(".")).with_suffix(".py")) for name in build["COMPILED"]]
     # Written before compiling: a module that then fails to build leaves a partial set, which
     # runs pure (build.py rule 1).
     (PACKAGE / build["DIGEST_FILE"]).write_text(build["source_digest"](PACKAGE) + "\n")
