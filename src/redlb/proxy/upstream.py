@@ -9,9 +9,6 @@ Rules:
 4. The framing fields (Content-Length, Transfer-Encoding) are never copied into the head as
    received: the exchange writes the framing it forwards by itself, after the fields that
    Connection names are dropped, so a backend cannot strip it (RFC 9112 §6.3).
-5. llhttp validates a response head; redlb reads it once llhttp has accepted it whole, from
-   the bytes received (one find of the blank line, one pass over the fields), instead of one
-   callback per field: the head of a response is read in one place, in one call.
 """
 
 from __future__ import annotations
@@ -114,8 +111,6 @@ class UpstreamConnection(asyncio.Protocol):
         "exchange",
         "finished",
         "head_bytes",
-        "head_reads",
-        "head_start",
         "idle_since",
         "in_body",
         "length",
@@ -158,8 +153,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.codings = b""  # the other transfer codings, still applied to the body
         self.to_close = False  # the body ends when the backend closes
         self.head_bytes = 0  # wire bytes read while the head is incomplete
-        self.head_reads: list[bytes] = []  # those reads, kept until the head is complete
-        self.head_start = 0  # where this head begins in them (after interim responses)
         self.in_body = False
         self.body_started = False
         self.finished = False
@@ -177,7 +170,6 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self.in_body:
             self.head_bytes += len(data)
-            self.head_reads.append(data)
         client = exchange.client
         client.cork()
         try:
@@ -254,8 +246,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = exchange
         self.no_body = no_body
         self._new_head()
-        self.head_reads.clear()
-        self.head_start = 0
         self.in_body = False
         self.body_started = False
         self.finished = False
@@ -299,6 +289,31 @@ class UpstreamConnection(asyncio.Protocol):
         if self.finished:
             self.broken = True  # a second response nobody asked for (rule 3)
 
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:
+            return  # trailer fields: not forwarded
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP:
+            # RFC 9110 §7.6.1: never forwarded; only the framing and the names that
+            # Connection adds to the hop-by-hop set matter.
+            self.set_aside += 1
+            if lowered == b"transfer-encoding":
+                if self.te is None:
+                    self.te = [value]
+                else:
+                    self.te.append(value)
+            elif lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                self.connection.append(value)
+            return
+        if lowered == b"content-length":
+            self.set_aside += 1
+            self.length = value  # llhttp refuses a second one, and anything but digits
+            return
+        self.lines.append(b"%b: %b\r\n" % (name, value))
+
     def on_headers_complete(self) -> None:
         if self.finished:
             return
@@ -309,10 +324,8 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:
             # Interim responses (100, 103) are consumed here: redlb already answered the
             # client's Expect itself, and 103 hints are optional (RFC 9110 §15.2).
-            self.head_start = self._skip_head()
             self._new_head()
             return
-        self._read_head()
         if len(self.lines) + self.set_aside > MAX_RESPONSE_HEADERS:
             raise _TooBig
         exchange = self.exchange
@@ -347,55 +360,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.finished = True
 
     # Internals
-
-    def _joined_head(self) -> bytes:
-        reads = self.head_reads
-        if len(reads) == 1:
-            return reads[0]
-        joined = b"".join(reads)
-        reads[:] = [joined]
-        return joined
-
-    def _skip_head(self) -> int:
-        """Where the next head begins, after this (interim) one."""
-        head = self._joined_head()
-        return head.find(b"\r\n\r\n", self.head_start) + 4
-
-    def _read_head(self) -> None:
-        """Sort the head llhttp just accepted (rule 5): end-to-end fields serialised for the
-        client, hop-by-hop and framing ones set aside with only their facts kept."""
-        head = self._joined_head()
-        self.head_reads.clear()  # nothing of the body is kept with the connection
-        start = self.head_start
-        while head[start : start + 1] in _LINE_BREAKS:
-            start += 1  # llhttp skips line breaks before a message
-        end = head.find(b"\r\n\r\n", start)
-        line_end = head.find(b"\r\n", start)
-        words = head[start:line_end].split(b" ", 2)
-        self.reason = words[2] if len(words) > 2 else b""
-        if line_end == end:
-            return  # no fields
-        lines = self.lines
-        for line in head[line_end + 2 : end].split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            value = value.lstrip(b" \t")  # as llhttp gives it: leading OWS gone, trailing kept
-            lowered = name.lower()
-            if lowered in HOP_BY_HOP:
-                # RFC 9110 §7.6.1: never forwarded; only the framing and the names that
-                # Connection adds to the hop-by-hop set matter.
-                self.set_aside += 1
-                if lowered == b"transfer-encoding":
-                    if self.te is None:
-                        self.te = [value]
-                    else:
-                        self.te.append(value)
-                elif lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
-                    self.connection.append(value)
-            elif lowered == b"content-length":
-                self.set_aside += 1
-                self.length = value  # llhttp refuses a second one, and anything but digits
-            else:
-                lines.append(b"%b: %b\r\n" % (name, value))
 
     def _new_head(self) -> None:
         self.reason = b""
@@ -435,7 +399,6 @@ class UpstreamConnection(asyncio.Protocol):
 
 # Connection values that name no other field: the common case, nothing more to drop.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
-_LINE_BREAKS = (b"\r", b"\n")
 
 
 def _response_parser(conn: UpstreamConnection) -> httptools.HttpResponseParser:
