@@ -18,6 +18,7 @@ the same machine.  bench/readme.py then writes the summary into the README.
     BENCH_TARGETS=nginx,redlb,relay  # a subset (default: every proxy and the relay)
     BENCH_ONLY=routing               # only the routing scenario (10,000 routes vs one pool)
     BENCH_ONLY="2 workers"           # only the two-worker comparison
+    BENCH_PURE=1                     # add "redlb (pure)": REDLB_PURE=1, interleaved with the rest
     BENCH_STRATEGIES=only            # just the strategy table (CPU per request vs round robin)
     BENCH_STRATEGIES=off             # skip it
 
@@ -28,6 +29,7 @@ Redis commands per request against round robin's.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -230,6 +232,22 @@ def run_wrk(
             "errors": errors}  # fmt: skip
 
 
+def wait_routed(port: int, timeout: float = 30.0) -> None:
+    """Until a request routed by the 10,000-route table is answered 200 (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/ok", headers={"Host": ROUTED_HOST})
+            status = conn.getresponse().status
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
 class Target:
     def __init__(self, name: str, start, redis_client: redis.Redis | None = None,
                  threads: int = 1, cpus: str = LOAD_CPU, settle: float = 0.5):  # fmt: skip
@@ -247,6 +265,8 @@ class Target:
         self.process = self._start(self.port)
         wait_port(self.port)
         time.sleep(self.settle)
+        if self.redis is not None:  # redlb: its port opens before it has read 10,000 routes
+            wait_routed(self.port)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -305,13 +325,15 @@ def main() -> None:
     log = (tmp / "access.log").open("ab")
     seed_routes(redis_port, backend_ports)
 
-    def redlb(*extra: str, cpus: str | None = PROXY_CPU):
+    def redlb(*extra: str, cpus: str | None = PROXY_CPU, pure: bool = False):
+        env = {**os.environ, "REDLB_PURE": "1"} if pure else None
+
         def start(port: int) -> subprocess.Popen:
             cmd = [sys.executable, "-m", "redlb", "serve", "--listen", f"127.0.0.1:{port}",
                    "--redis", redis_url, "--workers", "1", "--status-listen", "off", *extra]  # fmt: skip
             if cpus is None:
-                return subprocess.Popen(cmd, stdout=log, stderr=subprocess.DEVNULL)
-            return pinned(cpus, cmd, stdout=log, stderr=subprocess.DEVNULL)
+                return subprocess.Popen(cmd, stdout=log, stderr=subprocess.DEVNULL, env=env)
+            return pinned(cpus, cmd, stdout=log, stderr=subprocess.DEVNULL, env=env)
 
         return start
 
@@ -326,6 +348,8 @@ def main() -> None:
     if os.environ.get("BENCH_EXTRA"):  # e.g. "--no-access-log": one more redlb variant
         extra = os.environ["BENCH_EXTRA"].split()
         targets.append(Target(f"redlb {' '.join(extra)}", redlb(*full, *extra), client))
+    if os.environ.get("BENCH_PURE"):  # the same redlb pure, in the same rounds: what mypyc buys
+        targets.append(Target("redlb (pure)", redlb(*full, pure=True), client))
     relay = [sys.executable, str(ROOT / "bench" / "relay.py")]
     backends_arg = ",".join(map(str, backend_ports))
     targets.append(Target("relay", lambda port: pinned(PROXY_CPU, [*relay, str(port), backends_arg],
