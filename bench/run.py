@@ -3,14 +3,24 @@
 Layout (2 cores): every proxy under test runs alone on CPU 0; wrk (1 thread) and the
 backends (one nginx worker answering on three ports) share CPU 1.  Rounds are interleaved
 (each round runs every proxy once) and the table shows medians.  CPU time per request is
-read from /proc for all of a proxy's processes; Redis commands per request from INFO.
+read from /proc for all of a proxy's processes, user and system apart; Redis commands per
+request from INFO.
+
+redlb runs with every feature on (issue "Performance II"): routing through the 10,000-route
+table (wrk sends Host host77.example.com to every proxy; nginx and HAProxy ignore it), the
+per-route/backend metrics with the status listener, and the access log (to a file).
+bench/relay.py, the uvloop floor that copies bytes without HTTP, runs beside them.  After the
+pinned tables, "2 workers" runs nginx and redlb with two workers each, unpinned, wrk -t2 on
+the same machine.  bench/readme.py then writes the summary into the README.
 
     make bench                       # or: .venv/bin/python bench/run.py
     BENCH_SECONDS=5 BENCH_ROUNDS=3   # per measurement, and rounds (defaults)
-    BENCH_TARGETS=nginx,redlb,relay  # a subset; "relay" adds bench/relay.py, the uvloop floor
+    BENCH_TARGETS=nginx,redlb,relay  # a subset (default: every proxy and the relay)
     BENCH_ONLY=routing               # only the routing scenario (10,000 routes vs one pool)
     BENCH_ONLY=tls                   # only TLS termination (bench/tls.py)
     BENCH_ONLY=websocket             # only WebSocket echo throughput (bench/ws_echo.py)
+    BENCH_ONLY="2 workers"           # only the two-worker comparison
+    BENCH_PURE=1                     # add "redlb (pure)": REDLB_PURE=1, interleaved with the rest
     BENCH_STRATEGIES=only            # just the strategy table (CPU per request vs round robin)
     BENCH_STRATEGIES=off             # skip it
 
@@ -21,6 +31,7 @@ Redis commands per request against round robin's.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -53,6 +64,11 @@ SCENARIOS = [
     ("ok, 1000 conns", "/ok", 1000),
 ]
 STRATEGY_SCENARIO = ("ok, 50 conns", "/ok", 50)
+TWO_WORKERS = "2 workers"  # nginx and redlb, two workers each, unpinned; wrk -t2
+REDLB_FEATURES = (
+    "one worker; routing through 10,000 routes over 1,000 pools (Host host77.example.com); "
+    "per-route/backend metrics with the status listener on; access log on (to a file)"
+)
 # --strategy arguments compared with round robin (hash: on the client address; sticky: a
 # cookie wrk never sends back, so every answer also carries a Set-Cookie: the worst case).
 STRATEGY_VARIANTS = [
@@ -137,10 +153,10 @@ def backends_conf(tmp: Path, ports: list[int]) -> Path:
     return _nginx_conf(tmp, "backends", f"http {{ default_type text/plain; {servers} }}")
 
 
-def _nginx_conf(tmp: Path, name: str, http: str) -> Path:
+def _nginx_conf(tmp: Path, name: str, http: str, workers: int = 1) -> Path:
     conf = tmp / f"{name}.conf"
     conf.write_text(
-        f"""worker_processes 1; daemon off; pid {tmp}/{name}.pid; error_log {tmp}/{name}.err;
+        f"""worker_processes {workers}; daemon off; pid {tmp}/{name}.pid; error_log {tmp}/{name}.err;
 events {{ worker_connections 4096; }}
 {http}
 """
@@ -148,15 +164,16 @@ events {{ worker_connections 4096; }}
     return conf
 
 
-def nginx_proxy_conf(tmp: Path, port: int, backends: list[int]) -> Path:
+def nginx_proxy_conf(tmp: Path, port: int, backends: list[int], workers: int = 1) -> Path:
     upstream = " ".join(f"server 127.0.0.1:{p};" for p in backends)
     return _nginx_conf(
-        tmp, "proxy",
+        tmp, f"proxy{workers}",
         f"""http {{ access_log off; upstream pool {{ {upstream} keepalive 64; }}
   server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;
     location / {{ proxy_pass http://pool; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host $host;
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }} }}""",
+        workers,
     )  # fmt: skip
 
 
@@ -186,11 +203,18 @@ backend be
 
 
 def run_wrk(
-    port: int, path: str, connections: int, seconds: int = SECONDS, host: str | None = None,
-    scheme: str = "http", close: bool = False,
-) -> dict[str, float]:  # fmt: skip
+    port: int,
+    path: str,
+    connections: int,
+    seconds: int = SECONDS,
+    host: str | None = None,
+    threads: int = 1,
+    cpus: str = LOAD_CPU,
+    scheme: str = "http",
+    close: bool = False,
+) -> dict[str, float]:
     out = subprocess.run(
-        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+        ["taskset", "-c", cpus, "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
          *(["-H", f"Host: {host}"] if host else []),
          *(["-H", "Connection: close"] if close else []), f"{scheme}://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, timeout=seconds + 30,
@@ -213,19 +237,41 @@ def run_wrk(
             "errors": errors}  # fmt: skip
 
 
+def wait_routed(port: int, timeout: float = 30.0) -> None:
+    """Until a request routed by the 10,000-route table is answered 200 (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/ok", headers={"Host": ROUTED_HOST})
+            status = conn.getresponse().status
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
 class Target:
-    def __init__(self, name: str, start, redis_client: redis.Redis | None = None):
+    def __init__(self, name: str, start, redis_client: redis.Redis | None = None,
+                 threads: int = 1, cpus: str = LOAD_CPU, settle: float = 0.5):  # fmt: skip
         self.name = name
         self._start = start
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.redis = redis_client
+        self.threads = threads  # wrk's, and where it runs
+        self.cpus = cpus
+        self.settle = settle  # seconds between the port opening and the warm-up
 
     def start(self) -> None:
         self.port = free_port()
         self.process = self._start(self.port)
         wait_port(self.port)
-        time.sleep(0.5)
+        time.sleep(self.settle)
+        if self.redis is not None:  # redlb: its port opens before it has read 10,000 routes
+            wait_routed(self.port)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -242,10 +288,12 @@ class Target:
         assert self.process is not None
         pid = self.process.pid
         # Warm-up: pools, leases, caches.
-        run_wrk(self.port, path, min(connections, 50), 1, host, **wrk)  # type: ignore[arg-type]
+        run_wrk(self.port, path, min(connections, 50), 1, host, self.threads, self.cpus,
+                **wrk)  # type: ignore[arg-type]  # fmt: skip
         cmds0 = int(self.redis.info("stats")["total_commands_processed"]) if self.redis else 0
         user0, system0 = cpu_seconds(pid)
-        result = run_wrk(self.port, path, connections, host=host, **wrk)  # type: ignore[arg-type]
+        result = run_wrk(self.port, path, connections, host=host, threads=self.threads,
+                         cpus=self.cpus, **wrk)  # type: ignore[arg-type]  # fmt: skip
         user1, system1 = cpu_seconds(pid)
         cmds = (
             (int(self.redis.info("stats")["total_commands_processed"]) - cmds0) if self.redis else 0
@@ -283,30 +331,37 @@ def main() -> None:
     client.rpush("servers", *[f"127.0.0.1:{p}" for p in backend_ports])
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     log = (tmp / "access.log").open("ab")
+    seed_routes(redis_port, backend_ports)
 
-    def redlb(*extra: str):
+    def redlb(*extra: str, cpus: str | None = PROXY_CPU, pure: bool = False):
+        env = {**os.environ, "REDLB_PURE": "1"} if pure else None
+
         def start(port: int) -> subprocess.Popen:
-            return pinned(PROXY_CPU, [sys.executable, "-m", "redlb", "serve", "--listen",
-                                      f"127.0.0.1:{port}", "--redis", redis_url, "--workers", "1",
-                                      "--status-listen", "off", *extra],
-                          stdout=log, stderr=subprocess.DEVNULL)  # fmt: skip
+            cmd = [sys.executable, "-m", "redlb", "serve", "--listen", f"127.0.0.1:{port}",
+                   "--redis", redis_url, "--workers", "1", "--status-listen", "off", *extra]  # fmt: skip
+            if cpus is None:
+                return subprocess.Popen(cmd, stdout=log, stderr=subprocess.DEVNULL, env=env)
+            return pinned(cpus, cmd, stdout=log, stderr=subprocess.DEVNULL, env=env)
 
         return start
 
+    # Every feature on (the module's docstring): the routed database, metrics served.
+    full = ("--redis", f"redis://127.0.0.1:{redis_port}/1", "--status-listen", "127.0.0.1:0")
     targets = [
         Target("nginx", lambda port: pinned(PROXY_CPU, ["nginx", "-c", str(nginx_proxy_conf(tmp, port, backend_ports)), "-e", str(tmp / "p.err")])),
         Target("haproxy", lambda port: pinned(PROXY_CPU, ["haproxy", "-f", str(haproxy_conf(tmp, port, backend_ports))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)),
-        Target("redlb", redlb(), client),
-        Target("redlb --rotation strict", redlb("--rotation", "strict"), client),
+        Target("redlb", redlb(*full), client),
+        Target("redlb --rotation strict", redlb(*full, "--rotation", "strict"), client),
     ]  # fmt: skip
     if os.environ.get("BENCH_EXTRA"):  # e.g. "--no-access-log": one more redlb variant
         extra = os.environ["BENCH_EXTRA"].split()
-        targets.append(Target(f"redlb {' '.join(extra)}", redlb(*extra), client))
-    if "relay" in os.environ.get("BENCH_TARGETS", ""):  # the uvloop floor: no HTTP at all
-        relay = [sys.executable, str(ROOT / "bench" / "relay.py")]
-        backends_arg = ",".join(map(str, backend_ports))
-        targets.append(Target("relay", lambda port: pinned(PROXY_CPU, [*relay, str(port), backends_arg],
-                                                           stderr=subprocess.DEVNULL)))  # fmt: skip
+        targets.append(Target(f"redlb {' '.join(extra)}", redlb(*full, *extra), client))
+    if os.environ.get("BENCH_PURE"):  # the same redlb pure, in the same rounds: what mypyc buys
+        targets.append(Target("redlb (pure)", redlb(*full, pure=True), client))
+    relay = [sys.executable, str(ROOT / "bench" / "relay.py")]
+    backends_arg = ",".join(map(str, backend_ports))
+    targets.append(Target("relay", lambda port: pinned(PROXY_CPU, [*relay, str(port), backends_arg],
+                                                       stderr=subprocess.DEVNULL)))  # fmt: skip
     if os.environ.get("BENCH_TARGETS"):  # e.g. "nginx,redlb"
         keep = os.environ["BENCH_TARGETS"].split(",")
         targets = [t for t in targets if t.name in keep or t.name.startswith("redlb --no")]
@@ -320,6 +375,7 @@ def main() -> None:
     routing: dict[str, float] = {}
     tls: dict[str, dict[str, dict[str, float]]] = {}
     websocket: dict[str, dict[str, float]] = {}
+    two_workers: dict[str, dict[str, float]] = {}
     try:
         if only == "tls" or (not only and strategies_mode != "only"):
             import tls as tls_bench
@@ -339,7 +395,7 @@ def main() -> None:
                 for target in targets:
                     target.start()
                     try:
-                        rounds[target.name].append(target.measure(path, connections))
+                        rounds[target.name].append(target.measure(path, connections, ROUTED_HOST))
                     finally:
                         target.stop()
                 print(f"  {scenario}: round {r + 1}/{ROUNDS} done", file=sys.stderr, flush=True)
@@ -348,6 +404,8 @@ def main() -> None:
                 for name, ms in rounds.items()
             }
             print_table(scenario, results[scenario])
+        if (not only or only == TWO_WORKERS) and strategies_mode != "only":
+            two_workers = two_worker_scenario(tmp, backend_ports, redlb, full, client)
         if strategies_mode == "only" or (strategies_mode != "off" and not only):
             strategy_rows = compare_strategies(redlb, client)
     finally:
@@ -383,6 +441,16 @@ def main() -> None:
             json.dumps({"machine": machine, "websocket": websocket}, indent=2)
         )
         return
+    if only == TWO_WORKERS:
+        (RESULTS / "two_workers.json").write_text(
+            json.dumps({"machine": machine, "two_workers": two_workers}, indent=2)
+        )
+        return
+    if only:  # one scenario: a look, not the run the README quotes
+        (RESULTS / "partial.json").write_text(
+            json.dumps({"machine": machine, "results": results}, indent=2)
+        )
+        return
     (RESULTS / "latest.json").write_text(
         json.dumps(
             {
@@ -390,8 +458,11 @@ def main() -> None:
                 "results": results,
                 "routing": routing,
                 "websocket": websocket,
-                "strategies": strategy_rows,
                 "tls": tls,
+                "two_workers": two_workers,
+                "strategies": strategy_rows,
+                "build": _build(),
+                "redlb_features": REDLB_FEATURES,
             },
             indent=2,
         )
@@ -399,6 +470,44 @@ def main() -> None:
     if results:
         chart(results)
     print(f"\nwrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.png'}")
+
+
+def two_worker_scenario(
+    tmp: Path, backend_ports: list[int], redlb, full: tuple[str, ...], client: redis.Redis
+) -> dict[str, dict[str, float]]:
+    """nginx and redlb with two workers each, nothing pinned, wrk -t2 on the same machine
+    (with the backends): the rate each gets out of both cores, interleaved rounds, medians."""
+    both = "0,1" if LOAD_CPU != PROXY_CPU else "0"
+    targets = [
+        Target("nginx, 2 workers", lambda port: subprocess.Popen(
+            ["nginx", "-c", str(nginx_proxy_conf(tmp, port, backend_ports, workers=2)),
+             "-e", str(tmp / "p2.err")]), threads=2, cpus=both),
+        # The supervisor opens the port before its workers have read the 10,000 routes.
+        Target("redlb, 2 workers", redlb(*full, "--workers", "2", cpus=None), client,
+               threads=2, cpus=both, settle=4.0),
+    ]  # fmt: skip
+    rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+    for r in range(ROUNDS):
+        for target in targets:
+            target.start()
+            try:
+                rounds[target.name].append(target.measure("/ok", 100, ROUTED_HOST))
+            finally:
+                target.stop()
+        print(f"  {TWO_WORKERS}: round {r + 1}/{ROUNDS} done", file=sys.stderr, flush=True)
+    rows = {
+        name: {k: statistics.median(m[k] for m in ms) for k in ms[0]} for name, ms in rounds.items()
+    }
+    print_table(f"{TWO_WORKERS}, unpinned, ok, 100 conns", rows)
+    return rows
+
+
+def _build() -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", "import redlb.build as b; print(b.describe())"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    return out.stdout.strip() or "unknown"
 
 
 def compare_strategies(redlb, client: redis.Redis) -> dict[str, dict[str, float]]:
@@ -457,6 +566,19 @@ def _routes(generation: int) -> dict[str, str]:
     return routes
 
 
+def seed_routes(redis_port: int, backend_ports: list[int]) -> redis.Redis:
+    """Database 1: the 10,000 routes over 1,000 pools of the three backends."""
+    routed_db = redis.Redis(port=redis_port, db=1)
+    routed_db.flushdb()
+    pipe = routed_db.pipeline(transaction=False)
+    members = [f"127.0.0.1:{p}" for p in backend_ports]
+    for p in range(ROUTE_POOLS):
+        pipe.rpush(f"pool{p}", *members)
+    pipe.hset("redlb:routes", mapping=_routes(0))
+    pipe.execute()
+    return routed_db
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -471,14 +593,7 @@ def routing_scenario(redis_port: int, backend_ports: list[int], redlb) -> dict[s
     two never see each other's keys.  Reported: CPU per request of each and their ratio, the
     worker's RSS of each, and p99 latency while the whole table is replaced every 0.5 s.
     """
-    routed_db = redis.Redis(port=redis_port, db=1)
-    routed_db.flushdb()
-    pipe = routed_db.pipeline(transaction=False)
-    members = [f"127.0.0.1:{p}" for p in backend_ports]
-    for p in range(ROUTE_POOLS):
-        pipe.rpush(f"pool{p}", *members)
-    pipe.hset("redlb:routes", mapping=_routes(0))
-    pipe.execute()
+    routed_db = seed_routes(redis_port, backend_ports)
     client = redis.Redis(port=redis_port)
     single = Target("redlb, one pool", redlb(), client)
     routed = Target("redlb, 10,000 routes", redlb("--redis", f"redis://127.0.0.1:{redis_port}/1"),
@@ -552,16 +667,17 @@ def _cpu_model() -> str:
 
 
 def print_table(scenario: str, rows: dict[str, dict[str, float]]) -> None:
-    base = rows["nginx"]
+    base = next(r for name, r in rows.items() if name.startswith("nginx"))
     print(f"\n## {scenario}")
     print(
-        "| proxy | req/s | p50 ms | p99 ms | errors | CPU µs/req | Redis cmds/req | req/s vs nginx | CPU vs nginx | p99 vs nginx |"
+        "| proxy | req/s | p50 ms | p99 ms | errors | CPU µs/req | user µs/req | system µs/req | Redis cmds/req | req/s vs nginx | CPU vs nginx | p99 vs nginx |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(
             f"| {name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']:.0f} | "
-            f"{r['cpu_us_per_req']:.1f} | {r['redis_per_req']:.4f} | {r['rps'] / base['rps']:.2f}x | "
+            f"{r['cpu_us_per_req']:.1f} | {r['user_us_per_req']:.1f} | {r['system_us_per_req']:.1f} | "
+            f"{r['redis_per_req']:.4f} | {r['rps'] / base['rps']:.2f}x | "
             f"{r['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}x | {r['p99_ms'] / base['p99_ms']:.2f}x |"
         )
     sys.stdout.flush()

@@ -118,21 +118,10 @@ def test_pool_members_by_state_and_ejections(redis_server, backends, start_proxy
 
 
 def test_label_sets_are_capped():
-    from types import SimpleNamespace
-
     rec = Recorder()
     for i in range(MAX_SERIES + 500):
-        backend = SimpleNamespace(key=f"10.0.{i // 250}.{i % 250}:80")
-        ex = SimpleNamespace(
-            req=SimpleNamespace(route=SimpleNamespace(label=b"r"), method=b"GET"),
-            up=SimpleNamespace(name="p"),
-            backend=backend,
-            status=200,
-            body_bytes=0,
-            bytes_out=1,
-            first_byte=0.0005,
-        )
-        rec.request(ex, 0.001)  # type: ignore[arg-type]
+        backend = f"10.0.{i // 250}.{i % 250}:80"
+        rec.count((b"r", "p", backend, b"GET", 2), 0, 1, 0.001, 0.0005)
     assert len(rec.requests) == MAX_SERIES + 1  # the capped ones share one "other" series
     assert rec.requests[(b"other", "other", "other", b"GET", 2)][0] == 500
     assert sum(series[0] for series in rec.requests.values()) == MAX_SERIES + 500

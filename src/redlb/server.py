@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import uvloop
 
+from redlb import build
 from redlb.address import parse_listen
 from redlb.config import Config
 from redlb.fleet import instance as fleet_instance
@@ -339,7 +340,7 @@ async def _worker(
         await tls_listener.start(tls.sock if tls else bind_listener(config.tls_listen))
     ctx.listening = True
     log.info(
-        "worker %d listening on %s (%s, strategy %s)%s",
+        "worker %d listening on %s (%s, strategy %s)%s; hot path %s",
         worker,
         _listening_on(config),
         f"pool {config.pool!r}" if ctx.table.single else f"{len(ctx.table.routes)} routes",
@@ -347,6 +348,7 @@ async def _worker(
         if config.strategy == "round_robin"
         else config.strategy,
         f", status on {config.status_listen}" if config.status_listen else "",
+        build.describe(),
     )
 
     if on_listening is not None:

@@ -59,17 +59,23 @@ class Recorder:
             ex.req.method,
             ex.status // 100,
         )
+        self.count(key, ex.body_bytes, ex.bytes_out, seconds, ex.first_byte)
+
+    def count(
+        self, key: RequestKey, bytes_in: int, bytes_out: int, seconds: float, first_byte: float
+    ) -> None:
+        """One request of this label set (apart from request(), so that it is tested with
+        plain values: a compiled Recorder takes nothing but a real Exchange)."""
         try:
             series = self.requests[key]  # a subscript, not a method call: the common case
         except KeyError:
             series = self._new_request_series(key)
         series[COUNT] += 1
-        series[BYTES_IN] += ex.body_bytes
-        series[BYTES_OUT] += ex.bytes_out
+        series[BYTES_IN] += bytes_in
+        series[BYTES_OUT] += bytes_out
         series[SECONDS] += seconds
         bucket = bisect_left(BUCKETS, seconds)
         series[FIRST_BUCKET + bucket] += 1
-        first_byte = ex.first_byte
         if first_byte:
             series[FB_COUNT] += 1
             series[FB_SECONDS] += first_byte

@@ -13,6 +13,9 @@ Rules:
 3. Forwarding fields: list-valued ones (X-Forwarded-For, Forwarded) keep what the client sent
    and get redlb's own element appended, the rightmost being the only trustworthy one;
    single-valued ones (X-Forwarded-Host/-Proto/-Port, X-Real-IP) are always set by redlb.
+4. A keep-alive client repeats its request heads: a head equal to the previous one (method,
+   version, target, fields, keep-alive) under the same routing table and settings is
+   forwarded as built the first time, without being checked, routed and serialised again.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class ClientConnection(asyncio.Protocol):
         "phase",
         "queue",
         "refusal",
+        "repeat",
         "send_deadline",
         "transport",
         "tunnel",
@@ -146,6 +150,8 @@ class ClientConnection(asyncio.Protocol):
         self.body_started_at = 0.0
         self.checked_host = b""  # clients repeat their Host: it is validated once
         self.tunnel: Tunnel | None = None  # a WebSocket: this connection is no longer HTTP
+        # The last head built, with what it was built from (rule 4); dropped with the parser.
+        self.repeat: _Repeat | None = None
         # Per-request (parse side) state
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
@@ -364,6 +370,32 @@ class ClientConnection(asyncio.Protocol):
         assert parser is not None
         method: bytes = parser.get_method()
         version: str = parser.get_http_version()
+        ctx = self.ctx
+        keep_alive: bool = parser.should_keep_alive() and not ctx.draining
+        repeat = self.repeat
+        if (
+            repeat is not None
+            and repeat.headers == self.headers
+            and repeat.url == self.url
+            and repeat.method == method
+            and repeat.version == version
+            and repeat.keep_alive == keep_alive
+            and repeat.table is ctx.table
+            and repeat.config is ctx.config
+        ):
+            route = repeat.req.route
+            if route is None or route.target.config is repeat.pool_config:
+                return repeat.req  # rule 4
+        req = self._build_request_head(parser, method, version, keep_alive)
+        if not req.expect_continue and not parser.should_upgrade():
+            self.repeat = _Repeat(
+                method, version, self.url, self.headers, keep_alive, ctx.table, ctx.config, req
+            )
+        return req
+
+    def _build_request_head(
+        self, parser: httptools.HttpRequestParser, method: bytes, version: str, keep_alive: bool
+    ) -> RequestHead:
         if version != "1.1":
             major, _, minor = version.partition(".")
             check_version(int(major), int(minor))
@@ -482,7 +514,6 @@ class ClientConnection(asyncio.Protocol):
             )
         )
         append(self.forwarded)
-        keep_alive = parser.should_keep_alive() and not self.ctx.draining
         return RequestHead(
             method=method,
             target=self.url if len(self.url) <= 200 else self.url[:200] + b"...",
@@ -579,6 +610,7 @@ class ClientConnection(asyncio.Protocol):
             self.idle_deadline = time.monotonic() + self.ctx.config.keepalive_timeout
             if len(self.ctx.clients) > _KEEP_PARSERS_UP_TO:
                 self.parser = None  # so many connections that memory comes first
+                self.repeat = None
 
     # Timeouts, driven by the sweeper
 
@@ -617,6 +649,7 @@ class ClientConnection(asyncio.Protocol):
                 self._timeout_refusal()
         elif self.phase == _IDLE and not self.queue:
             self.parser = None  # between messages: nothing to keep (see __init__)
+            self.repeat = None
 
     def flushed(self) -> bool:
         """Nothing is left for this client: no exchange, no byte waiting to be sent."""
@@ -731,6 +764,44 @@ class ClientConnection(asyncio.Protocol):
         self.paused &= ~reason
         if not self.paused and self.transport is not None and not self.closing:
             self.transport.resume_reading()
+
+
+class _Repeat:
+    """A request head built, and what it was built from (rule 4)."""
+
+    __slots__ = (
+        "config",
+        "headers",
+        "keep_alive",
+        "method",
+        "pool_config",
+        "req",
+        "table",
+        "url",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        version: str,
+        url: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        table: object,
+        config: object,
+        req: RequestHead,
+    ) -> None:
+        self.method = method
+        self.version = version
+        self.url = url
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.table = table
+        self.config = config  # the worker's settings (allowed hosts, limits)
+        # The route's pool's settings (its body limit, what it hashes).
+        self.pool_config = req.route.target.config if req.route is not None else None
+        self.req = req
 
 
 def _body_too_large(limit: int) -> Reject:

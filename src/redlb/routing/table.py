@@ -13,7 +13,6 @@ does not grow with the number of hosts or routes, and no regular expression is i
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from redlb.routing.match import ANY, EXACT, Match, RouteSpec
@@ -27,14 +26,30 @@ from redlb.routing.paths import (
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class Route(Generic[T]):
-    spec: RouteSpec
-    target: T  # what serves the pool (the data path's per-pool state)
-    label: bytes  # the match as written, for the access log and metrics
-    prefix: bytes
-    strip: bool  # strip a prefix other than "/"
-    host_header: bytes | None
+    """One route, never changed once made (a new table makes new ones).  A plain class:
+    mypyc compiles no generic dataclass (build.py)."""
+
+    __slots__ = ("host_header", "label", "prefix", "spec", "strip", "target")
+
+    def __init__(
+        self,
+        spec: RouteSpec,
+        target: T,  # what serves the pool (the data path's per-pool state)
+        label: bytes,  # the match as written, for the access log and metrics
+        prefix: bytes,
+        strip: bool,  # strip a prefix other than "/"
+        host_header: bytes | None,
+    ) -> None:
+        self.spec = spec
+        self.target = target
+        self.label = label
+        self.prefix = prefix
+        self.strip = strip
+        self.host_header = host_header
+
+    def __repr__(self) -> str:
+        return f"Route({self.label!r} -> {self.spec.pool!r})"
 
 
 def make_route(spec: RouteSpec, target: T) -> Route[T]:
