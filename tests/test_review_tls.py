@@ -7,15 +7,28 @@ trustme certificate, each with a script of what it sends), real TLS clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trustme
 
+from certs import Pair, client_context, handshake, served_der, write_atomically
 from redlb.store.embedded import free_port
-from support import LoopThread, request
+from support import LoopThread, request, wait_for
+
+
+def grep(text: str, pattern: str) -> list[str]:
+    return [line for line in text.splitlines() if re.search(pattern, line)]
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +181,244 @@ def test_close_delimited_body_ended_by_close_notify_is_complete(
     proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
     status, body, _ = request(proxy.port, "GET", "/")
     assert (status, body) == (200, b"x" * 1000)
+
+
+# TLS termination
+
+
+@pytest.fixture
+def pairs(ca, tmp_path):  # type: ignore[no-untyped-def]
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    return (
+        Pair(ca, directory, "a", "127.0.0.1", "a.example"),
+        Pair(ca, directory, "b", "b.example", "*.wild.example"),
+    )
+
+
+@pytest.fixture
+def tls(redis_server, backends, start_proxy, pairs):  # type: ignore[no-untyped-def]
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    port = free_port()
+    args = ["--tls-listen", f"127.0.0.1:{port}", "--header-timeout", "3"]
+    proxy = start_proxy(redis_server.url, *args, *pairs[0].args, *pairs[1].args)
+    return proxy, port, backends[0]
+
+
+def _flip(directory: Path, version: str, pem: bytes, key: bytes) -> None:
+    """What kubelet does for a Secret volume: a new timestamped directory, then the
+    ``..data`` symlink swapped to it by a rename; ``tls.crt`` -> ``..data/tls.crt`` stays."""
+    target = directory / version
+    target.mkdir()
+    (target / "tls.crt").write_bytes(pem)
+    (target / "tls.key").write_bytes(key)
+    link = directory / "..data_tmp"
+    link.symlink_to(version)
+    os.replace(link, directory / "..data")
+
+
+def test_kubernetes_style_symlink_flip_is_noticed(redis_server, backends, start_proxy, ca, tmp_path):
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    first = ca.issue_cert("127.0.0.1", "a.example")
+    _flip(secret, "..v1", first.cert_chain_pems[0].bytes(), first.private_key_pem.bytes())
+    for name in ("tls.crt", "tls.key"):
+        (secret / name).symlink_to(f"..data/{name}")
+    port = free_port()
+    proxy = start_proxy(
+        redis_server.url, "--tls-listen", f"127.0.0.1:{port}",
+        "--tls-cert", str(secret / "tls.crt"), "--tls-key", str(secret / "tls.key"),
+    )  # fmt: skip
+    old = served_der(port, "a.example", ca)
+    second = ca.issue_cert("127.0.0.1", "a.example")
+    _flip(secret, "..v2", second.cert_chain_pems[0].bytes(), second.private_key_pem.bytes())
+    shutil.rmtree(secret / "..v1")
+    new = ssl.PEM_cert_to_DER_cert(second.cert_chain_pems[0].bytes().decode())
+    assert new != old
+    assert wait_for(lambda: served_der(port, "a.example", ca) == new, 15), proxy.log()
+    assert "not reloaded" not in proxy.log()
+
+
+def test_deleted_certificate_keeps_serving_then_a_restored_one_is_taken(tls, ca, pairs):
+    proxy, port, _ = tls
+    a = pairs[0]
+    old = a.der
+    a.cert.unlink()
+    assert wait_for(lambda: "not reloaded" in proxy.log(), 10), proxy.log()
+    time.sleep(2)
+    assert len(grep(proxy.log(), "not reloaded")) == 1
+    assert served_der(port, "a.example", ca) == old
+    new = a.issue()
+    assert wait_for(lambda: served_der(port, "a.example", ca) == new, 15), proxy.log()
+
+
+def test_key_replaced_before_the_certificate_ends_on_the_new_pair(tls, ca, pairs):
+    proxy, port, _ = tls
+    a = pairs[0]
+    leaf = ca.issue_cert("127.0.0.1", "a.example")
+    write_atomically(a.key, leaf.private_key_pem.bytes())
+    time.sleep(2.5)  # several sweeps see a key that does not match
+    assert served_der(port, "a.example", ca) == a.der  # the mismatched pair is never served
+    write_atomically(a.cert, leaf.cert_chain_pems[0].bytes())
+    new = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+    assert wait_for(lambda: served_der(port, "a.example", ca) == new, 15), proxy.log()
+    time.sleep(2)
+    assert len(grep(proxy.log(), "not reloaded")) <= 1, proxy.log()
+
+
+@pytest.mark.parametrize(
+    "name, which",
+    [("A.EXAMPLE", 0), ("a.example.", 0), ("B.example.", 1), ("X.Wild.Example", 1),
+     ("a.b.wild.example", 0)],
+)  # fmt: skip
+def test_sni_spellings(tls, pairs, name, which):
+    _, port, _ = tls
+    assert served_der_unverified(port, name) == pairs[which].der
+
+
+def served_der_unverified(port: int, server_name: str) -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname=server_name) as tls_sock:
+            der = tls_sock.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_forwarded_proto_from_the_client_is_never_believed(tls, ca):
+    proxy, port, backend = tls
+    spoof = {"X-Forwarded-Proto": "https", "X-Forwarded-Port": "443", "X-Real-IP": "1.2.3.4"}
+    assert request(proxy.port, "GET", "/", headers=spoof)[0] == 200
+    got = backend.received[-1]
+    assert got.header(b"x-forwarded-proto") == [b"http"]
+    assert got.header(b"x-real-ip") == [b"127.0.0.1"]
+    tls_sock = handshake(port, "a.example", ca)
+    tls_sock.sendall(
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-Proto: http\r\nConnection: close\r\n\r\n"
+    )
+    answer = _read_all(tls_sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    got = backend.received[-1]
+    assert got.header(b"x-forwarded-proto") == [b"https"]
+    assert got.header(b"forwarded")[-1].endswith(b"proto=https")
+
+
+def _read_all(tls_sock: ssl.SSLSocket) -> bytes:
+    chunks = []
+    try:
+        while chunk := tls_sock.recv(65536):
+            chunks.append(chunk)
+    except (ssl.SSLError, ConnectionResetError, TimeoutError):
+        pass
+    finally:
+        tls_sock.close()
+    return b"".join(chunks)
+
+
+# TLS to backends: cut, garbage, alerts
+
+
+def _raw_socket(writer: asyncio.StreamWriter) -> socket.socket:
+    sock = writer.get_extra_info("socket")
+    assert sock is not None
+    return socket.socket(fileno=os.dup(sock.fileno()))
+
+
+def cut_body(kind: str) -> Script:
+    """Half a body, then: ``abort`` (no close_notify), ``notify`` (a clean TLS close, still
+    short of the framing), ``alert`` (a cleartext alert record), ``garbage`` (bytes that are
+    no TLS record)."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"y" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        if kind == "notify":
+            writer.close()
+            await writer.wait_closed()
+            return
+        if kind in ("alert", "garbage"):
+            raw = _raw_socket(writer)
+            record = b"\x15\x03\x03\x00\x02\x02\x28" if kind == "alert" else b"\xde\xad" * 50
+            raw.sendall(record)
+            raw.close()
+            await asyncio.sleep(1)
+        writer.transport.abort()
+
+    return script
+
+
+@pytest.mark.parametrize("kind", ["abort", "notify", "alert", "garbage"])
+def test_body_cut_over_tls_is_never_a_complete_response(
+    redis_server, scripted, ca_file, start_proxy, kind
+):
+    backend = scripted(cut_body(kind))
+    redis_server.cli("RPUSH", "servers", backend.entry)
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
+    data, _ = raw_get(proxy.port)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 2000" in head
+    assert len(body) < 2000  # the client sees the framing unmet: a truncation, not success
+    assert proxy.alive()
+
+
+def test_backend_speaking_garbage_after_the_handshake_is_a_502(
+    redis_server, scripted, ca_file, start_proxy
+):
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(b"\x00\x01SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    backend = scripted(script)
+    redis_server.cli("RPUSH", "servers", backend.entry)
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
+    assert request(proxy.port, "GET", "/")[0] == 502
+
+
+def test_post_is_never_resent_after_a_tls_backend_reset_it(
+    redis_server, scripted, ca_file, start_proxy
+):
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        backend_a.requests.append(await _read_head(reader))
+        writer.transport.abort()
+
+    async def fine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await _read_head(reader)
+            await reader.readexactly(1)
+            backend_b.requests.append(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend_a = scripted(reset)
+    backend_b = scripted(fine)
+    redis_server.cli("RPUSH", "servers", backend_a.entry, backend_b.entry)
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
+    answers = [request(proxy.port, "POST", "/", body=b"x")[0] for _ in range(6)]
+    assert set(answers) <= {200, 502}
+    # Every POST reached exactly one backend once: never a second copy elsewhere.
+    assert len(backend_a.requests) + len(backend_b.requests) == 6
+    assert answers.count(200) == len(backend_b.requests)
+
+
+def test_upstream_ca_that_is_no_ca_bundle_stops_serve(tmp_path, ca):
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    key = tmp_path / "key.pem"
+    key.write_bytes(ca.issue_cert("x.test").private_key_pem.bytes())
+    for bad in (directory, empty, key):
+        done = subprocess.run(
+            [sys.executable, "-m", "redlb", "serve", "--upstream-ca", str(bad),
+             "--redis", "redis://127.0.0.1:1", "--listen", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 2, (bad, done.stderr[-500:])
+        assert "--upstream-ca" in done.stderr and "Traceback" not in done.stderr, done.stderr
