@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -422,3 +423,36 @@ def test_upstream_ca_that_is_no_ca_bundle_stops_serve(tmp_path, ca):
         )  # fmt: skip
         assert done.returncode == 2, (bad, done.stderr[-500:])
         assert "--upstream-ca" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_a_restarted_worker_never_serves_the_startup_certificate(
+    redis_server, backends, start_proxy, ca, pairs
+):
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    a = pairs[0]
+    port = free_port()
+    proxy = start_proxy(
+        redis_server.url, "--workers", "2", "--tls-listen", f"127.0.0.1:{port}", *a.args
+    )
+    startup = a.der
+    renewed = a.issue()
+    assert wait_for(lambda: all(served_der(port, "a.example", ca) == renewed for _ in range(20)), 15)
+    workers = _children(proxy.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    seen: list[bytes] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(set(_children(proxy.pid)) - set(workers)) < 1:
+        time.sleep(0.01)
+    restart_at = time.monotonic()
+    while time.monotonic() < restart_at + 3:
+        with contextlib.suppress(OSError):
+            seen.append(served_der(port, "a.example", ca))
+    assert seen and startup not in seen, f"{seen.count(startup)} of {len(seen)} got the old one"
