@@ -456,3 +456,32 @@ def test_a_restarted_worker_never_serves_the_startup_certificate(
         with contextlib.suppress(OSError):
             seen.append(served_der(port, "a.example", ca))
     assert seen and startup not in seen, f"{seen.count(startup)} of {len(seen)} got the old one"
+
+
+# TLS to backends: a route's Host override the backend's certificate does not name
+
+
+def test_a_routes_wrong_host_override_does_not_eject_the_backend_for_other_routes(
+    redis_server, scripted, ca_file, start_proxy
+):
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend = scripted(serve)  # its certificate names localhost and 127.0.0.1 only
+    redis_server.cli("RPUSH", "api", backend.entry)
+    redis_server.cli("HSET", "redlb:routes", "front.test/wrong", "api host=other.test")
+    redis_server.cli("HSET", "redlb:routes", "front.test/", "api")
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
+    front = {"Host": "front.test"}
+    assert request(proxy.port, "GET", "/", headers=front)[0] == 200
+    status, body, _ = request(proxy.port, "GET", "/wrong", headers=front)
+    assert status == 502 and b"certificate was refused" in body
+    # The certificate is fine for the backend's own name: the other route still gets it,
+    # here and in every redlb sharing the pool (an ejection goes through Redis).
+    for _ in range(5):
+        assert request(proxy.port, "GET", "/", headers=front)[0] == 200
+    assert "ejecting" not in proxy.log(), proxy.log()
+    assert redis_server.cli("KEYS", "*eject*").strip() == ""

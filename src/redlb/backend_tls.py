@@ -59,6 +59,16 @@ def is_certificate_refused(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLCertVerificationError)
 
 
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})
+
+
+def is_name_refused(exc: BaseException) -> bool:
+    """The certificate is good but does not hold the name asked for: when the name is a
+    route's Host override, the route's fault, not the backend's."""
+    return isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_code in _NAME_MISMATCH
+
+
 def describe(exc: BaseException, name: str | None = None) -> str:
     """Why a TLS connection to a backend failed, in the words a human acts on."""
     if isinstance(exc, UnicodeError):  # ssl's IDNA encoding of the name: a route's odd Host
