@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ import trustme
 
 from certs import Pair, client_context, handshake, served_der, write_atomically
 from redlb.store.embedded import free_port
-from support import LoopThread, request, wait_for
+from support import LoopThread, raw_exchange, request, wait_for
 
 
 def grep(text: str, pattern: str) -> list[str]:
@@ -485,3 +487,84 @@ def test_a_routes_wrong_host_override_does_not_eject_the_backend_for_other_route
         assert request(proxy.port, "GET", "/", headers=front)[0] == 200
     assert "ejecting" not in proxy.log(), proxy.log()
     assert redis_server.cli("KEYS", "*eject*").strip() == ""
+
+
+def test_reloads_while_a_hundred_handshakes_are_in_flight_fail_none(tls, ca, pairs):
+    _, port, _ = tls
+    a = pairs[0]
+    failures: list[str] = []
+    done = [0]
+    barrier = threading.Barrier(100)
+
+    def client() -> None:
+        context = client_context(ca)
+        barrier.wait(30)
+        for _ in range(4):
+            try:
+                conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+                conn.request("GET", "/", headers={"Host": "a.example"})
+                resp = conn.getresponse()
+                resp.read()
+                conn.close()
+                if resp.status != 200:
+                    failures.append(str(resp.status))
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+            done[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(100)]
+    for thread in threads:
+        thread.start()
+    ders = {a.der}
+    for _ in range(3):
+        time.sleep(0.4)
+        ders.add(a.issue())
+    for thread in threads:
+        thread.join(120)
+    assert done[0] == 400
+    assert failures == []
+    assert wait_for(lambda: served_der(port, "a.example", ca) == a.der, 15)
+
+
+# --redirect-https
+
+
+@pytest.fixture
+def redirecting(redis_server, backends, start_proxy, pairs):  # type: ignore[no-untyped-def]
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    port = free_port()
+    proxy = start_proxy(
+        redis_server.url, "--tls-listen", f"127.0.0.1:{port}", "--redirect-https",
+        "--header-timeout", "3", *pairs[0].args,
+    )  # fmt: skip
+    return proxy, port
+
+
+@pytest.mark.parametrize(
+    "head, status",
+    [
+        (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: a.example\r\n\r\n", b"414"),
+        (b"GET / HTTP/2.0\r\nHost: a.example\r\n\r\n", b"505"),
+        (b"GET / HTTP/1.1\r\nHost: a.example:443@evil.com\r\n\r\n", b"400"),
+        (b"GET @evil.com HTTP/1.1\r\nHost: a.example\r\n\r\n", b"400"),
+    ],
+)
+def test_redirect_listener_keeps_the_proxys_limits(redirecting, head, status):
+    """The redirect answers what the proxy listener would refuse with the same refusal: a
+    target over --max-request-line is no Location to hand out, nor is HTTP/2.0 a request."""
+    proxy, _ = redirecting
+    answer, closed = raw_exchange(proxy.port, head, timeout=10)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:120]
+    assert closed
+
+
+def test_redirect_goes_to_the_requests_own_host_and_path(redirecting):
+    proxy, port = redirecting
+    for target, location in [
+        (b"//evil.example/x", b"https://a.example:%d//evil.example/x" % port),
+        (b"http://a.example/p?q", b"https://a.example:%d/p?q" % port),
+    ]:
+        answer, _ = raw_exchange(
+            proxy.port, b"GET %b HTTP/1.1\r\nHost: a.example\r\n\r\n" % target, timeout=10
+        )
+        assert b"\r\nLocation: %b\r\n" % location in answer, answer
