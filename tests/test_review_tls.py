@@ -106,7 +106,9 @@ class ScriptedTlsBackend:
 
 
 @pytest.fixture
-def scripted(loop_thread: LoopThread, good_cert) -> Iterator[Callable[[Script], ScriptedTlsBackend]]:  # type: ignore[no-untyped-def]
+def scripted(
+    loop_thread: LoopThread, good_cert
+) -> Iterator[Callable[[Script], ScriptedTlsBackend]]:  # type: ignore[no-untyped-def]
     started: list[ScriptedTlsBackend] = []
 
     def make(script: Script) -> ScriptedTlsBackend:
@@ -220,7 +222,9 @@ def _flip(directory: Path, version: str, pem: bytes, key: bytes) -> None:
     os.replace(link, directory / "..data")
 
 
-def test_kubernetes_style_symlink_flip_is_noticed(redis_server, backends, start_proxy, ca, tmp_path):
+def test_kubernetes_style_symlink_flip_is_noticed(
+    redis_server, backends, start_proxy, ca, tmp_path
+):
     redis_server.cli("RPUSH", "servers", backends[0].address)
     secret = tmp_path / "secret"
     secret.mkdir()
@@ -284,9 +288,9 @@ def served_der_unverified(port: int, server_name: str) -> bytes:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        with context.wrap_socket(sock, server_hostname=server_name) as tls_sock:
-            der = tls_sock.getpeercert(binary_form=True)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with context.wrap_socket(sock, server_hostname=server_name) as tls_sock:
+        der = tls_sock.getpeercert(binary_form=True)
     assert der is not None
     return der
 
@@ -445,7 +449,9 @@ def test_a_restarted_worker_never_serves_the_startup_certificate(
     )
     startup = a.der
     renewed = a.issue()
-    assert wait_for(lambda: all(served_der(port, "a.example", ca) == renewed for _ in range(20)), 15)
+    assert wait_for(
+        lambda: all(served_der(port, "a.example", ca) == renewed for _ in range(20)), 15
+    )
     workers = _children(proxy.pid)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
