@@ -574,3 +574,39 @@ def test_redirect_goes_to_the_requests_own_host_and_path(redirecting):
             proxy.port, b"GET %b HTTP/1.1\r\nHost: a.example\r\n\r\n" % target, timeout=10
         )
         assert b"\r\nLocation: %b\r\n" % location in answer, answer
+
+
+def _tls_over_bio(port: int, ca: trustme.CA) -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO]:
+    """A finished handshake driven by hand, so the test decides when close_notify goes."""
+    context = client_context(ca)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_hostname="a.example")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            assert data
+            incoming.write(data)
+    sock.sendall(outgoing.read())
+    obj.outgoing = outgoing  # type: ignore[attr-defined]
+    return sock, obj, incoming
+
+
+def test_close_notify_with_requests_in_flight_logs_nothing_per_connection(tls, ca):
+    """A client can end its side with close_notify while its request is in flight; that
+    is no reason for a log line per connection (a flood a client controls)."""
+    proxy, port, _ = tls
+    for _ in range(20):
+        sock, obj, _ = _tls_over_bio(port, ca)
+        obj.write(b"GET /slow HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            obj.unwrap()
+        sock.sendall(obj.outgoing.read())  # type: ignore[attr-defined]
+        time.sleep(0.05)
+        sock.close()
+    time.sleep(1)
+    assert "eof_received" not in proxy.log(), grep(proxy.log(), "eof_received")[:3]
