@@ -610,3 +610,36 @@ def test_close_notify_with_requests_in_flight_logs_nothing_per_connection(tls, c
         sock.close()
     time.sleep(1)
     assert "eof_received" not in proxy.log(), grep(proxy.log(), "eof_received")[:3]
+
+
+def test_wss_client_ending_with_close_notify_logs_nothing_per_tunnel(
+    redis_server, loop_thread, start_proxy, ca, pairs
+):
+    from support import WsEchoBackend, ws_handshake
+
+    echo = WsEchoBackend(loop_thread).start()
+    try:
+        redis_server.cli("RPUSH", "servers", echo.address)
+        port = free_port()
+        proxy = start_proxy(redis_server.url, "--tls-listen", f"127.0.0.1:{port}", *pairs[0].args)
+        for _ in range(10):
+            sock, obj, incoming = _tls_over_bio(port, ca)
+            obj.write(ws_handshake(b"/chat", b"a.example"))
+            sock.sendall(obj.outgoing.read())  # type: ignore[attr-defined]
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(65536)
+                assert data, answer
+                incoming.write(data)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    answer += obj.read(65536)
+            assert answer.startswith(b"HTTP/1.1 101"), answer
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.unwrap()  # close_notify, the tunnel open
+            sock.sendall(obj.outgoing.read())  # type: ignore[attr-defined]
+            time.sleep(0.1)
+            sock.close()
+        time.sleep(1)
+        assert "eof_received" not in proxy.log(), grep(proxy.log(), "eof_received")[:3]
+    finally:
+        echo.stop()
