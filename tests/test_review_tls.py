@@ -643,3 +643,34 @@ def test_wss_client_ending_with_close_notify_logs_nothing_per_tunnel(
         assert "eof_received" not in proxy.log(), grep(proxy.log(), "eof_received")[:3]
     finally:
         echo.stop()
+
+
+def test_backend_certificate_turning_bad_keeps_pooled_connections_refuses_new_ones(
+    redis_server, scripted, ca, ca_file, start_proxy
+):
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await _read_head(reader)
+            if b"/slow" in head:
+                await asyncio.sleep(1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend = scripted(serve)
+    redis_server.cli("RPUSH", "servers", backend.entry)
+    proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
+    assert request(proxy.port, "GET", "/")[:2] == (200, b"ok")
+    ca.issue_cert("elsewhere.test").configure_cert(backend.context)  # new handshakes only
+    assert request(proxy.port, "GET", "/")[:2] == (200, b"ok")  # the verified pooled one
+    assert backend.accepts == 1
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(request(proxy.port, "GET", "/slow")[0]))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert sorted(results) == [200, 502]  # the pooled connection, and a refused new one
+    assert wait_for(lambda: "IP address mismatch" in proxy.log(), 5), proxy.log()
