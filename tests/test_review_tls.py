@@ -674,3 +674,15 @@ def test_backend_certificate_turning_bad_keeps_pooled_connections_refuses_new_on
         thread.join(20)
     assert sorted(results) == [200, 502]  # the pooled connection, and a refused new one
     assert wait_for(lambda: "IP address mismatch" in proxy.log(), 5), proxy.log()
+
+
+@pytest.mark.parametrize(
+    "override, name",
+    [(b"[::1]", "::1"), (b"[::1]:8443", "::1"), (b"api.test", "api.test"),
+     (b"api.test:8443", "api.test")],
+)  # fmt: skip
+def test_server_name_of_an_ipv6_host_override_is_the_address(override, name):
+    from redlb.address import parse_backend
+    from redlb.backend_tls import server_name
+
+    assert server_name(parse_backend("https://127.0.0.1:8443"), override) == name

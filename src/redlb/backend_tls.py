@@ -52,6 +52,8 @@ def server_name(backend: Backend, host_override: bytes | None) -> str:
     if host_override is None:
         return backend.host
     name = host_override.decode("ascii")
+    if name.startswith("["):  # an IPv6 literal: no SNI, checked against the IP SANs
+        return name[1 : name.find("]")]
     return name.rpartition(":")[0] if ":" in name else name
 
 
