@@ -52,11 +52,23 @@ def server_name(backend: Backend, host_override: bytes | None) -> str:
     if host_override is None:
         return backend.host
     name = host_override.decode("ascii")
+    if name.startswith("["):  # an IPv6 literal: no SNI, checked against the IP SANs
+        return name[1 : name.find("]")]
     return name.rpartition(":")[0] if ":" in name else name
 
 
 def is_certificate_refused(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLCertVerificationError)
+
+
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})
+
+
+def is_name_refused(exc: BaseException) -> bool:
+    """The certificate is good but does not hold the name asked for: when the name is a
+    route's Host override, the route's fault, not the backend's."""
+    return isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_code in _NAME_MISMATCH
 
 
 def describe(exc: BaseException, name: str | None = None) -> str:

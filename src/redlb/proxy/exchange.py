@@ -374,8 +374,9 @@ class Exchange:
     def _tls_failed(self, conns: BackendConnections, exc: Exception) -> tuple[int, str]:
         """A failed handshake, logged once (not per request).  A refused certificate ejects
         the backend at once and holds it off (backend_tls.py rule 5): no retry of the same
-        handshake can succeed.  A server name TLS cannot send is the route's fault, not
-        the backend's: held off too, but not counted against the backend."""
+        handshake can succeed.  A server name TLS cannot send, or a route's Host override
+        the certificate does not name, is the route's fault, not the backend's (other
+        routes reach it by other names): held off too, but not counted against the backend."""
         self.ctx.stats.upstream_tls_failures += 1  # every one, where the log says one a minute
         backend = conns.backend
         name = conns.server_name
@@ -386,7 +387,8 @@ class Exchange:
             conns.refusal = errors.BAD_GATEWAY_TLS
         elif backend_tls.is_certificate_refused(exc):
             conns.refusal = errors.BAD_GATEWAY_TLS_CERT
-            self.up.ejector.failed_for_good(backend)
+            if name == backend.host or not backend_tls.is_name_refused(exc):
+                self.up.ejector.failed_for_good(backend)
         else:
             self.up.ejector.failure(backend)
             return errors.BAD_GATEWAY_TLS

@@ -52,11 +52,14 @@ class _Side(asyncio.Protocol):
         self.eof = True
         self.tunnel.active = True
         other = self.other
+        # Over TLS (close_notify) the loop's SSL layer shuts this side down whatever we
+        # return, and warns once a tunnel for a True: a log line a client can repeat.
+        keep_open = True if self.transport.can_write_eof() else None
         if other.eof or other.lost or not other.transport.can_write_eof():
             self.tunnel.close()
-            return True  # close() closes this transport too, once it has flushed
+            return keep_open  # close() closes this transport too, once it has flushed
         other.transport.write_eof()  # rule 2: the other direction keeps flowing
-        return True
+        return keep_open
 
     def pause_writing(self) -> None:
         self.other.transport.pause_reading()  # rule 1

@@ -138,6 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
         "body_started",
         "broken",
         "chunked",
+        "close_notified",
         "closed",
         "codings",
         "connection",
@@ -167,6 +168,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = _response_parser(self)
         self.broken = False
         self.closed = False
+        # TLS: the backend said close_notify (the loop's SSL layer calls eof_received only
+        # for that; a bare TCP close goes straight to connection_lost).
+        self.close_notified = False
         self.idle_since = 0.0
         # The backend owes progress by then: armed by the exchange from the end of the
         # request (or while the body is not taken) to the end of the response; never while
@@ -255,6 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.fail(errors.BAD_GATEWAY_GARBAGE)
 
     def eof_received(self) -> bool | None:
+        self.close_notified = True
         return None  # close the transport; connection_lost does the rest
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -266,8 +271,14 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None:
             return
-        if self.in_body and not self.finished and self.to_close:
-            # RFC 9112 §6.3 rule 8: the body ends at connection close.
+        if (
+            self.in_body
+            and not self.finished
+            and self.to_close
+            and (self.close_notified or self.owner.tls is None)
+        ):
+            # RFC 9112 §6.3 rule 8: the body ends at connection close.  Over TLS only at a
+            # close_notify: a TCP close without one may be a truncation (RFC 8446 §6.1).
             self.finished = True
             self._complete()
             return

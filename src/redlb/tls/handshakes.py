@@ -36,6 +36,12 @@ class TlsClientConnection(ClientConnection):
         self.handshakes.completed(self)  # the loop calls this once the handshake is done
         super().connection_made(transport)
 
+    def eof_received(self) -> bool | None:
+        # The client's close_notify.  The loop's SSL layer shuts the connection down after
+        # it whatever this returns (no half-close over TLS, as with nginx), and logs a
+        # warning for every True: a line per connection that a client could repeat at will.
+        return None
+
 
 class Handshakes:
     """One worker's TLS handshakes in progress, and the failures not yet summed up."""

@@ -41,6 +41,7 @@ class TlsListener:
     async def start(self, sock: socket.socket) -> None:
         config = self.ctx.config
         loop = asyncio.get_running_loop()
+        self.watcher.catch_up()  # a restarted worker: not the certificates of startup
         self.server = await loop.create_server(
             self.handshakes.accept,
             sock=sock,

@@ -16,7 +16,7 @@ import httptools
 from redlb.config import Config
 from redlb.proxy import errors
 from redlb.proxy.errors import Reject
-from redlb.proxy.rules import check_host, normalise_target
+from redlb.proxy.rules import check_host, check_version, normalise_target
 
 _KEEP_METHOD = frozenset({b"GET", b"HEAD"})  # 301 for these; 308 keeps any other method
 
@@ -78,6 +78,9 @@ class RedirectProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        limit = self.config.max_request_line
+        if len(self.url) > limit:  # as the proxy listener: no Location that long handed out
+            raise Reject(414, f"request target over {limit} bytes (--max-request-line)")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"host":
@@ -85,6 +88,8 @@ class RedirectProtocol(asyncio.Protocol):
             self.host = value
 
     def on_headers_complete(self) -> None:
+        major, _, minor = self.parser.get_http_version().partition(".")
+        check_version(int(major), int(minor))
         if self.hosts > 1:
             raise Reject(400, "more than one Host header")
         target, host = normalise_target(self.parser.get_method(), self.url, self.host)

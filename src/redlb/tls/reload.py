@@ -8,6 +8,8 @@ Rules:
    half-way; a load that still fails keeps the old certificate serving and is logged once
    per version of the files.
 3. SIGHUP reloads every pair at once, changed or not, and says what it did.
+4. A worker starts from the certificates the supervisor loaded at startup: one (re)started
+   after the files changed reloads them before it accepts a handshake (``catch_up``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ class CertificateWatcher:
             if now == current.signature or now == self.refused[index] or not stable:
                 continue
             self._reload(index, now)
+
+    def catch_up(self) -> None:
+        """Rule 4: before the listener starts, the pairs whose files are not those loaded."""
+        for index, current in enumerate(self.store.certificates):
+            try:
+                now = signature(current.cert_path, current.key_path)
+            except OSError:
+                now = _UNREADABLE
+            if now != current.signature:
+                self._reload(index, now)
 
     def reload_all(self) -> None:
         """SIGHUP."""
