@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -67,6 +68,38 @@ def goals(results: dict[str, dict[str, dict[str, float]]], idle: dict[str, float
     return ["| goal (issue 14) | measured | goal | |", "|---|---|---|---|", *out]
 
 
+def protocols(latest: dict[str, Any]) -> list[str]:
+    """TLS termination and WebSocket echo (issue 11's goals), when the run measured them."""
+    lines: list[str] = []
+    for scenario, rows in (latest.get("tls") or {}).items():
+        lines += ["", f"#### TLS termination, {scenario} (`bench/tls.py`)", *table(rows)]
+        n, r = rows.get("nginx"), rows.get("redlb")
+        if n and r and "keep-alive" in scenario:
+            ratio = r["cpu_us_per_req"] / n["cpu_us_per_req"]
+            met = "met" if ratio <= 2.0 else "**not met**"
+            lines += ["", f"TLS CPU per request vs nginx: {ratio:.2f}x (goal ≤ 2x: {met})."]
+    ws = latest.get("websocket") or {}
+    if "nginx" in ws and "redlb" in ws:
+        lines += [
+            "",
+            "#### WebSocket echo, 1 KB messages (`bench/ws_echo.py`)",
+            "| proxy | messages/s | CPU µs/message | messages/s vs nginx |",
+            "|---|---|---|---|",
+        ]
+        for name in ("nginx", "redlb"):
+            row = ws[name]
+            lines.append(
+                f"| {name} | {row['msgs_per_s']:,.0f} | {row['cpu_us_per_msg']:.1f} "
+                f"| {row['msgs_per_s'] / ws['nginx']['msgs_per_s']:.2f}x |"
+            )
+        ratio = ws["redlb"]["msgs_per_s"] / ws["nginx"]["msgs_per_s"]
+        lines += [
+            "",
+            f"Goal ≥ 0.5x nginx's messages/s: {'met' if ratio >= 0.5 else '**not met**'}.",
+        ]
+    return lines
+
+
 def summary() -> str:
     latest = json.loads((RESULTS / "latest.json").read_text())
     idle_file = RESULTS / "idle_memory.json"
@@ -90,6 +123,7 @@ def summary() -> str:
     if two:
         lines += ["", "#### 2 workers each, unpinned, wrk -t2 on the same machine, ok, 100 conns",
                   *table(two)]  # fmt: skip
+    lines += protocols(latest)
     if idle:
         lines += [
             "",

@@ -86,7 +86,7 @@ def rows(
     targets = [
         bench.Target("nginx", lambda port: bench.pinned(bench.PROXY_CPU, ["nginx", "-c", str(nginx_conf(bench, tmp, port, backend_ports, cert, key)), "-e", str(tmp / "tp.err")])),
         bench.Target("haproxy", lambda port: bench.pinned(bench.PROXY_CPU, ["haproxy", "-f", str(haproxy_conf(bench, tmp, port, backend_ports, both))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)),
-        bench.Target("redlb", redlb, client),
+        bench.Target("redlb", redlb, client, routed=False),
     ]  # fmt: skip
     results: dict[str, dict[str, dict[str, float]]] = {}
     try:
