@@ -230,8 +230,22 @@ class PoolState:
     def expire(self, now: float) -> None:
         for conns in self.conns.values():
             conns.expire(now)
+        if len(self.conns) > len(self.pool.members):  # cheap test first: most ticks, no churn
+            self._forget_removed()
         if self.pool.ejected or self.pool.ramping:
             self.pool.rebuild()  # ejections end and slow starts ramp on time, between resyncs
+
+    def _forget_removed(self) -> None:
+        """Backends no longer in the pool: their idle connections are closed now (not at
+        expiry), and their pools dropped once nothing uses them, or churn (autoscaling,
+        deploys) would leave one behind for every backend the pool ever had."""
+        members = {backend.key for backend in self.pool.members}
+        for key, conns in list(self.conns.items()):
+            if conns.backend.key in members:
+                continue
+            conns.close_all()
+            if not conns.busy and not conns.waiters:  # tunnels and exchanges hold a slot
+                del self.conns[key]
 
     def close(self) -> None:
         self.stop_prober()
