@@ -291,3 +291,22 @@ def test_slow_backend_share_across_the_fleet_is_near_exact_counts(
     fleet = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_outstanding", 3)
     print(f"\nslow backend / fair share: exact counts {exact:.3f}, fleet {fleet:.3f}")
     assert fleet <= exact * 1.15, (fleet, exact)  # measured 1.00-1.13x of exact
+
+
+def test_a_backend_left_idle_for_being_slow_is_tried_again(
+    redis_server, fast_fast_slow, start_proxy
+):
+    """One client: every backend is idle at each pick, so least_outstanding's near-tie goes
+    to the fast ones, and the slow one got no request, hence no news that it might be fast
+    again, for as long as the load stayed low.  Its mean latency is forgotten every
+    MEAN_LATENCY_MEMORY (5 s): within 7 s it is tried again, and left again."""
+    proxy = start_proxy(redis_server.url, "--strategy", "least_outstanding", "--no-access-log")
+    closed_loop([proxy.port], 1, 1.0)  # warm up: every backend measured
+    for backend in fast_fast_slow:
+        backend.reset()
+    statuses = closed_loop([proxy.port], 1, 7.0)
+    assert set(statuses) == {200}, statuses
+    counts = [b.count for b in fast_fast_slow]
+    print(f"\nrequests per backend (fast, fast, slow): {counts}")
+    assert counts[-1] >= 1, counts
+    assert counts[-1] * 20 < sum(counts), counts

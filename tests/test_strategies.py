@@ -161,6 +161,9 @@ def test_least_outstanding_gives_near_ties_to_the_faster_backend(seed: int) -> N
     answered(load, like, 0.021)
     load.set_others({fast.key: 0.3})
     assert all(strategy.pick(Snapshot.of([fast, like])) is like for _ in range(10))
+    load.set_others({})  # like latencies and equal counts: a tie, taken at random
+    picks = Counter(strategy.pick(Snapshot.of([fast, like, slow])) for _ in range(200))
+    assert set(picks) == {fast, like}
 
 
 def test_least_outstanding_pair_gives_near_ties_to_the_faster_backend() -> None:

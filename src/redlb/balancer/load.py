@@ -21,6 +21,8 @@ from redlb.address import Backend
 
 # Each answer's share of the plain mean latency: about the last 10 answers matter.
 MEAN_LATENCY_WEIGHT = 0.1
+# How long the plain mean latency is kept (forget_mean_latency, from the publisher's loop).
+MEAN_LATENCY_MEMORY = 5.0
 
 
 class LoadView:
@@ -158,6 +160,17 @@ class LoadView:
 
     def track_mean_latency(self) -> None:
         if self.mean_latency is None:
+            self.mean_latency = {}
+
+    def forget_mean_latency(self) -> None:
+        """Start the plain means afresh (every MEAN_LATENCY_MEMORY seconds).
+
+        A backend that loses near-ties for being slow may get no request at all while the
+        load is low, and then no news that it is fast again: unmeasured, it wins the next
+        near-tie and its first answer sets its mean.  Forgetting all of them at once, not a
+        decay: the bias compares latencies, and a uniform decay would change no comparison.
+        """
+        if self.mean_latency is not None:
             self.mean_latency = {}
 
     # Peak EWMA
