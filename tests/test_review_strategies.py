@@ -201,7 +201,7 @@ def test_slow_backend_holds_no_more_than_its_fair_share_at_four_clients_each(
     least_conn) the slow one held 3.95 against 3.73, since a fast backend's client is
     between requests far more often than the slow one's, and the fleet measured 1.05-1.20x.
     least_outstanding gives near-ties to the backend seen answering faster (least.NEAR):
-    measured 2.95 against 3.65-3.68 (0.80-0.81x) in 5 runs."""
+    measured 0.80-0.92x its share in 10 runs (2.93 to 3.41 against 3.64 to 3.71)."""
     proxies = [
         start_proxy(redis_server.url, "--strategy", "least_outstanding", "--no-access-log")
         for _ in range(3)
@@ -290,7 +290,8 @@ def test_slow_backend_share_across_the_fleet_is_near_exact_counts(
     exact = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_conn", 1)
     fleet = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_outstanding", 3)
     print(f"\nslow backend / fair share: exact counts {exact:.3f}, fleet {fleet:.3f}")
-    assert fleet <= exact * 1.15, (fleet, exact)  # measured 1.00-1.13x of exact
+    # measured 1.00-1.13x of exact with counts alone; 0.76x with the latency tie-break
+    assert fleet <= exact * 1.15, (fleet, exact)
 
 
 def test_a_backend_left_idle_for_being_slow_is_tried_again(
