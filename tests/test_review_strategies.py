@@ -201,7 +201,7 @@ def test_slow_backend_holds_no_more_than_its_fair_share_at_four_clients_each(
     least_conn) the slow one held 3.95 against 3.73, since a fast backend's client is
     between requests far more often than the slow one's, and the fleet measured 1.05-1.20x.
     least_outstanding gives near-ties to the backend seen answering faster (least.NEAR):
-    measured 0.80-0.92x its share in 10 runs (2.93 to 3.41 against 3.64 to 3.71)."""
+    measured 0.80-0.92x its share in 10 runs (2.93 to 3.41 against 3.64 to 3.73)."""
     proxies = [
         start_proxy(redis_server.url, "--strategy", "least_outstanding", "--no-access-log")
         for _ in range(3)
