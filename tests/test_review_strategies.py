@@ -194,16 +194,14 @@ def fast_fast_slow(redis_server, loop_thread):
         backend.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,  # passes now and then, when the split happens to favour the fast ones
-    reason="the bar is below what exact counts give: one instance seeing all 12 clients "
-    "(least_conn, exact) holds the slow one at 3.95 against 3.73 (1.06x), since a fast "
-    "backend's client is between requests far more often than the slow one's; the fleet "
-    "measures 1.05-1.20x: see test_slow_backend_share_across_the_fleet_is_near_exact_counts",
-)
 def test_slow_backend_holds_no_more_than_its_fair_share_at_four_clients_each(
     redis_server, fast_fast_slow, start_proxy
 ):
+    """Counts alone cannot do it: with exact counts (one instance seeing all 12 clients,
+    least_conn) the slow one held 3.95 against 3.73, since a fast backend's client is
+    between requests far more often than the slow one's, and the fleet measured 1.05-1.20x.
+    least_outstanding gives near-ties to the backend seen answering faster (least.NEAR):
+    measured 0.80-0.92x its share in 10 runs (2.93 to 3.41 against 3.64 to 3.73)."""
     proxies = [
         start_proxy(redis_server.url, "--strategy", "least_outstanding", "--no-access-log")
         for _ in range(3)
@@ -292,4 +290,24 @@ def test_slow_backend_share_across_the_fleet_is_near_exact_counts(
     exact = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_conn", 1)
     fleet = _slow_ratio(redis_server, fast_fast_slow, start_proxy, "least_outstanding", 3)
     print(f"\nslow backend / fair share: exact counts {exact:.3f}, fleet {fleet:.3f}")
-    assert fleet <= exact * 1.15, (fleet, exact)  # measured 1.00-1.13x of exact
+    # measured 1.00-1.13x of exact with counts alone; 0.76x with the latency tie-break
+    assert fleet <= exact * 1.15, (fleet, exact)
+
+
+def test_a_backend_left_idle_for_being_slow_is_tried_again(
+    redis_server, fast_fast_slow, start_proxy
+):
+    """One client: every backend is idle at each pick, so least_outstanding's near-tie goes
+    to the fast ones, and the slow one got no request, hence no news that it might be fast
+    again, for as long as the load stayed low.  Its mean latency is forgotten every
+    MEAN_LATENCY_MEMORY (5 s): within 7 s it is tried again, and left again."""
+    proxy = start_proxy(redis_server.url, "--strategy", "least_outstanding", "--no-access-log")
+    closed_loop([proxy.port], 1, 1.0)  # warm up: every backend measured
+    for backend in fast_fast_slow:
+        backend.reset()
+    statuses = closed_loop([proxy.port], 1, 7.0)
+    assert set(statuses) == {200}, statuses
+    counts = [b.count for b in fast_fast_slow]
+    print(f"\nrequests per backend (fast, fast, slow): {counts}")
+    assert counts[-1] >= 1, counts
+    assert counts[-1] * 20 < sum(counts), counts

@@ -136,6 +136,50 @@ def test_p2c_counts_other_instances_and_weights() -> None:
     assert all(strategy.pick(Snapshot.of([a, b], [8, 1])) is a for _ in range(20))
 
 
+def answered(load: LoadView, backend: Backend, seconds: float) -> None:
+    load.started(backend)
+    load.finished(backend, seconds)
+
+
+@given(st.integers(0, 2**32))
+@settings(deadline=None)
+def test_least_outstanding_gives_near_ties_to_the_faster_backend(seed: int) -> None:
+    """Latency counts for at most 1.25 requests (NEAR): a backend 10 times slower loses
+    ties and a one-request lead (1.125 requests), never a lead of two; backends of like
+    latency are compared on their counts alone."""
+    load = LoadView()
+    fast, slow, like = BACKENDS[:3]
+    strategy = LeastOutstanding(load, random.Random(seed).random)
+    answered(load, fast, 0.02)
+    answered(load, slow, 0.2)
+    pair = Snapshot.of([slow, fast])
+    assert all(strategy.pick(pair) is fast for _ in range(10))  # a tie
+    load.set_others({fast.key: 1.0})
+    assert all(strategy.pick(pair) is fast for _ in range(10))  # the slow one has one fewer
+    load.set_others({fast.key: 2.0})
+    assert all(strategy.pick(pair) is slow for _ in range(10))  # two fewer: it wins
+    answered(load, like, 0.021)
+    load.set_others({fast.key: 0.3})
+    assert all(strategy.pick(Snapshot.of([fast, like])) is like for _ in range(10))
+    load.set_others({})  # like latencies and equal counts: a tie, taken at random
+    picks = Counter(strategy.pick(Snapshot.of([fast, like, slow])) for _ in range(200))
+    assert set(picks) == {fast, like}
+
+
+def test_least_outstanding_pair_gives_near_ties_to_the_faster_backend() -> None:
+    """Above SCAN_UP_TO, the pair drawn (here always the first two) is compared alike."""
+    load = LoadView()
+    fast, slow = BACKENDS[:2]
+    strategy = LeastOutstanding(load, lambda: 0.0)  # draws candidates 0 and 1
+    answered(load, fast, 0.02)
+    answered(load, slow, 0.2)
+    load.set_others({fast.key: 1.0})
+    for first, second in ((fast, slow), (slow, fast)):
+        assert strategy.pick(Snapshot.of([first, second, *BACKENDS[2:6]])) is fast
+    load.set_others({fast.key: 2.0})
+    assert strategy.pick(Snapshot.of([fast, slow, *BACKENDS[2:6]])) is slow
+
+
 def test_least_conn_takes_equals_in_turn_and_ignores_others() -> None:
     load = LoadView()
     candidates = snapshot(3)

@@ -7,7 +7,9 @@ do not all pile onto the one backend that each of them alone thinks idle.  P2C r
 a full scan: O(1) per pick, and stale counts do not make every instance herd onto the same
 "least loaded" backend at once (Mitzenmacher; Envoy's and Traefik's default).  Pools of up
 to ``SCAN_UP_TO`` backends are scanned whole (from a random start): there P2C's pair leaves
-out the best backend a third of the time or more, and a scan costs as little.
+out the best backend a third of the time or more, and a scan costs as little.  Near-ties go
+to the backend this instance saw answer faster (``NEAR``): a bias of at most 1.25 requests,
+like Envoy's active request bias a small correction on the counts, not peak_ewma's product.
 """
 
 from __future__ import annotations
@@ -21,6 +23,21 @@ from redlb.balancer.load import LoadView
 
 SCAN_UP_TO = 4
 
+# Near-ties go to the faster backend: each candidate's cost gets up to NEAR more (in
+# requests), in proportion to its mean latency over the slowest candidate's.  Counts alone
+# hold a slow backend above its share of the time in flight: a fast backend's client spends
+# more of its time between requests (not counted), so even exact counts, equal at each
+# pick, left a backend 10 times slower at 1.06x its share (tests/test_review_strategies.py).
+# It takes more than one request of bias to lose the one-request lead it has then: 1.25
+# puts that at 5 times slower (1.25 x (1 - 1/5) = 1); NEAR = 1 measured 0.90-1.01x its
+# share, 1.25 0.81x.  Never more than NEAR above the least loaded, so it stays least
+# outstanding; backends of like latency differ by a small fraction of a request.
+NEAR = 1.25
+# Costs closer than this are equal, and the random start (the pair's order) decides: the
+# bias alone made the faster by a hair of two like backends win every tie, and with one
+# client it got every request while the other one idled.
+EQUAL = 0.1
+
 
 class LeastOutstanding(Strategy):
     name = "least_outstanding"
@@ -28,6 +45,7 @@ class LeastOutstanding(Strategy):
     fleet = True
 
     def __init__(self, load: LoadView, rand: Callable[[], float] | None = None) -> None:
+        load.track_mean_latency()
         self.load = load
         self.rand = rand or random.Random().random
 
@@ -38,16 +56,19 @@ class LeastOutstanding(Strategy):
         # Inlined LoadView.outstanding (this is the hot path): local + others moved on.
         load = self.load
         local, others, baseline, peers = load.local, load.others, load.baseline, load.peers
+        latency = load.mean_latency or {}
         weights = weights_of(candidates)
         rand = self.rand
         if n <= SCAN_UP_TO:
-            start = int(rand() * n)
-            best = candidates[start]
-            best_cost = 0.0
-            for offset in range(n):
-                index = (start + offset) % n
-                backend = candidates[index]
-                name = backend.key
+            slowest = 0.0
+            for backend in candidates:
+                seconds = latency.get(backend.key, 0.0)
+                if seconds > slowest:
+                    slowest = seconds
+            near = NEAR / slowest if slowest > 0 else 0.0
+            costs = []
+            for index in range(n):
+                name = candidates[index].key
                 mine = local.get(name, 0)
                 theirs = others.get(name, 0.0)
                 if peers:
@@ -57,9 +78,14 @@ class LeastOutstanding(Strategy):
                 cost = mine + theirs + 1.0
                 if weights:
                     cost /= weights[index]
-                if offset == 0 or cost < best_cost:
-                    best, best_cost = backend, cost
-            return best
+                if near:
+                    cost += near * latency.get(name, 0.0)
+                costs.append(cost)
+            # One of those equal to the least, at random: the first from a random start
+            # gave the one after a busier backend two turns in three.
+            good_enough = min(costs) + EQUAL
+            equals = [index for index in range(n) if costs[index] <= good_enough]
+            return candidates[equals[int(rand() * len(equals))]]
         i = int(rand() * n)
         j = int(rand() * (n - 1))
         if j >= i:
@@ -68,5 +94,10 @@ class LeastOutstanding(Strategy):
         cost_a = load.outstanding(a) + 1
         cost_b = load.outstanding(b) + 1
         if weights:
-            return a if cost_a * weights[j] <= cost_b * weights[i] else b
-        return a if cost_a <= cost_b else b
+            cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]
+        latency_a, latency_b = latency.get(a.key, 0.0), latency.get(b.key, 0.0)
+        slower = max(latency_a, latency_b)
+        if slower > 0:
+            cost_a += NEAR * latency_a / slower
+            cost_b += NEAR * latency_b / slower
+        return b if cost_b < cost_a - EQUAL else a

@@ -19,6 +19,11 @@ from collections.abc import Callable
 
 from redlb.address import Backend
 
+# Each answer's share of the plain mean latency: about the last 10 answers matter.
+MEAN_LATENCY_WEIGHT = 0.1
+# How long the plain mean latency is kept (forget_mean_latency, from the publisher's loop).
+MEAN_LATENCY_MEMORY = 5.0
+
 
 class LoadView:
     __slots__ = (
@@ -29,6 +34,7 @@ class LoadView:
         "latency",
         "local",
         "local_total",
+        "mean_latency",
         "others",
         "others_total",
         "peers",
@@ -58,6 +64,10 @@ class LoadView:
         # Peak EWMA of response time per backend key (seconds); filled only when tracked.
         self.latency: dict[str, float] | None = None
         self.sampled_at: dict[str, float] = {}
+        # Plain EWMA of response time per backend key (seconds), for least_outstanding's
+        # tie-break: no clock, no exp, one dict read and write per request; filled only
+        # when tracked (track_mean_latency).
+        self.mean_latency: dict[str, float] | None = None
 
     def started(self, backend: Backend) -> None:
         key = backend.key
@@ -82,6 +92,10 @@ class LoadView:
         self.local_total -= 1
         if self.latency is not None:
             self.sample(key, elapsed)
+        means = self.mean_latency
+        if means is not None:
+            old = means.get(key, elapsed)
+            means[key] = old + (elapsed - old) * MEAN_LATENCY_WEIGHT
 
     def outstanding(self, backend: Backend) -> float:
         """This instance's count plus its estimate of the others' (see ``others_now``)."""
@@ -143,6 +157,21 @@ class LoadView:
         self.others_total = sum(others.values())
         self.baseline = dict(self.local) if baseline is None else baseline
         self.peers = peers
+
+    def track_mean_latency(self) -> None:
+        if self.mean_latency is None:
+            self.mean_latency = {}
+
+    def forget_mean_latency(self) -> None:
+        """Start the plain means afresh (every MEAN_LATENCY_MEMORY seconds).
+
+        A backend that loses near-ties for being slow may get no request at all while the
+        load is low, and then no news that it is fast again: unmeasured, it wins the next
+        near-tie and its first answer sets its mean.  Forgetting all of them at once, not a
+        decay: the bias compares latencies, and a uniform decay would change no comparison.
+        """
+        if self.mean_latency is not None:
+            self.mean_latency = {}
 
     # Peak EWMA
 

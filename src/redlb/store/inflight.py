@@ -33,7 +33,7 @@ import asyncio
 import logging
 import time
 
-from redlb.balancer.load import LoadView
+from redlb.balancer.load import MEAN_LATENCY_MEMORY, LoadView
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
 
@@ -91,6 +91,7 @@ class InflightPublisher:
         self.interval = MIN_INTERVAL  # between busy rounds, from the last round's mean
         self.published = False  # the last SET had counts in it (an empty one clears them)
         self.failing = False
+        self.latency_kept_since = time.monotonic()
 
     async def run(self) -> None:
         self.load.windowed = True
@@ -104,6 +105,9 @@ class InflightPublisher:
         while True:
             load = self.load
             busy = bool(load.local_total or load.times)
+            if time.monotonic() - self.latency_kept_since >= MEAN_LATENCY_MEMORY:
+                self.latency_kept_since = time.monotonic()
+                load.forget_mean_latency()  # this loop is the view's only timer
             if time.monotonic() - self.round_at >= (self.interval if busy else IDLE_INTERVAL):
                 try:
                     await self.publish_once(busy)
