@@ -413,6 +413,31 @@ class Proxy:
         self.out_path = workdir / f"redlb-{self.port}.out"
 
     def start(self, ready: bool = True) -> Proxy:
+        # free_port() cannot reserve a port: another process may take it before redlb binds
+        # it.  That (and only that, on redlb's own two ports) is retried with new ports.
+        for _attempt in range(3):
+            logged = len(self.log())
+            self.process = subprocess.Popen(
+                self._command(),
+                stdout=self.out_path.open("ab"),
+                stderr=self.log_path.open("ab"),
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+            )
+            up = self.ready if ready else self.listening
+            process = self.process
+            wait_for(lambda: up() or process.poll() is not None, 15)
+            said = self.log()[logged:]
+            taken = "Address already in use" in said and (
+                "(--listen)" in said or "(--status-listen)" in said
+            )
+            if process.poll() is None or not taken:
+                break
+            self.port, self.status_port = free_port(), free_port()
+        assert up(), f"redlb not {'ready' if ready else 'listening'}:\n{self.log()}"
+        return self
+
+    def _command(self) -> list[str]:
         cmd = [
             sys.executable, "-m", "redlb", "serve",
             "--listen", f"127.0.0.1:{self.port}",
@@ -423,19 +448,7 @@ class Proxy:
             cmd += ["--redis", self.redis_url]
         if "--workers" not in self.args:
             cmd += ["--workers", "1"]
-        cmd += self.args
-        self.process = subprocess.Popen(
-            cmd,
-            stdout=self.out_path.open("ab"),
-            stderr=self.log_path.open("ab"),
-            stdin=subprocess.DEVNULL,
-            cwd=self.workdir,
-        )
-        if ready:
-            assert wait_for(self.ready, 15), f"redlb not ready:\n{self.log()}"
-        else:
-            assert wait_for(self.listening, 15), f"redlb not listening:\n{self.log()}"
-        return self
+        return cmd + self.args
 
     def status(self, path: str) -> tuple[int, bytes]:
         try:
