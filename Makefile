@@ -30,7 +30,7 @@ $(COMPILED): $(STAMP) $(HOT_SOURCES)
 	$(BIN)/python setup.py --quiet build_ext --inplace
 	touch $(COMPILED)
 
-demo: $(STAMP)
+demo: $(COMPILED)
 	$(BIN)/redlb demo
 
 lint: $(STAMP)
