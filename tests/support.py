@@ -416,7 +416,8 @@ class Proxy:
         # free_port() cannot reserve a port: another process may take it before redlb binds
         # it.  That (and only that, on redlb's own two ports) is retried with new ports.
         for _attempt in range(3):
-            logged = len(self.log())
+            # Sizes, not reads: a test may make the log a pipe nobody reads (never read it).
+            logged = self.log_path.stat().st_size if self.log_path.is_file() else 0
             self.process = subprocess.Popen(
                 self._command(),
                 stdout=self.out_path.open("ab"),
@@ -427,7 +428,7 @@ class Proxy:
             up = self.ready if ready else self.listening
             process = self.process
             wait_for(lambda: up() or process.poll() is not None, 15)
-            said = self.log()[logged:]
+            said = self.log()[logged:] if process.poll() is not None else ""
             taken = "Address already in use" in said and (
                 "(--listen)" in said or "(--status-listen)" in said
             )
@@ -472,7 +473,7 @@ class Proxy:
             return False
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
 
     def access_log(self) -> str:
         return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
