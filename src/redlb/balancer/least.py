@@ -76,10 +76,10 @@ class LeastOutstanding(Strategy):
                     if rise > 0:
                         theirs += peers * rise
                 cost = mine + theirs + 1.0
-                if weights:
-                    cost /= weights[index]
                 if near:
                     cost += near * latency.get(name, 0.0)
+                if weights:  # the bias too: a weight is never outvoted by a latency
+                    cost /= weights[index]
                 costs.append(cost)
             # One of those equal to the least, at random: the first from a random start
             # gave the one after a busier backend two turns in three.
@@ -93,11 +93,11 @@ class LeastOutstanding(Strategy):
         a, b = candidates[i], candidates[j]
         cost_a = load.outstanding(a) + 1
         cost_b = load.outstanding(b) + 1
-        if weights:
-            cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]
         latency_a, latency_b = latency.get(a.key, 0.0), latency.get(b.key, 0.0)
         slower = max(latency_a, latency_b)
         if slower > 0:
             cost_a += NEAR * latency_a / slower
             cost_b += NEAR * latency_b / slower
+        if weights:
+            cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]
         return b if cost_b < cost_a - EQUAL else a
