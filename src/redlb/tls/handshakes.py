@@ -25,7 +25,11 @@ SUMMARY_INTERVAL = 60.0
 
 
 class TlsClientConnection(ClientConnection):
-    __slots__ = ("__weakref__", "handshakes")
+    # Weak references (Handshakes.pending): a compiled ClientConnection has the slot already,
+    # and a class may not declare it twice.
+    __slots__ = ("handshakes",) + (
+        () if hasattr(ClientConnection, "__weakref__") else ("__weakref__",)
+    )
     scheme = b"https"
 
     def __init__(self, ctx: ProxyContext, handshakes: Handshakes) -> None:
