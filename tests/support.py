@@ -427,7 +427,17 @@ class Proxy:
             )
             up = self.ready if ready else self.listening
             process = self.process
-            wait_for(lambda: up() or process.poll() is not None, 15)
+            seen: list[
+                bool
+            ] = []  # up once is up: with 2 workers the next answer may be the other's
+
+            def settled() -> bool:
+                if up():
+                    seen.append(True)
+                    return True
+                return process.poll() is not None
+
+            wait_for(settled, 15)
             said = self.log()[logged:] if process.poll() is not None else ""
             taken = "Address already in use" in said and (
                 "(--listen)" in said or "(--status-listen)" in said
@@ -435,7 +445,7 @@ class Proxy:
             if process.poll() is None or not taken:
                 break
             self.port, self.status_port = free_port(), free_port()
-        assert up(), f"redlb not {'ready' if ready else 'listening'}:\n{self.log()}"
+        assert seen, f"redlb not {'ready' if ready else 'listening'}:\n{self.log()}"
         return self
 
     def _command(self) -> list[str]:
