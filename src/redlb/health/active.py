@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from redlb.address import Backend
 from redlb.backend_tls import client_context, describe, failures
 from redlb.config import Config
+from redlb.descriptors import is_own_shortage
 from redlb.pool import Pool
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
@@ -120,7 +121,9 @@ class HealthProber:
         pipe = client.pipeline(transaction=False)
         for backend, passed in zip(owned, results, strict=True):
             verdict = self.verdicts.setdefault(backend, Verdict())
-            if verdict.record(passed, self.config.health_rise, self.config.health_fall):
+            # Not probed (None): the verdict stands, and is written again so as not to expire.
+            rise, fall = self.config.health_rise, self.config.health_fall
+            if passed is not None and verdict.record(passed, rise, fall):
                 changed = True
                 log.warning("health check: %s is %s", backend, "UP" if verdict.up else "DOWN")
             pipe.set(self.keys.health(backend), "up" if verdict.up else "down", px=verdict_ms)
@@ -128,9 +131,10 @@ class HealthProber:
             pipe.publish(self.keys.events, "health")
         await asyncio.wait_for(pipe.execute(), self.config.redis_timeout)
 
-    async def probe(self, backend: Backend) -> bool:
+    async def probe(self, backend: Backend) -> bool | None:
         """GET the health path; 2xx and 3xx pass.  An https:// backend is probed over TLS
-        with the proxy's own verification: a certificate requests would refuse fails."""
+        with the proxy's own verification: a certificate requests would refuse fails.
+        None: not probed, this process is out of descriptors."""
         request = (
             f"GET {self.path} HTTP/1.1\r\nHost: {backend.authority}\r\n"
             "User-Agent: redlb-health\r\nConnection: close\r\n\r\n"
@@ -151,7 +155,10 @@ class HealthProber:
                 and parts[1].isdigit()
                 and 200 <= int(parts[1]) < 400
             )
-        except (OSError, TimeoutError, ValueError):
+        except OSError as exc:  # a timeout too
+            # Out of descriptors: no verdict (a "down" would stop the fleet routing to it).
+            return None if is_own_shortage(exc) else False
+        except ValueError:
             return False
         finally:
             if writer is not None:
@@ -166,6 +173,6 @@ class HealthProber:
                 backend.host, backend.port, ssl=context, server_hostname=backend.host
             )
         except OSError as exc:
-            if not isinstance(exc, ConnectionRefusedError):
+            if not isinstance(exc, ConnectionRefusedError) and not is_own_shortage(exc):
                 failures.report(backend, describe(exc), " (health check)")
             raise

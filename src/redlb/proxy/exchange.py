@@ -16,7 +16,6 @@ Body rules:
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from redlb import backend_tls
 from redlb.address import Backend
+from redlb.descriptors import is_own_shortage
 from redlb.proxy import errors
 from redlb.proxy.replay import ReplayBuffer
 from redlb.proxy.retry import may_retry
@@ -42,8 +42,6 @@ BUFFER_LIMIT = 256 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
 # A backend answering these is overloaded or broken; an idempotent request goes elsewhere.
 RETRY_STATUSES = frozenset({502, 503, 504})
-# A dial that fails for want of descriptors (or kernel memory) is this process's shortage.
-_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _log = logging.getLogger("redlb.proxy")
 _last_shortage_report = 0.0
 
@@ -347,7 +345,7 @@ class Exchange:
             self.connect_task = None
             if self.done:
                 return
-            if isinstance(exc, OSError) and exc.errno in _OUT_OF_DESCRIPTORS:
+            if isinstance(exc, OSError) and is_own_shortage(exc):
                 # redlb's own shortage (a crowd of clients or tunnels): the backend is not
                 # at fault, so it is not counted against it (ejecting it would spread
                 # this worker's shortage fleet-wide through Redis).

@@ -1,0 +1,103 @@
+"""Adversarial review of the previous session's last hour (against real processes).
+
+Each test here failed against the code as it was; the fix is in the commit that adds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import socket
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from support import (
+    HttpBackend,
+    Proxy,
+    RedisProcess,
+    open_fds,
+    read_response,
+    statuses,
+    wait_for,
+)
+
+
+@contextlib.contextmanager
+def no_spare_descriptors(pid: int) -> Iterator[None]:
+    """The process may open no descriptor more (EMFILE) until the block ends."""
+    before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    now = open_fds(pid)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (now, before[1]))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
+
+
+def _worker(proxy: Proxy) -> int:
+    children = psutil.Process(proxy.pid).children()
+    return children[0].pid if children else proxy.pid
+
+
+# 1. Descriptor exhaustion is redlb's shortage, in every path that judges a backend
+
+
+# A host name is looked up first: out of descriptors, glibc cannot read /etc/hosts and
+# answers "Name or service not known" (EAI_NONAME), not EMFILE.
+SPELLINGS = ["127.0.0.1:{port}", "localhost:{port}"]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_health_probe_out_of_descriptors_does_not_mark_the_backend_down(
+    redis_server: RedisProcess, backends: list[HttpBackend], start_proxy, spelling: str
+):
+    """A probe that cannot open a socket (EMFILE) says nothing of the backend: before, the
+    prober wrote "down" to Redis and every instance of the fleet stopped routing to it."""
+    address = spelling.format(port=backends[0].port)
+    redis_server.cli("RPUSH", "servers", address)
+    proxy = start_proxy(
+        redis_server.url,
+        *("--health-path", "/health", "--health-interval", "0.3"),
+        *("--health-fall", "2", "--health-rise", "1"),
+    )
+    key = f"redlb:servers:health:{address}"
+    assert wait_for(lambda: redis_server.cli("GET", key).strip() == "up", timeout=10)
+    with no_spare_descriptors(_worker(proxy)):
+        # Ten probe rounds: five times the fall count.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            assert redis_server.cli("GET", key).strip() != "down", proxy.log()[-2000:]
+            time.sleep(0.1)
+    assert "is DOWN" not in proxy.log()
+    assert proxy.get("/")[0] == 200
+
+
+def test_backend_named_by_host_name_is_not_ejected_when_out_of_descriptors(
+    redis_server: RedisProcess, backends: list[HttpBackend], start_proxy
+):
+    """The dial's name lookup fails with EAI_NONAME when the worker has no descriptor left:
+    that was a 502 and a failure counted against the backend (ejected fleet-wide)."""
+    address = f"localhost:{backends[0].port}"
+    redis_server.cli("RPUSH", "servers", address)
+    proxy = start_proxy(redis_server.url, "--eject-consecutive", "2")
+    # Connected before the limit (each holds its accepted descriptor), no request yet: each
+    # request then needs a new backend connection.
+    clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(4)]
+    answers: list[int] = []
+    try:
+        assert wait_for(lambda: open_fds(_worker(proxy)) >= 4 + 10, timeout=5)
+        with no_spare_descriptors(_worker(proxy)):
+            for sock in clients:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                answers += statuses(read_response(sock))
+    finally:
+        for sock in clients:
+            sock.close()
+    assert 502 not in answers, answers
+    assert 503 in answers, answers
+    assert "ejecting" not in proxy.log()
+    assert not redis_server.cli("KEYS", "*eject*").strip()
+    assert wait_for(lambda: proxy.get("/", timeout=5)[0] == 200, timeout=10)
