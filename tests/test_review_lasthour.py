@@ -6,10 +6,14 @@ Each test here failed against the code as it was; the fix is in the commit that 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import resource
+import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,8 +22,10 @@ from support import (
     HttpBackend,
     Proxy,
     RedisProcess,
+    metric_sum,
     open_fds,
     read_response,
+    scrape,
     statuses,
     wait_for,
 )
@@ -101,3 +107,67 @@ def test_backend_named_by_host_name_is_not_ejected_when_out_of_descriptors(
     assert "ejecting" not in proxy.log()
     assert not redis_server.cli("KEYS", "*eject*").strip()
     assert wait_for(lambda: proxy.get("/", timeout=5)[0] == 200, timeout=10)
+
+
+# 2. A dead worker's snapshot folded into retired.json
+
+
+def _metrics_dir(proxy: Proxy) -> Path:
+    (found,) = Path("/tmp").glob(f"redlb-metrics-{proxy.pid}-*")
+    return found
+
+
+def _kill_a_worker(proxy: Proxy) -> None:
+    """SIGKILL one worker once its snapshot is written; wait for its replacement."""
+    victim = psutil.Process(proxy.pid).children()[0].pid
+    assert wait_for(lambda: (_metrics_dir(proxy) / f"{victim}.json").exists(), 10)
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(
+        lambda: (
+            proxy.alive()
+            and victim not in [c.pid for c in psutil.Process(proxy.pid).children()]
+            and len(psutil.Process(proxy.pid).children()) == 2
+            and proxy.ready()
+        ),
+        20,
+    ), proxy.log()[-3000:]
+
+
+@pytest.mark.parametrize("content", ["[]", '{"requests": 5}', '{"counters": []}', "{}"])
+def test_a_retired_sum_of_the_wrong_shape_does_not_kill_the_supervisor(
+    redis_server: RedisProcess, backends: list[HttpBackend], start_proxy, content: str
+):
+    """Valid JSON that is not a retired sum (edited, or written by another version) made
+    retire() raise past the supervisor's OSError guard: the supervisor died, and with it
+    (die_with_parent) every worker."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = start_proxy(redis_server.url, "--workers", "2")
+    assert wait_for(lambda: len(psutil.Process(proxy.pid).children()) == 2, 10)
+    assert proxy.get("/")[0] == 200
+    time.sleep(1.5)  # both workers have written that count (once a second)
+    (_metrics_dir(proxy) / "retired.json").write_text(content)
+    assert metric_sum(scrape(proxy), "redlb_requests_total") >= 1  # a scrape reads it too
+    _kill_a_worker(proxy)
+    assert proxy.get("/")[0] == 200
+    assert metric_sum(scrape(proxy), "redlb_requests_total") >= 1
+
+
+def test_a_scrape_during_the_first_fold_still_counts_the_dead_worker(tmp_path: Path):
+    """read_all listed the directory, then read the files: when the supervisor folded a
+    worker between the two (the first fold, which creates retired.json), the scrape read
+    neither the worker's file (gone) nor the sum (not listed): counters went back for it."""
+    from redlb.metrics import snapshot
+
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    worker = {"pid": dead, "worker": 0, "time": 1.0, "requests": [], "connect": [],
+              "counters": {"retries": 7}, "gauges": {}, "pools": []}  # fmt: skip
+    (tmp_path / f"{dead}.json").write_text(json.dumps(worker))
+
+    class FoldedWhileListing(type(tmp_path)):  # type: ignore[misc]
+        def glob(self, pattern: str):  # type: ignore[no-untyped-def,override]
+            listing = list(super().glob(pattern))
+            snapshot.retire(tmp_path, dead)  # the supervisor, between listing and reading
+            return iter(listing)
+
+    view = snapshot.read_all(FoldedWhileListing(tmp_path))
+    assert sum(s["counters"].get("retries", 0) for s in view.snapshots) == 7

@@ -227,8 +227,10 @@ def supervise(
         slot = children.pop(pid, -1)
         if slot < 0 or stopping:
             continue
-        with contextlib.suppress(OSError):  # its counts stay summed, in one file for all
+        try:  # its counts stay summed, in one file for all
             snapshot.retire(fleet_instance.current(config).metrics_dir, pid)
+        except Exception:  # bookkeeping (disk full, a bad file) never stops the supervisor
+            log.exception("could not fold the metrics of worker pid %d", pid)
         log.error("worker %d (pid %d) exited with status %d; restarting it", slot, pid, status_code)
         cursor.recover(pid)
         if time.monotonic() - last_restart < 1.0:

@@ -44,6 +44,9 @@ RETIRED = "retired.json"
 # The pids a retired sum holds: a reader that listed a pid's file before it was folded must
 # not count it twice.  Only the last few can still be listed by a scrape in progress.
 ABSORBED_KEPT = 64
+# The fields every reader relies on, and their types.
+_SHAPE = (("requests", list), ("connect", list), ("counters", dict), ("gauges", dict),
+          ("pools", list))  # fmt: skip
 
 
 def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) -> dict[str, Any]:
@@ -133,18 +136,20 @@ class InstanceView:
 
 def read_all(directory: Path) -> InstanceView:
     view = InstanceView()
-    # A worker's file is read before the retired sum (digits sort before letters): if it was
-    # folded in between, the sum read afterwards names it and the file read is dropped.
+    # Every worker's file is read before the retired sum: if one was folded in between, the
+    # sum read afterwards names it and the file read is dropped.  The sum is read by name,
+    # not from the listing: the first fold may create it after the listing was taken.
     read: list[dict[str, Any]] = []
-    absorbed: set[int] = set()
     for path in sorted(directory.glob("*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            snapshot = json.loads(path.read_text())
-            if path.name == RETIRED:
-                absorbed.update(snapshot.get("absorbed", ()))
-                view.snapshots.append(snapshot)
-            else:
+        if path.name != RETIRED:
+            snapshot = _load(path)
+            if snapshot is not None and isinstance(snapshot.get("pid"), int):
                 read.append(snapshot)
+    absorbed: set[int] = set()
+    retired = _load(directory / RETIRED)
+    if retired is not None:
+        absorbed.update(retired.get("absorbed", ()))
+        view.snapshots.append(retired)
     for snapshot in read:
         if snapshot["pid"] in absorbed:
             continue
@@ -152,6 +157,21 @@ def read_all(directory: Path) -> InstanceView:
         if _alive(int(snapshot["pid"])):
             view.live.append(snapshot)
     return view
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    """A snapshot file, or None if it is gone, unreadable or not shaped as one (a hand
+    edit, another version): one such file must not break every scrape, or the supervisor."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    for key, kind in _SHAPE:
+        if not isinstance(value.get(key), kind):
+            return None
+    return value if isinstance(value.get("absorbed", []), list) else None
 
 
 def retire(directory: Path, pid: int) -> None:
@@ -162,27 +182,34 @@ def retire(directory: Path, pid: int) -> None:
     worker's share exactly once whichever of the two states it reads.
     """
     path = directory / f"{pid}.json"
-    try:
-        dead = json.loads(path.read_text())
-    except (OSError, ValueError):
+    dead = _load(path)
+    if dead is None:
         return
     retired_path = directory / RETIRED
     try:
-        retired = json.loads(retired_path.read_text())
-    except (OSError, ValueError):
-        retired = {"pid": 0, "worker": -1, "time": 0.0, "requests": [], "connect": [],
-                   "counters": {}, "gauges": {}, "pools": [], "absorbed": []}  # fmt: skip
-    retired["requests"] = _summed(retired["requests"], dead.get("requests", []), 5)
-    retired["connect"] = _summed(retired["connect"], dead.get("connect", []), 2)
-    counters = retired["counters"]
-    for key, value in dead.get("counters", {}).items():
-        counters[key] = counters.get(key, 0) + value
-    retired["absorbed"] = [*retired["absorbed"], pid][-ABSORBED_KEPT:]
-    retired["time"] = time.time()
+        retired = _folded(_load(retired_path) or _empty_sum(), dead, pid)
+    except (TypeError, ValueError, IndexError):  # a sum of the wrong shape inside: begun again
+        retired = _folded(_empty_sum(), dead, pid)
     tmp = directory / ".retired.tmp"
     tmp.write_text(json.dumps(retired, separators=(",", ":")))
     os.replace(tmp, retired_path)
     path.unlink(missing_ok=True)
+
+
+def _empty_sum() -> dict[str, Any]:
+    return {"pid": 0, "worker": -1, "time": 0.0, "requests": [], "connect": [],
+            "counters": {}, "gauges": {}, "pools": [], "absorbed": []}  # fmt: skip
+
+
+def _folded(retired: dict[str, Any], dead: dict[str, Any], pid: int) -> dict[str, Any]:
+    retired["requests"] = _summed(retired["requests"], dead["requests"], 5)
+    retired["connect"] = _summed(retired["connect"], dead["connect"], 2)
+    counters = retired["counters"]
+    for key, value in dead["counters"].items():
+        counters[key] = counters.get(key, 0) + value
+    retired["absorbed"] = [*retired.get("absorbed", []), pid][-ABSORBED_KEPT:]
+    retired["time"] = time.time()
+    return retired
 
 
 def _summed(into: list[list[Any]], more: list[list[Any]], width: int) -> list[list[Any]]:
