@@ -171,3 +171,40 @@ def test_a_scrape_during_the_first_fold_still_counts_the_dead_worker(tmp_path: P
 
     view = snapshot.read_all(FoldedWhileListing(tmp_path))
     assert sum(s["counters"].get("retries", 0) for s in view.snapshots) == 7
+
+
+# 5. least_outstanding's costs divided by weights
+
+
+@pytest.mark.parametrize("backends_in_pool", [2, 6])  # a scan, and P2C's pairs
+@pytest.mark.parametrize("scale", [1, 10, 100])
+def test_least_outstanding_picks_the_same_whatever_the_weights_scale(
+    backends_in_pool: int, scale: int
+):
+    """Weights 2:1 and 20:10 are the same shares; but the near-tie margin (EQUAL, 0.1) was
+    compared with costs already divided by the weight, so at 20:10 (any weight from 10 up,
+    and every pool while --slow-start ramps, which multiplies weights by 10) a backend a
+    whole request busier was 'equal' and got half the picks."""
+    import random
+
+    from redlb.address import Backend
+    from redlb.balancer.base import Snapshot
+    from redlb.balancer.least import LeastOutstanding
+    from redlb.balancer.load import LoadView
+
+    pool = [Backend("127.0.0.1", 9000 + i) for i in range(backends_in_pool)]
+    load = LoadView()
+    strategy = LeastOutstanding(load, random.Random(7).random)
+    # Every heavy backend (weight 2) has two in flight, so costs 3/2 = 1.5 per unit of
+    # weight; the one light backend (weight 1) none, cost 1: it must win every pick.
+    light = pool[-1]
+    for backend in pool[:-1]:
+        load.started(backend)
+        load.started(backend)
+    candidates = Snapshot.of(pool, [2 * scale] * (len(pool) - 1) + [scale])
+    picks = [strategy.pick(candidates) for _ in range(200)]
+    if backends_in_pool == 2:
+        assert picks.count(light) == 200, picks.count(light)
+    else:  # P2C: the light one wins every pair it is drawn into
+        wins = picks.count(light)
+        assert wins >= 200 * 2 / backends_in_pool * 0.7, wins

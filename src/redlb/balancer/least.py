@@ -83,7 +83,9 @@ class LeastOutstanding(Strategy):
                 costs.append(cost)
             # One of those equal to the least, at random: the first from a random start
             # gave the one after a busier backend two turns in three.
-            good_enough = min(costs) + EQUAL
+            # EQUAL is in requests of the heaviest backend: costs were divided by weights
+            # (x10 while slow start ramps), and weights 20:10 are the shares of 2:1.
+            good_enough = min(costs) + (EQUAL / max(weights) if weights else EQUAL)
             equals = [index for index in range(n) if costs[index] <= good_enough]
             return candidates[equals[int(rand() * len(equals))]]
         i = int(rand() * n)
@@ -98,6 +100,9 @@ class LeastOutstanding(Strategy):
         if slower > 0:
             cost_a += NEAR * latency_a / slower
             cost_b += NEAR * latency_b / slower
+        equal = EQUAL
         if weights:
-            cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]
-        return b if cost_b < cost_a - EQUAL else a
+            weight_a, weight_b = weights[i], weights[j]
+            cost_a, cost_b = cost_a / weight_a, cost_b / weight_b
+            equal /= max(weight_a, weight_b)  # in requests of the heavier, as above
+        return b if cost_b < cost_a - equal else a
