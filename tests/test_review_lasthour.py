@@ -10,6 +10,8 @@ import json
 import os
 import resource
 import signal
+import subprocess
+import sys
 import socket
 import time
 from collections.abc import Iterator
@@ -208,3 +210,34 @@ def test_least_outstanding_picks_the_same_whatever_the_weights_scale(
     else:  # P2C: the light one wins every pair it is drawn into
         wins = picks.count(light)
         assert wins >= 200 * 2 / backends_in_pool * 0.7, wins
+
+
+# 3. The drain guard: never zero backends taking traffic without --force
+
+
+def _redlb(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "redlb", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_two_cli_drains_at_once_cannot_drain_the_last_two_backends(
+    redis_server: RedisProcess, backends: list[HttpBackend]
+):
+    """`redlb backend drain` checked, then wrote: two drains of the last two backends at
+    once (two operators, a script) both found the other one taking traffic and both wrote,
+    leaving no backend.  Redis holds their writes (CLIENT PAUSE WRITE) until both have read:
+    the window made deterministic."""
+    a, b = backends[0].address, backends[1].address
+    redis_server.cli("RPUSH", "servers", a, b)
+    drains = [_redlb("backend", "drain", addr, "--redis", redis_server.url) for addr in (a, b)]
+    # Under the CLI's 2 s socket timeout; both have read by then (they start in well under
+    # a second; a slower start only lets them run one after the other).
+    redis_server.cli("CLIENT", "PAUSE", "1900", "WRITE")
+    outcomes = [(p.wait(30), p.communicate()[1].decode()) for p in drains]
+    assert sorted(code for code, _ in outcomes) == [0, 1], outcomes
+    assert any("last backend" in err for _, err in outcomes), outcomes
+    assert len(redis_server.client().smembers("redlb:servers:draining")) == 1

@@ -662,16 +662,30 @@ def backend_drain(addr: str, force: bool, redis_url: str | None, pool: str, stat
     """Stop new traffic to ADDR; its in-flight requests finish."""
     key = _validated(addr)
     client = _connect(redis_url, state_dir)
-    entries = _entries(client, pool)
-    if key not in {_key_of(raw) for raw in entries}:
-        raise click.ClickException(f"{key} is not in {pool}")
-    if _taking_traffic(client, pool, entries) <= {key} and not force:
-        raise click.ClickException(
-            f"{key} is the last backend taking traffic in {pool}; draining it means 503 "
-            "for every request (--force to drain it anyway)"
-        )
-    _set_draining(client, pool, key, draining=True)
-    click.echo(f"draining {key}")
+    keys = Keys(pool)
+    # Checked and written as one (WATCH, as the admin API): two drains of the last two
+    # backends at once must not both find the other one taking traffic.
+    for _ in range(10):
+        with client.pipeline(transaction=True) as pipe:
+            pipe.watch(pool, keys.draining)  # type: ignore[no-untyped-call]
+            entries = _entries(pipe, pool)  # immediate mode while watching
+            if key not in {_key_of(raw) for raw in entries}:
+                raise click.ClickException(f"{key} is not in {pool}")
+            if _taking_traffic(pipe, pool, entries) <= {key} and not force:
+                raise click.ClickException(
+                    f"{key} is the last backend taking traffic in {pool}; draining it means "
+                    "503 for every request (--force to drain it anyway)"
+                )
+            pipe.multi()
+            pipe.sadd(keys.draining, key)
+            pipe.publish(keys.events, "drain")
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                continue  # the pool or the draining set changed meanwhile: look again
+        click.echo(f"draining {key}")
+        return
+    raise click.ClickException(f"{pool} kept changing; try again")
 
 
 @backend.command("undrain")
