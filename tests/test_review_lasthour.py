@@ -10,11 +10,12 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
-import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -24,6 +25,8 @@ from support import (
     HttpBackend,
     Proxy,
     RedisProcess,
+    admin_call,
+    free_port,
     metric_sum,
     open_fds,
     read_response,
@@ -241,3 +244,31 @@ def test_two_cli_drains_at_once_cannot_drain_the_last_two_backends(
     assert sorted(code for code, _ in outcomes) == [0, 1], outcomes
     assert any("last backend" in err for _, err in outcomes), outcomes
     assert len(redis_server.client().smembers("redlb:servers:draining")) == 1
+
+
+def test_two_api_drains_through_two_instances_leave_one_backend_taking_traffic(
+    redis_server: RedisProcess, backends: list[HttpBackend], start_proxy
+):
+    """The admin API's guard under the same deterministic window (held: WATCH on the
+    draining set makes the second transaction fail and look again)."""
+    a, b = backends[0].address, backends[1].address
+    redis_server.cli("RPUSH", "servers", a, b)
+    ports = [free_port(), free_port()]
+    for port in ports:
+        start_proxy(redis_server.url, "--admin-listen", f"127.0.0.1:{port}")
+    redis_server.cli("CLIENT", "PAUSE", "800", "WRITE")
+    with ThreadPoolExecutor(2) as pool:
+        calls = [
+            pool.submit(
+                admin_call, port, "POST", f"/api/v1/pools/servers/backends/{addr}/drain", {}
+            )
+            for port, addr in zip(ports, (a, b), strict=True)
+        ]
+        answers = [call.result()[:2] for call in calls]
+    assert sorted(status for status, _ in answers) == [200, 409], answers
+    assert len(redis_server.client().smembers("redlb:servers:draining")) == 1
+    for bad in ("yes", 1, None, [], {"x": 1}):
+        status, answer, _ = admin_call(
+            ports[0], "POST", f"/api/v1/pools/servers/backends/{a}/drain", {"force": bad}
+        )
+        assert status == 400 and "force" in answer["error"], (bad, answer)
