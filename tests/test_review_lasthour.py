@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from support import (
+    CountingBackend,
     HttpBackend,
     Proxy,
     RedisProcess,
@@ -272,3 +273,33 @@ def test_two_api_drains_through_two_instances_leave_one_backend_taking_traffic(
             ports[0], "POST", f"/api/v1/pools/servers/backends/{a}/drain", {"force": bad}
         )
         assert status == 400 and "force" in answer["error"], (bad, answer)
+
+
+# 4. Connections of removed backends
+
+
+def test_request_in_flight_to_a_removed_backend_completes_and_a_quick_re_add_serves(
+    redis_server: RedisProcess, loop_thread, backends: list[HttpBackend], start_proxy
+):
+    """Held: the sweep closes only idle connections; the busy one finishes its answer, and a
+    backend removed and re-added within a sweep keeps serving (on both routes' pools)."""
+    slow = CountingBackend(loop_thread, "slow", delay=2.0).start()
+    try:
+        redis_server.cli("RPUSH", "servers", slow.address)
+        redis_server.cli("RPUSH", "other", slow.address, backends[0].address)
+        redis_server.cli("HSET", "redlb:routes", "o.test", "other", "/", "servers")
+        proxy = start_proxy(redis_server.url, "--strategy", "least_outstanding")
+        with ThreadPoolExecutor(2) as pool:
+            pending = pool.submit(proxy.get, "/", timeout=15)
+            assert wait_for(lambda: slow.inflight == 1, 5), (pending.done() and pending.result()[:2], proxy.log()[-1500:])
+            redis_server.cli("LREM", "servers", "0", slow.address)
+            time.sleep(1.5)  # a resync and a sweep or more while it is in flight
+            redis_server.cli("RPUSH", "servers", slow.address)
+            status, body, _ = pending.result()
+        assert status == 200, (status, body)
+        assert wait_for(lambda: proxy.get("/", timeout=15)[0] == 200, 10)
+        other = proxy.get("/", headers={"Host": "o.test"}, timeout=15)
+        assert other[0] == 200, other[:2]
+        assert "Traceback" not in proxy.log()
+    finally:
+        slow.stop()
