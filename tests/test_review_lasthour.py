@@ -6,6 +6,7 @@ Each test here failed against the code as it was; the fix is in the commit that 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -24,6 +25,7 @@ import pytest
 from support import (
     CountingBackend,
     HttpBackend,
+    Load,
     Proxy,
     RedisProcess,
     admin_call,
@@ -291,7 +293,10 @@ def test_request_in_flight_to_a_removed_backend_completes_and_a_quick_re_add_ser
         proxy = start_proxy(redis_server.url, "--strategy", "least_outstanding")
         with ThreadPoolExecutor(2) as pool:
             pending = pool.submit(proxy.get, "/", timeout=15)
-            assert wait_for(lambda: slow.inflight == 1, 5), (pending.done() and pending.result()[:2], proxy.log()[-1500:])
+            assert wait_for(lambda: slow.inflight == 1, 5), (
+                pending.done() and pending.result()[:2],
+                proxy.log()[-1500:],
+            )
             redis_server.cli("LREM", "servers", "0", slow.address)
             time.sleep(1.5)  # a resync and a sweep or more while it is in flight
             redis_server.cli("RPUSH", "servers", slow.address)
@@ -303,3 +308,37 @@ def test_request_in_flight_to_a_removed_backend_completes_and_a_quick_re_add_ser
         assert "Traceback" not in proxy.log()
     finally:
         slow.stop()
+
+
+def test_counters_never_go_back_across_worker_kills_under_load(
+    redis_server: RedisProcess, backends: list[HttpBackend], start_proxy
+):
+    """Held: SIGKILL a worker mid-load three times, scraping all along (whichever worker
+    answers): redlb_requests_total and the other counters only ever grow."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = start_proxy(redis_server.url, "--workers", "2", "--no-access-log")
+    assert wait_for(lambda: len(psutil.Process(proxy.pid).children()) == 2, 10)
+    names = (
+        "redlb_requests_total",
+        "redlb_upstream_connects_total",
+        "redlb_client_connections_total",
+    )
+    seen: list[tuple[float, ...]] = []
+
+    def sample() -> None:
+        samples = scrape(proxy)
+        seen.append(tuple(metric_sum(samples, name) for name in names))
+
+    with Load(proxy.port, rate=100, connections=4):
+        for _ in range(3):
+            for _ in range(6):
+                sample()
+                time.sleep(0.2)
+            _kill_a_worker(proxy)
+        for _ in range(6):
+            sample()
+            time.sleep(0.2)
+    pairs = itertools.pairwise(seen)
+    backwards = [(a, b) for a, b in pairs if any(y < x for x, y in zip(a, b, strict=True))]
+    assert not backwards, backwards
+    assert seen[-1][0] > seen[0][0]
