@@ -342,3 +342,32 @@ def test_counters_never_go_back_across_worker_kills_under_load(
     backwards = [(a, b) for a, b in pairs if any(y < x for x, y in zip(a, b, strict=True))]
     assert not backwards, backwards
     assert seen[-1][0] > seen[0][0]
+
+
+# The stranger's command line: bad input is a clear error and exit 2
+
+
+@pytest.mark.parametrize(
+    "flag", ["--status-listen", "--admin-listen", "--admin-token-file", "--config"]
+)
+def test_an_empty_value_is_refused_not_taken_as_off(flag: str, tmp_path: Path):
+    """`--listen ""` was refused, but an empty --status-listen silently turned /metrics and
+    the readiness check off, an empty --admin-token-file gave a loopback admin API with no
+    token, an empty --config read no file: `--flag "$UNSET_VARIABLE"` in a unit file."""
+    args = ["serve", "--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1", f"{flag}="]
+    if flag == "--admin-token-file":
+        args += ["--admin-listen", f"127.0.0.1:{free_port()}"]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "redlb", *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"redlb serve {flag}= started serving")
+    assert done.returncode == 2, done.stderr[-1000:]
+    assert flag in done.stderr and "empty" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -374,6 +374,13 @@ def build_config(options: dict[str, Any]) -> Config:
     """The serve options (flags, env, file, defaults already merged by click) -> a Config."""
     from redlb.admin.auth import TokenError, load_token
 
+    # An empty value is a mistake (`--flag "$UNSET"`), not "off": refused like --listen's.
+    for key in ("status_listen", "admin_listen", "admin_token_file", "config"):
+        value = options.get(key)
+        if value is not None and not str(value).strip():
+            flag = "--" + key.replace("_", "-")
+            raise click.BadParameter("must not be empty ('off' turns a listener off)",
+                                     param_hint=f"'{flag}'")  # fmt: skip
     options.pop("config", None)
     try:
         admin_token = load_token(options.pop("admin_token_file", None))
