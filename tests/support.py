@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import ssl as ssl_module
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httptools
 import redis
@@ -185,31 +186,30 @@ class _Request:
         self.done = False
 
 
-class HttpBackend:
-    """A real HTTP/1.1 server on a loopback port that records what it receives.
+class LoopbackServer:
+    """An asyncio server on a loopback port, run on a LoopThread; ``ssl`` makes it HTTPS
+    (the handshake done before ``_serve`` runs).  ``_serve`` adds each connection's writer
+    to ``writers``: ``stop`` aborts those still open, as a killed server would."""
 
-    Paths: ``/big/N`` sends N bytes; ``/chunked/N`` sends N bytes chunked; ``/status/NNN``;
-    ``/echo`` answers with a description of the request; anything else ``ok NAME``.
-    """
-
-    def __init__(self, loop: LoopThread, name: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        loop: LoopThread,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.loop = loop
-        self.name = name
+        self.host = host
         self.port = port or free_port()
-        self.received: list[Received] = []
-        self.raw: list[bytes] = []  # every connection's bytes, in arrival order
-        self.connections = 0
-        self.behaviour = BackendBehaviour()
+        self.ssl = ssl
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> HttpBackend:
+    def start(self) -> Self:
         async def go() -> None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            self.server = await asyncio.start_server(
+                self._serve, self.host, self.port, ssl=self.ssl
+            )
 
         self.loop.run(go())
         return self
@@ -223,6 +223,35 @@ class HttpBackend:
                 self.server = None
 
         self.loop.run(go())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class HttpBackend(LoopbackServer):
+    """A real HTTP/1.1 server on a loopback port that records what it receives.
+
+    Paths: ``/big/N`` sends N bytes; ``/chunked/N`` sends N bytes chunked; ``/status/NNN``;
+    ``/echo`` answers with a description of the request; anything else ``ok NAME``.
+    """
+
+    def __init__(
+        self,
+        loop: LoopThread,
+        name: str,
+        port: int | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        super().__init__(loop, port, ssl=ssl)
+        self.name = name
+        self.received: list[Received] = []
+        self.raw: list[bytes] = []  # every connection's bytes, in arrival order
+        self.connections = 0
+        self.behaviour = BackendBehaviour()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def count(self) -> int:
         return len(self.received)
@@ -1002,3 +1031,36 @@ def ws_frame(payload: bytes, opcode: int = 2, masked: bool = True) -> bytes:
     else:
         head = bytes([0x80 | opcode, mask_bit | 127]) + n.to_bytes(8, "big")
     return head + (b"\0\0\0\0" if masked else b"") + payload
+
+
+def ws_tunnel(port: int, path: bytes = b"/") -> tuple[socket.socket, bytes]:
+    """A raw client socket through the handshake (the 101 checked), and what came after the
+    101's head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(ws_handshake(path))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"Sec-WebSocket-Accept: " + WS_ACCEPT in head
+    return sock, head.partition(b"\r\n\r\n")[2]
+
+
+def assert_flood_held_back(sock: socket.socket, pid: int) -> None:
+    """Send 1 MiB frames into a tunnel whose far side never reads: flow control must stop the
+    sender (a send blocked for 5 s) before 400 MiB are out, and redlb must not grow by 64 MiB."""
+    limit = 400 << 20
+    start = rss_bytes(pid)
+    frame = ws_frame(b"z" * (1 << 20))
+    sock.settimeout(5)
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(frame)
+            sent += len(frame)
+    except TimeoutError:
+        pass
+    assert sent < limit  # the sender was stopped, not the test's bound
+    assert rss_bytes(pid) - start < 64 << 20

@@ -748,7 +748,7 @@ def test_websocket_to_an_https_backend_echoes_and_stays_bounded(
     from websockets.asyncio.server import serve
     from websockets.sync.client import connect
 
-    from support import free_port, rss_bytes
+    from support import assert_flood_held_back, free_port, ws_tunnel
 
     ca = trustme.CA()
     ca_file = tmp_path / "ca.pem"
@@ -781,21 +781,8 @@ def test_websocket_to_an_https_backend_echoes_and_stays_bounded(
         ws.close(4001, "done")
     assert wait_for(lambda: closes == [4001], 10), closes
     # A client that floods and never reads an echo: bounded through the TLS side too.
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    sock.sendall(ws_handshake())
-    assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
-    start = rss_bytes(proxy.pid)
-    frame = b"\x82\xff" + (1 << 20).to_bytes(8, "big") + b"\0\0\0\0" + b"z" * (1 << 20)
-    sock.settimeout(5)
-    sent = 0
-    try:
-        while sent < 400 * (1 << 20):
-            sock.sendall(frame)
-            sent += len(frame)
-    except TimeoutError:
-        pass
-    assert sent < 400 * (1 << 20)
-    assert rss_bytes(proxy.pid) - start < 64 * 1024 * 1024
+    sock, _ = ws_tunnel(proxy.port)
+    assert_flood_held_back(sock, proxy.pid)
     sock.close()
     assert wait_for(lambda: metric(proxy, "redlb_open_tunnels") == 0, 15)
     assert "Traceback" not in proxy.log() and "Fatal error" not in proxy.log(), proxy.log()
