@@ -6,7 +6,7 @@ from pathlib import Path
 import hypothesis  # noqa: F401  # imported before any test thread: CPython 3.11's AST
 import pytest  # recursion counter trips if the plugin first imports it at session end
 
-from support import HttpBackend, LoopThread, Proxy, RedisProcess
+from support import HttpBackend, LoopThread, Proxy, RedisProcess, WsEchoBackend
 
 
 @pytest.fixture
@@ -29,6 +29,14 @@ def backends(loop_thread: LoopThread) -> Iterator[list[HttpBackend]]:
     yield started
     for b in started:
         b.stop()
+
+
+@pytest.fixture
+def echo(loop_thread: LoopThread) -> Iterator[WsEchoBackend]:
+    """A WebSocket echo server (a real `websockets` one)."""
+    backend = WsEchoBackend(loop_thread).start()
+    yield backend
+    backend.stop()
 
 
 @pytest.fixture

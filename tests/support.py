@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import ssl as ssl_module
+import struct
 import subprocess
 import sys
 import threading
@@ -945,6 +946,7 @@ class WsEchoBackend:
 
     ``/close/CODE`` closes with that code at once.  ``open`` counts live connections, ``closes``
     records each connection's close code.  ``pages`` (path -> HTML) are served to plain GETs.
+    ``kill`` resets every connection, as a crashed server with bytes in flight does.
     """
 
     def __init__(self, loop: LoopThread, pages: dict[str, bytes] | None = None) -> None:
@@ -956,6 +958,7 @@ class WsEchoBackend:
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
         self.server: Any = None
+        self.live: set[Any] = set()  # the connections open now
 
     @property
     def address(self) -> str:
@@ -969,6 +972,7 @@ class WsEchoBackend:
             self.paths.append(path)
             self.headers.append({k.lower(): v for k, v in ws.request.headers.raw_items()})
             self.open += 1
+            self.live.add(ws)
             try:
                 if path.startswith("/close/"):
                     await ws.close(int(path.rsplit("/", 1)[1]), "bye")
@@ -979,6 +983,7 @@ class WsEchoBackend:
                 pass
             finally:
                 self.open -= 1
+                self.live.discard(ws)
                 self.closes.append(ws.close_code)
 
         def page(connection: Any, request: Any) -> Any:
@@ -1005,6 +1010,16 @@ class WsEchoBackend:
             if self.server is not None:
                 self.server.close()
                 await self.server.wait_closed()
+
+        self.loop.run(go())
+
+    def kill(self) -> None:
+        async def go() -> None:
+            self.server.close()
+            for ws in list(self.live):
+                sock = ws.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                ws.transport.abort()
 
         self.loop.run(go())
 

@@ -378,6 +378,7 @@ def test_tunnel_start_keeps_the_pause_a_first_write_causes():
 
     import uvloop
 
+    from redlb.proxy.context import Stats
     from redlb.proxy.tunnel import Tunnel
 
     async def main() -> tuple[bool, bool]:
@@ -400,15 +401,22 @@ def test_tunnel_start_keeps_the_pause_a_first_write_causes():
         client_transport.set_write_buffer_limits(high=64 * 1024)
         ctx = types.SimpleNamespace(
             open_tunnels=0,
-            stats=types.SimpleNamespace(tunnels=0),
+            stats=Stats(),
             config=types.SimpleNamespace(send_timeout=60, tunnel_timeout=3600),
+            access_log=types.SimpleNamespace(enabled=False),
         )
         owner = types.SimpleNamespace(tunnel_ended=lambda: None)
-        tunnel = Tunnel(ctx, owner, client_transport, backend_transport)  # type: ignore[arg-type]
-        tunnel.start(SWITCH + b"b" * (16 << 20), b"")  # far more than the socket holds
+        exchange = types.SimpleNamespace(
+            req=types.SimpleNamespace(method=b"GET", target=b"/", route=None),
+            reason=b"Switching Protocols",
+            backend=None,
+            started=0.0,
+        )
+        tunnel = Tunnel(ctx, owner, client_transport, backend_transport, None, exchange)  # type: ignore[arg-type]
+        tunnel.start(SWITCH, b"b" * (16 << 20), b"")  # far more than the socket holds
         full = client_transport.get_write_buffer_size() > 64 * 1024
         reading = backend_transport.is_reading()
-        tunnel.close()
+        tunnel.close(b"test")
         client_app.close()
         server.close()
         return full, reading

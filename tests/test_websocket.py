@@ -17,7 +17,6 @@ from support import (
     WS_ACCEPT,
     HttpBackend,
     ScriptedBackend,
-    WsEchoBackend,
     assert_flood_held_back,
     metric,
     open_fds,
@@ -29,13 +28,6 @@ from support import (
     ws_handshake,
     ws_tunnel,
 )
-
-
-@pytest.fixture
-def echo(loop_thread):
-    backend = WsEchoBackend(loop_thread).start()
-    yield backend
-    backend.stop()
 
 
 @pytest.fixture
