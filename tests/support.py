@@ -713,8 +713,20 @@ def rss_bytes(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def open_fds(pid: int, but_to_port: int | None = None) -> int:
+    """The process's open descriptors; with ``but_to_port``, not counting its TCP connections
+    to that port (its Redis's: redis-py keeps as many as it once needed at the same time)."""
+    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    if but_to_port is None:
+        return len(fds)
+    excluded = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if int(fields[2].rpartition(":")[2], 16) == but_to_port:
+                    excluded.add(f"socket:[{fields[9]}]")
+    return sum(1 for fd in fds if fd not in excluded)
 
 
 @contextlib.contextmanager
