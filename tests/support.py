@@ -716,9 +716,13 @@ def rss_bytes(pid: int) -> int:
 def open_fds(pid: int, but_to_port: int | None = None) -> int:
     """The process's open descriptors; with ``but_to_port``, not counting its TCP connections
     to that port (its Redis's: redis-py keeps as many as it once needed at the same time)."""
-    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    names = os.listdir(f"/proc/{pid}/fd")
     if but_to_port is None:
-        return len(fds)
+        return len(names)
+    fds = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):  # closed since the listing
+            fds.append(os.readlink(f"/proc/{pid}/fd/{name}"))
     excluded = set()
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
