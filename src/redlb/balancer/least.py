@@ -71,11 +71,28 @@ class LeastOutstanding(Strategy):
         n = len(candidates)
         if n == 1:
             return candidates[0]
-        if n > SCAN_UP_TO:
-            return self._pair(candidates)
-        # The hot path, one pass over the keys: LoadView.outstanding inlined, and each
-        # latency kept for the bias, which needs the slowest first.
         load = self.load
+        if n > SCAN_UP_TO:  # P2C: two distinct candidates at random, compared alike
+            rand = self.rand
+            i = int(rand() * n)
+            j = int(rand() * (n - 1))
+            if j >= i:
+                j += 1
+            a, b = candidates[i], candidates[j]
+            cost_a = load.outstanding(a) + 1
+            cost_b = load.outstanding(b) + 1
+            latency = load.mean_latency or {}
+            latency_a, latency_b = latency.get(a.key, 0.0), latency.get(b.key, 0.0)
+            slower = max(latency_a, latency_b)
+            if slower > 0:
+                cost_a += NEAR * latency_a / slower
+                cost_b += NEAR * latency_b / slower
+            weights = self.weights
+            if weights:
+                cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]
+            return b if cost_b < cost_a - EQUAL else a
+        # The scan, one pass over the keys: LoadView.outstanding inlined (the hot path), and
+        # each latency kept for the bias, which needs the slowest first.
         local, others, peers = load.local, load.others, load.peers
         latency = load.mean_latency or {}
         costs: list[float] = []
@@ -112,26 +129,3 @@ class LeastOutstanding(Strategy):
             if costs[index] <= good_enough:
                 break
         return candidates[index]
-
-    def _pair(self, candidates: Sequence[Backend]) -> Backend:
-        """P2C: two distinct candidates at random, compared as the scan compares them."""
-        n = len(candidates)
-        rand = self.rand
-        i = int(rand() * n)
-        j = int(rand() * (n - 1))
-        if j >= i:
-            j += 1
-        a, b = candidates[i], candidates[j]
-        load = self.load
-        cost_a = load.outstanding(a) + 1
-        cost_b = load.outstanding(b) + 1
-        latency = load.mean_latency or {}
-        latency_a, latency_b = latency.get(a.key, 0.0), latency.get(b.key, 0.0)
-        slower = max(latency_a, latency_b)
-        if slower > 0:
-            cost_a += NEAR * latency_a / slower
-            cost_b += NEAR * latency_b / slower
-        weights = self.weights
-        if weights:
-            cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]
-        return b if cost_b < cost_a - EQUAL else a
