@@ -17,6 +17,7 @@ the table shows what is left in Python; REDLB_PURE=1 profiles the pure package.
     .venv/bin/python bench/profile_calls.py                  # full data path, 20,000 requests
     .venv/bin/python bench/profile_calls.py --single-pool    # no routes: the seed's one pool
     PROFILE_REQUESTS=5000 PROFILE_TOP=60 .venv/bin/python bench/profile_calls.py --json out.json
+    .venv/bin/python bench/profile_calls.py --single-pool -- --strategy hash  # more serve flags
 """
 
 from __future__ import annotations
@@ -202,8 +203,11 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3:])
         return
-    single = "--single-pool" in sys.argv
-    json_out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
+    ours, serve_extra = sys.argv, []
+    if "--" in sys.argv:  # what follows goes to `redlb serve` as it is
+        ours, serve_extra = sys.argv[: sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1 :]
+    single = "--single-pool" in ours
+    json_out = ours[ours.index("--json") + 1] if "--json" in ours else None
     tmp = Path(tempfile.mkdtemp(prefix="redlb-profile-"))
     tmp.chmod(0o755)  # nginx workers read the response files from here
     backend_ports = [bench.free_port() for _ in range(3)]
@@ -239,7 +243,7 @@ def main() -> None:
         log = (tmp / "access.log").open("wb")
         args = ["--listen", f"127.0.0.1:{port}", "--status-listen", f"127.0.0.1:{status}",
                 "--redis", f"redis://127.0.0.1:{redis_port}/{0 if single else 1}",
-                "--workers", "1", "--resync-interval", RESYNC]  # fmt: skip
+                "--workers", "1", "--resync-interval", RESYNC, *serve_extra]  # fmt: skip
         proxy = subprocess.Popen(
             [sys.executable, __file__, "--child", str(out), *args], stdout=log,
             stderr=subprocess.DEVNULL, cwd=tmp,
@@ -251,7 +255,7 @@ def main() -> None:
         log.close()
         lines = (tmp / "access.log").read_bytes().count(b"\n")
         print(f"redlb: {compiled_state()}; {'one pool' if single else '10,000 routes'}, "
-              f"metrics on, access log on ({lines:,} lines written)")  # fmt: skip
+              f"metrics on, access log on ({lines:,} lines written) {' '.join(serve_extra)}")  # fmt: skip
         result = report(out, requests, idle, busy, TOP)
         result["build"] = compiled_state()
         result["scenario"] = "one pool" if single else "10,000 routes"

@@ -6,7 +6,7 @@ from pathlib import Path
 import hypothesis  # noqa: F401  # imported before any test thread: CPython 3.11's AST
 import pytest  # recursion counter trips if the plugin first imports it at session end
 
-from support import HttpBackend, LoopThread, Proxy, RedisProcess
+from support import CountingBackend, HttpBackend, LoopThread, Proxy, RedisProcess, WsEchoBackend
 
 
 @pytest.fixture
@@ -29,6 +29,32 @@ def backends(loop_thread: LoopThread) -> Iterator[list[HttpBackend]]:
     yield started
     for b in started:
         b.stop()
+
+
+@pytest.fixture
+def echo(loop_thread: LoopThread) -> Iterator[WsEchoBackend]:
+    """A WebSocket echo server (a real `websockets` one)."""
+    backend = WsEchoBackend(loop_thread).start()
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture
+def fast_fast_slow(
+    redis_server: RedisProcess, loop_thread: LoopThread
+) -> Iterator[list[CountingBackend]]:
+    """The pool for the latency-aware strategies: two backends answering in 20 ms, then one
+    in 200 ms (the slow one last), listed in that order."""
+    started = [
+        CountingBackend(loop_thread, "fast0", 0.02).start(),
+        CountingBackend(loop_thread, "fast1", 0.02).start(),
+        CountingBackend(loop_thread, "slow", 0.2).start(),
+    ]
+    for backend in started:
+        redis_server.cli("RPUSH", "servers", backend.address)
+    yield started
+    for backend in started:
+        backend.stop()
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ import os
 import re
 import signal
 import socket
+import ssl as ssl_module
+import struct
 import subprocess
 import sys
 import threading
@@ -25,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httptools
 import redis
@@ -185,31 +187,30 @@ class _Request:
         self.done = False
 
 
-class HttpBackend:
-    """A real HTTP/1.1 server on a loopback port that records what it receives.
+class LoopbackServer:
+    """An asyncio server on a loopback port, run on a LoopThread; ``ssl`` makes it HTTPS
+    (the handshake done before ``_serve`` runs).  ``_serve`` adds each connection's writer
+    to ``writers``: ``stop`` aborts those still open, as a killed server would."""
 
-    Paths: ``/big/N`` sends N bytes; ``/chunked/N`` sends N bytes chunked; ``/status/NNN``;
-    ``/echo`` answers with a description of the request; anything else ``ok NAME``.
-    """
-
-    def __init__(self, loop: LoopThread, name: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        loop: LoopThread,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.loop = loop
-        self.name = name
+        self.host = host
         self.port = port or free_port()
-        self.received: list[Received] = []
-        self.raw: list[bytes] = []  # every connection's bytes, in arrival order
-        self.connections = 0
-        self.behaviour = BackendBehaviour()
+        self.ssl = ssl
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> HttpBackend:
+    def start(self) -> Self:
         async def go() -> None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            self.server = await asyncio.start_server(
+                self._serve, self.host, self.port, ssl=self.ssl
+            )
 
         self.loop.run(go())
         return self
@@ -223,6 +224,35 @@ class HttpBackend:
                 self.server = None
 
         self.loop.run(go())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class HttpBackend(LoopbackServer):
+    """A real HTTP/1.1 server on a loopback port that records what it receives.
+
+    Paths: ``/big/N`` sends N bytes; ``/chunked/N`` sends N bytes chunked; ``/status/NNN``;
+    ``/echo`` answers with a description of the request; anything else ``ok NAME``.
+    """
+
+    def __init__(
+        self,
+        loop: LoopThread,
+        name: str,
+        port: int | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        super().__init__(loop, port, ssl=ssl)
+        self.name = name
+        self.received: list[Received] = []
+        self.raw: list[bytes] = []  # every connection's bytes, in arrival order
+        self.connections = 0
+        self.behaviour = BackendBehaviour()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def count(self) -> int:
         return len(self.received)
@@ -683,8 +713,24 @@ def rss_bytes(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def open_fds(pid: int, but_to_port: int | None = None) -> int:
+    """The process's open descriptors; with ``but_to_port``, not counting its TCP connections
+    to that port (its Redis's: redis-py keeps as many as it once needed at the same time)."""
+    names = os.listdir(f"/proc/{pid}/fd")
+    if but_to_port is None:
+        return len(names)
+    fds = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):  # closed since the listing
+            fds.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+    excluded = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if int(fields[2].rpartition(":")[2], 16) == but_to_port:
+                    excluded.add(f"socket:[{fields[9]}]")
+    return sum(1 for fd in fds if fd not in excluded)
 
 
 @contextlib.contextmanager
@@ -916,6 +962,7 @@ class WsEchoBackend:
 
     ``/close/CODE`` closes with that code at once.  ``open`` counts live connections, ``closes``
     records each connection's close code.  ``pages`` (path -> HTML) are served to plain GETs.
+    ``kill`` resets every connection, as a crashed server with bytes in flight does.
     """
 
     def __init__(self, loop: LoopThread, pages: dict[str, bytes] | None = None) -> None:
@@ -927,6 +974,7 @@ class WsEchoBackend:
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
         self.server: Any = None
+        self.live: set[Any] = set()  # the connections open now
 
     @property
     def address(self) -> str:
@@ -940,6 +988,7 @@ class WsEchoBackend:
             self.paths.append(path)
             self.headers.append({k.lower(): v for k, v in ws.request.headers.raw_items()})
             self.open += 1
+            self.live.add(ws)
             try:
                 if path.startswith("/close/"):
                     await ws.close(int(path.rsplit("/", 1)[1]), "bye")
@@ -950,6 +999,7 @@ class WsEchoBackend:
                 pass
             finally:
                 self.open -= 1
+                self.live.discard(ws)
                 self.closes.append(ws.close_code)
 
         def page(connection: Any, request: Any) -> Any:
@@ -979,6 +1029,16 @@ class WsEchoBackend:
 
         self.loop.run(go())
 
+    def kill(self) -> None:
+        async def go() -> None:
+            self.server.close()
+            for ws in list(self.live):
+                sock = ws.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                ws.transport.abort()
+
+        self.loop.run(go())
+
 
 WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 WS_ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3's example pair
@@ -1002,3 +1062,36 @@ def ws_frame(payload: bytes, opcode: int = 2, masked: bool = True) -> bytes:
     else:
         head = bytes([0x80 | opcode, mask_bit | 127]) + n.to_bytes(8, "big")
     return head + (b"\0\0\0\0" if masked else b"") + payload
+
+
+def ws_tunnel(port: int, path: bytes = b"/") -> tuple[socket.socket, bytes]:
+    """A raw client socket through the handshake (the 101 checked), and what came after the
+    101's head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(ws_handshake(path))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"Sec-WebSocket-Accept: " + WS_ACCEPT in head
+    return sock, head.partition(b"\r\n\r\n")[2]
+
+
+def assert_flood_held_back(sock: socket.socket, pid: int) -> None:
+    """Send 1 MiB frames into a tunnel whose far side never reads: flow control must stop the
+    sender (a send blocked for 5 s) before 400 MiB are out, and redlb must not grow by 64 MiB."""
+    limit = 400 << 20
+    start = rss_bytes(pid)
+    frame = ws_frame(b"z" * (1 << 20))
+    sock.settimeout(5)
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(frame)
+            sent += len(frame)
+    except TimeoutError:
+        pass
+    assert sent < limit  # the sender was stopped, not the test's bound
+    assert rss_bytes(pid) - start < 64 << 20

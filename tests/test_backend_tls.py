@@ -26,7 +26,15 @@ from redlb.address import Backend, InvalidAddress, parse_backend
 from redlb.backend_tls import FailureLog, server_name
 from redlb.store.embedded import free_port
 from redlb.store.keys import Keys
-from support import HttpBackend, LoopThread, admin_call, metric, request, wait_for
+from support import (
+    HttpBackend,
+    LoopbackServer,
+    LoopThread,
+    admin_call,
+    metric,
+    request,
+    wait_for,
+)
 
 # Certificates
 
@@ -70,12 +78,13 @@ def other_name_cert(ca: trustme.CA) -> trustme.LeafCert:
 # A TLS backend that counts what happens to it
 
 
-class TlsBackend:
+class TlsBackend(LoopbackServer):
     """An HTTPS/1.1 server on 127.0.0.1 that keeps connections alive and records, per
     connection, the TCP accept, the finished handshake and the SNI name the client sent.
 
     mode: ``serve``; ``stall`` (accept, never answer the ClientHello); ``close`` (read the
-    start of the ClientHello, then reset the connection).
+    start of the ClientHello, then reset the connection).  The server listens in plain TCP
+    and starts TLS itself, so that an accept is counted before (or without) a handshake.
     """
 
     def __init__(
@@ -86,11 +95,9 @@ class TlsBackend:
         mode: str = "serve",
         host: str = "127.0.0.1",
     ) -> None:
-        self.loop = loop
-        self.host = host
+        super().__init__(loop, host=host)
         self.name = name
         self.mode = mode
-        self.port = free_port()
         self.accepts = 0
         self.closed = 0  # connections the backend saw end (the peer's close, or its own)
         self.handshakes = 0
@@ -99,8 +106,6 @@ class TlsBackend:
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(self.context)
         self.context.sni_callback = self._sni
-        self.server: asyncio.AbstractServer | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
 
     @property
     def entry(self) -> str:
@@ -116,23 +121,6 @@ class TlsBackend:
 
     def _sni(self, _obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         self.sni.append(name)
-
-    def start(self) -> TlsBackend:
-        async def go() -> None:
-            self.server = await asyncio.start_server(self._serve, self.host, self.port)
-
-        self.loop.run(go())
-        return self
-
-    def stop(self) -> None:
-        async def go() -> None:
-            if self.server is not None:
-                self.server.close()
-                for writer in list(self.writers):
-                    writer.transport.abort()
-                self.server = None
-
-        self.loop.run(go())
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepts += 1

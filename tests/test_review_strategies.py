@@ -178,22 +178,6 @@ def test_smooth_weighted_period_honours_weights_in_a_large_pool() -> None:
     assert abs(share - 10 / 11) <= 0.01, share
 
 
-@pytest.fixture
-def fast_fast_slow(redis_server, loop_thread):
-    from support import CountingBackend
-
-    started = [
-        CountingBackend(loop_thread, "fast0", 0.02).start(),
-        CountingBackend(loop_thread, "fast1", 0.02).start(),
-        CountingBackend(loop_thread, "slow", 0.2).start(),
-    ]
-    for backend in started:
-        redis_server.cli("RPUSH", "servers", backend.address)
-    yield started
-    for backend in started:
-        backend.stop()
-
-
 def test_slow_backend_holds_no_more_than_its_fair_share_at_four_clients_each(
     redis_server, fast_fast_slow, start_proxy
 ):

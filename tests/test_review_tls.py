@@ -27,7 +27,7 @@ import trustme
 
 from certs import Pair, client_context, handshake, served_der, write_atomically
 from redlb.store.embedded import free_port
-from support import LoopThread, raw_exchange, request, wait_for
+from support import LoopbackServer, LoopThread, raw_exchange, request, wait_for
 
 
 def grep(text: str, pattern: str) -> list[str]:
@@ -56,42 +56,20 @@ def good_cert(ca: trustme.CA) -> trustme.LeafCert:
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class ScriptedTlsBackend:
+class ScriptedTlsBackend(LoopbackServer):
     """An HTTPS server on 127.0.0.1: after the handshake, ``script`` does what it likes."""
 
     def __init__(self, loop: LoopThread, cert: trustme.LeafCert, script: Script) -> None:
-        self.loop = loop
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        super().__init__(loop, ssl=context)
         self.script = script
-        self.port = free_port()
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(self.context)
-        self.server: asyncio.AbstractServer | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
         self.accepts = 0
         self.requests: list[bytes] = []
 
     @property
     def entry(self) -> str:
         return f"https://127.0.0.1:{self.port}"
-
-    def start(self) -> ScriptedTlsBackend:
-        async def go() -> None:
-            self.server = await asyncio.start_server(
-                self._serve, "127.0.0.1", self.port, ssl=self.context
-            )
-
-        self.loop.run(go())
-        return self
-
-    def stop(self) -> None:
-        async def go() -> None:
-            if self.server is not None:
-                self.server.close()
-                for writer in list(self.writers):
-                    writer.transport.abort()
-                self.server = None
-
-        self.loop.run(go())
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepts += 1
@@ -660,7 +638,7 @@ def test_backend_certificate_turning_bad_keeps_pooled_connections_refuses_new_on
     redis_server.cli("RPUSH", "servers", backend.entry)
     proxy = start_proxy(redis_server.url, "--upstream-ca", ca_file)
     assert request(proxy.port, "GET", "/")[:2] == (200, b"ok")
-    ca.issue_cert("elsewhere.test").configure_cert(backend.context)  # new handshakes only
+    ca.issue_cert("elsewhere.test").configure_cert(backend.ssl)  # new handshakes only
     assert request(proxy.port, "GET", "/")[:2] == (200, b"ok")  # the verified pooled one
     assert backend.accepts == 1
     results: list[int] = []

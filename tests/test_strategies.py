@@ -387,6 +387,43 @@ def test_bounded_load_counts_the_fleet() -> None:
     assert strategy.pick(candidates, b"user-1") != home
 
 
+@given(
+    st.integers(2, 12),
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), min_size=20, max_size=300),
+    st.integers(0, 3),
+)
+@settings(max_examples=40, deadline=None)
+def test_bounded_load_spills_along_the_keys_probes(
+    n: int, steps: list[tuple[int, int]], peers: int
+) -> None:
+    """The routes kept per key pick what walking the probes afresh picks: the key's slot,
+    then its rehashes in order, then the least loaded (with the fleet's counts too)."""
+    from redlb.balancer.maglev import PROBES, key_hash, rehash
+
+    load = LoadView()
+    strategy = MaglevHash(load, balance=0.25)
+    candidates = snapshot(n)
+    load.set_others({b.key: float(i % 3) for i, b in enumerate(candidates)}, peers=peers)
+    for key_id, finishes in steps:
+        key = b"key-%d" % key_id
+        picked = strategy.pick(candidates, key)
+        total = load.total() + 1
+        cap = -(-(1250 * total) // (1000 * n))
+        h = key_hash(key)
+        probes = [h] + [rehash(h, attempt) for attempt in range(1, PROBES + 1)]
+        walked = [candidates[strategy.table[p % len(strategy.table)]] for p in probes]
+        below = [b for b in walked if load.outstanding(b) < cap]
+        if total <= n:
+            expected = walked[0]
+        else:
+            expected = below[0] if below else min(candidates, key=load.outstanding)
+        assert picked is expected
+        load.started(picked)
+        for backend in list(candidates)[:finishes]:
+            if load.local.get(backend.key):
+                load.finished(backend, 0.01)
+
+
 def test_every_configurable_strategy_has_a_module() -> None:
     from redlb.balancer import STRATEGIES
     from redlb.config import STRATEGIES as NAMES

@@ -5,9 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
-from support import CountingBackend, closed_loop
+from support import closed_loop
 
 SECONDS = 8.0
 
@@ -17,21 +15,6 @@ def redlb(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "redlb", *args, "--redis", redis_url],
         capture_output=True, text=True, timeout=20,
     )  # fmt: skip
-
-
-@pytest.fixture
-def slow_and_fast(redis_server, loop_thread):
-    """Two backends answering in 20 ms, one in 200 ms (the slow one is last)."""
-    started = [
-        CountingBackend(loop_thread, "fast0", 0.02).start(),
-        CountingBackend(loop_thread, "fast1", 0.02).start(),
-        CountingBackend(loop_thread, "slow", 0.2).start(),
-    ]
-    for backend in started:
-        redis_server.cli("RPUSH", "servers", backend.address)
-    yield started
-    for backend in started:
-        backend.stop()
 
 
 def slow_share(
@@ -55,9 +38,9 @@ def slow_share(
     return averages[-1], sum(averages) / 3, sum(statuses.values())
 
 
-def test_fleet_view_keeps_requests_off_the_slow_backend(redis_server, slow_and_fast, start_proxy):
+def test_fleet_view_keeps_requests_off_the_slow_backend(redis_server, fast_fast_slow, start_proxy):
     runs = {
-        name: slow_share(redis_server, start_proxy, slow_and_fast, name)
+        name: slow_share(redis_server, start_proxy, fast_fast_slow, name)
         for name in ("least_conn", "least_outstanding", "peak_ewma")
     }
     print("\nslow backend: mean in flight / fair share (fleet's in flight / 3) / requests")
@@ -74,10 +57,10 @@ def test_fleet_view_keeps_requests_off_the_slow_backend(redis_server, slow_and_f
     assert ewma[0] <= ewma[1]  # latency-aware: no more than its fair share
 
 
-def test_fleet_view_at_four_clients_per_instance(redis_server, slow_and_fast, start_proxy):
+def test_fleet_view_at_four_clients_per_instance(redis_server, fast_fast_slow, start_proxy):
     """Each instance sees a lot here; the fleet's counts must still do better, not herd."""
     runs = {
-        name: slow_share(redis_server, start_proxy, slow_and_fast, name, clients=4)
+        name: slow_share(redis_server, start_proxy, fast_fast_slow, name, clients=4)
         for name in ("least_conn", "least_outstanding")
     }
     print("\n4 clients per instance: slow backend mean in flight / fair share / requests")

@@ -17,24 +17,17 @@ from support import (
     WS_ACCEPT,
     HttpBackend,
     ScriptedBackend,
-    WsEchoBackend,
+    assert_flood_held_back,
     metric,
     open_fds,
     raw_exchange,
     read_response,
-    rss_bytes,
     statuses,
     wait_for,
     ws_frame,
     ws_handshake,
+    ws_tunnel,
 )
-
-
-@pytest.fixture
-def echo(loop_thread):
-    backend = WsEchoBackend(loop_thread).start()
-    yield backend
-    backend.stop()
 
 
 @pytest.fixture
@@ -237,25 +230,6 @@ def test_handshake_problems_get_a_clear_400(ws_proxy):
 # Faults
 
 
-def _tunnel(proxy) -> socket.socket:
-    """A raw client socket with the handshake done; the 101 read."""
-    return _tunnel_and_rest(proxy)[0]
-
-
-def _tunnel_and_rest(proxy) -> tuple[socket.socket, bytes]:
-    """A raw client socket with the handshake done, and what came after the 101 head."""
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    sock.sendall(ws_handshake())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    assert b"Sec-WebSocket-Accept: " + WS_ACCEPT in head
-    return sock, head.partition(b"\r\n\r\n")[2]
-
-
 def test_backend_killed_mid_message(redis_server, loop_thread, start_proxy):
     async def script(reader, writer, n):
         await backend.read_request(reader)
@@ -272,7 +246,7 @@ def test_backend_killed_mid_message(redis_server, loop_thread, start_proxy):
     redis_server.cli("RPUSH", "servers", backend.address)
     proxy = start_proxy(redis_server.url)
     baseline = open_fds(proxy.pid)
-    sock, got = _tunnel_and_rest(proxy)
+    sock, got = ws_tunnel(proxy.port)
     while True:
         chunk = sock.recv(65536)
         if not chunk:
@@ -304,7 +278,7 @@ def test_backend_killed_mid_stream_websockets_client(ws_proxy, echo):
 def test_client_vanishing_closes_the_backend_connection(ws_proxy, echo):
     proxy = ws_proxy()
     baseline = open_fds(proxy.pid)
-    sock = _tunnel(proxy)
+    sock, _ = ws_tunnel(proxy.port)
     sock.sendall(ws_frame(b"hi", opcode=1))
     assert wait_for(lambda: echo.open == 1, 10)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
@@ -328,19 +302,8 @@ def test_client_that_never_reads_stays_bounded(ws_proxy, echo):
     """The client sends 1 MB frames to the echo and never reads an echo: redlb must stop
     reading from it (flow control both ways), so its memory stays bounded."""
     proxy = ws_proxy()
-    sock = _tunnel(proxy)
-    start = rss_bytes(proxy.pid)
-    frame = ws_frame(b"z" * (1 << 20))
-    sock.settimeout(5)
-    sent = 0
-    try:
-        while sent < 400 * (1 << 20):
-            sock.sendall(frame)
-            sent += len(frame)
-    except TimeoutError:
-        pass
-    assert sent < 400 * (1 << 20)  # the sender was stopped, not the test's bound
-    assert rss_bytes(proxy.pid) - start < 64 * 1024 * 1024
+    sock, _ = ws_tunnel(proxy.port)
+    assert_flood_held_back(sock, proxy.pid)
     sock.close()
 
 
@@ -359,19 +322,8 @@ def test_backend_that_never_reads_stays_bounded(redis_server, loop_thread, start
     backend = ScriptedBackend(loop_thread, script).start()
     redis_server.cli("RPUSH", "servers", backend.address)
     proxy = start_proxy(redis_server.url)
-    sock = _tunnel(proxy)
-    start = rss_bytes(proxy.pid)
-    frame = ws_frame(b"z" * (1 << 20))
-    sock.settimeout(5)
-    sent = 0
-    try:
-        while sent < 400 * (1 << 20):
-            sock.sendall(frame)
-            sent += len(frame)
-    except TimeoutError:
-        pass
-    assert sent < 400 * (1 << 20)
-    assert rss_bytes(proxy.pid) - start < 64 * 1024 * 1024
+    sock, _ = ws_tunnel(proxy.port)
+    assert_flood_held_back(sock, proxy.pid)
     sock.close()
     loop_thread.loop.call_soon_threadsafe(stop.set)
     backend.stop()
@@ -471,7 +423,7 @@ def test_half_close_is_passed_on_and_the_other_way_keeps_flowing(
     backend = ScriptedBackend(loop_thread, script).start()
     redis_server.cli("RPUSH", "servers", backend.address)
     proxy = start_proxy(redis_server.url)
-    sock, got = _tunnel_and_rest(proxy)
+    sock, got = ws_tunnel(proxy.port)
     sock.sendall(b"x" * 100_000)
     sock.shutdown(socket.SHUT_WR)
     while True:

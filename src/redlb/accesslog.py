@@ -2,7 +2,8 @@
 
 Each line begins as the seed printed it, ``GET / => 200 OK``, then the backend, the duration,
 the response body bytes and, once routes are configured, ``route=MATCH`` (or
-``route=no route``).  Nothing is formatted when the log is off.
+``route=no route``).  A WebSocket tunnel has one line, at its end (``TunnelEnd``).  Nothing
+is formatted when the log is off.
 
 A log reader that stops reading (a full pipe, a stopped ``less``) blocks the writer thread,
 never the event loop.  Stdout is left blocking: making an inherited descriptor non-blocking
@@ -18,6 +19,7 @@ import select
 import sys
 import threading
 from collections import deque
+from typing import NamedTuple
 
 from redlb.address import Backend
 
@@ -26,6 +28,23 @@ FLUSH_LINES = 256
 # Bytes handed to the writer thread and not yet written: seconds of log at a high request
 # rate, on top of the pipe's own buffer; a reader stalled for longer loses lines, not time.
 MAX_PENDING = 256 * 1024
+
+
+class TunnelEnd(NamedTuple):
+    """A WebSocket tunnel's line, written when it ends: the request that opened it, status
+    101, the time since that request began, bytes relayed to the client (the usual ``B``
+    field) and from it, and why it ended (``client-closed``, ``backend-reset``,
+    ``idle-timeout``, ``drain``...)."""
+
+    method: bytes
+    target: bytes
+    reason: bytes
+    backend: Backend | None
+    seconds: float
+    to_client: int
+    from_client: int
+    route: bytes
+    why: bytes
 
 
 class AccessLog:
@@ -77,6 +96,23 @@ class AccessLog:
             shown = target[:80] if target.isascii() else b"(invalid)"
             self.lines.append(b"- %b => %d refused by redlb\n" % (shown or b"-", status))
             self._schedule()
+
+    def tunnel(self, end: TunnelEnd) -> None:
+        self.lines.append(
+            b"%b %b => 101 %b  %b %.1fms %dB%b from_client=%dB end=%b\n"
+            % (
+                end.method,
+                end.target,
+                end.reason,
+                end.backend.label if end.backend is not None else b"-",
+                end.seconds * 1000,
+                end.to_client,
+                b" route=" + end.route if end.route else b"",
+                end.from_client,
+                end.why,
+            )
+        )
+        self._schedule()
 
     def _schedule(self) -> None:
         if len(self.lines) >= FLUSH_LINES:

@@ -1,7 +1,8 @@
 """``--log-format json``: the access log and the event log as one JSON object a line.
 
 The access log keeps its batching (accesslog.py); only the line changes.  Field names follow
-the text line: method, target, status, reason, backend, ms, bytes, route.
+the text line: method, target, status, reason, backend, ms, bytes, route; a tunnel's line
+adds from_client and end.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import logging
 import time
 
-from redlb.accesslog import AccessLog
+from redlb.accesslog import AccessLog, TunnelEnd
 from redlb.address import Backend
 
 
@@ -44,6 +45,25 @@ class JsonAccessLog(AccessLog):
             record["route"] = _text(route)
         self.lines.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
         self._schedule()  # AccessLog's flush rule; only its own hot path inlines it
+
+    def tunnel(self, end: TunnelEnd) -> None:
+        backend = end.backend
+        record = {
+            "time": round(time.time(), 3),
+            "method": _text(end.method),
+            "target": _text(end.target),
+            "status": 101,
+            "reason": _text(end.reason),
+            "backend": backend.key if backend is not None else None,
+            "ms": round(end.seconds * 1000, 3),
+            "bytes": end.to_client,
+            "from_client": end.from_client,
+            "end": _text(end.why),
+        }
+        if end.route:
+            record["route"] = _text(end.route)
+        self.lines.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        self._schedule()
 
     def refused(self, status: int, target: bytes) -> None:
         if self.enabled:

@@ -8,6 +8,7 @@ nothing and gets tried.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 
@@ -34,15 +35,38 @@ class PeakEwma(Strategy):
         n = len(candidates)
         if n == 1:
             return candidates[0]
-        i = int(self.rand() * n)
-        j = int(self.rand() * (n - 1))
+        rand = self.rand
+        i = int(rand() * n)
+        j = int(rand() * (n - 1))
         if j >= i:
             j += 1
-        a, b = candidates[i], candidates[j]
+        # cost = LoadView.ewma x (LoadView.outstanding + 1) / weight, inlined: the hot path.
         load = self.load
-        cost_a = max(load.ewma(a, UNMEASURED), UNMEASURED) * (load.outstanding(a) + 1)
-        cost_b = max(load.ewma(b, UNMEASURED), UNMEASURED) * (load.outstanding(b) + 1)
+        latency, sampled_at, local, others, peers = (
+            load.latency or {},
+            load.sampled_at,
+            load.local,
+            load.others,
+            load.peers,
+        )
+        now = load.clock()
         weights = weights_of(candidates)
-        if weights:
-            cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]
-        return a if cost_a <= cost_b else b
+        costs = []
+        for index in (i, j):
+            name = candidates[index].key
+            seconds = latency.get(name)
+            if seconds is None:
+                seconds = UNMEASURED
+            else:
+                seconds *= math.exp((sampled_at[name] - now) / load.decay)
+                if seconds < UNMEASURED:
+                    seconds = UNMEASURED
+            mine = local.get(name, 0)
+            theirs = others.get(name, 0.0)
+            if peers:  # the others moved on as this instance did (LoadView.others_now)
+                rise = mine - load.baseline.get(name, 0)
+                if rise > 0:
+                    theirs += peers * rise
+            cost = seconds * (mine + theirs + 1)
+            costs.append(cost / weights[index] if weights else cost)
+        return candidates[i] if costs[0] <= costs[1] else candidates[j]

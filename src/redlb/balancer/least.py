@@ -14,8 +14,10 @@ like Envoy's active request bias a small correction on the counts, not peak_ewma
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
+from itertools import permutations
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy, weights_of
@@ -39,6 +41,12 @@ NEAR = 1.25
 EQUAL = 0.1
 
 
+# A random order of the scanned candidates, per pool size: the first of the equals in it is
+# each of them with the same chance (the first from a random start gave the one after a
+# busier backend two turns in three), whatever their number, for one draw.
+ORDERS = {n: tuple(permutations(range(n))) for n in range(2, SCAN_UP_TO + 1)}
+
+
 class LeastOutstanding(Strategy):
     name = "least_outstanding"
     counts = True
@@ -48,61 +56,80 @@ class LeastOutstanding(Strategy):
         load.track_mean_latency()
         self.load = load
         self.rand = rand or random.Random().random
+        # From the snapshot, once per snapshot (base.py rule 3): its keys, weights, orders.
+        self.seen: Sequence[Backend] | None = None
+        self.keys: tuple[str, ...] = ()
+        self.weights: tuple[int, ...] = ()
+        self.orders: tuple[tuple[int, ...], ...] = ()
+        self.equal = EQUAL
 
     def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+        if candidates is not self.seen:
+            self.seen = candidates
+            self.keys = tuple(backend.key for backend in candidates)
+            self.weights = weights = weights_of(candidates)
+            self.orders = ORDERS.get(len(candidates), ())
+            # EQUAL is in requests of the heaviest backend: costs are divided by weights
+            # (x10 while slow start ramps), and weights 20:10 are the shares of 2:1.
+            self.equal = EQUAL / max(weights) if weights else EQUAL
         n = len(candidates)
         if n == 1:
             return candidates[0]
-        # Inlined LoadView.outstanding (this is the hot path): local + others moved on.
         load = self.load
-        local, others, baseline, peers = load.local, load.others, load.baseline, load.peers
+        if n > SCAN_UP_TO:  # P2C: two distinct candidates at random, compared alike
+            rand = self.rand
+            i = int(rand() * n)
+            j = int(rand() * (n - 1))
+            if j >= i:
+                j += 1
+            a, b = candidates[i], candidates[j]
+            cost_a = load.outstanding(a) + 1
+            cost_b = load.outstanding(b) + 1
+            latency = load.mean_latency or {}
+            latency_a, latency_b = latency.get(a.key, 0.0), latency.get(b.key, 0.0)
+            slower = max(latency_a, latency_b)
+            if slower > 0:
+                cost_a += NEAR * latency_a / slower
+                cost_b += NEAR * latency_b / slower
+            weights = self.weights
+            if weights:
+                cost_a, cost_b = cost_a / weights[i], cost_b / weights[j]
+            return b if cost_b < cost_a - self.equal else a
+        # The scan, one pass over the keys: LoadView.outstanding inlined (the hot path), and
+        # each latency kept for the bias, which needs the slowest first.
+        local, others, peers = load.local, load.others, load.peers
         latency = load.mean_latency or {}
-        weights = weights_of(candidates)
-        rand = self.rand
-        if n <= SCAN_UP_TO:
-            slowest = 0.0
-            for backend in candidates:
-                seconds = latency.get(backend.key, 0.0)
-                if seconds > slowest:
-                    slowest = seconds
-            near = NEAR / slowest if slowest > 0 else 0.0
-            costs = []
-            for index in range(n):
-                name = candidates[index].key
-                mine = local.get(name, 0)
-                theirs = others.get(name, 0.0)
-                if peers:
-                    rise = mine - baseline.get(name, 0)
-                    if rise > 0:
-                        theirs += peers * rise
-                cost = mine + theirs + 1.0
-                if near:
-                    cost += near * latency.get(name, 0.0)
-                if weights:  # the bias too: a weight is never outvoted by a latency
-                    cost /= weights[index]
-                costs.append(cost)
-            # One of those equal to the least, at random: the first from a random start
-            # gave the one after a busier backend two turns in three.
-            # EQUAL is in requests of the heaviest backend: costs were divided by weights
-            # (x10 while slow start ramps), and weights 20:10 are the shares of 2:1.
-            good_enough = min(costs) + (EQUAL / max(weights) if weights else EQUAL)
-            equals = [index for index in range(n) if costs[index] <= good_enough]
-            return candidates[equals[int(rand() * len(equals))]]
-        i = int(rand() * n)
-        j = int(rand() * (n - 1))
-        if j >= i:
-            j += 1
-        a, b = candidates[i], candidates[j]
-        cost_a = load.outstanding(a) + 1
-        cost_b = load.outstanding(b) + 1
-        latency_a, latency_b = latency.get(a.key, 0.0), latency.get(b.key, 0.0)
-        slower = max(latency_a, latency_b)
-        if slower > 0:
-            cost_a += NEAR * latency_a / slower
-            cost_b += NEAR * latency_b / slower
-        equal = EQUAL
-        if weights:
-            weight_a, weight_b = weights[i], weights[j]
-            cost_a, cost_b = cost_a / weight_a, cost_b / weight_b
-            equal /= max(weight_a, weight_b)  # in requests of the heavier, as above
-        return b if cost_b < cost_a - equal else a
+        costs: list[float] = []
+        means: list[float] = []
+        slowest = 0.0
+        for name in self.keys:
+            mine = local.get(name, 0)
+            cost = mine + 1.0
+            if others:
+                cost += others.get(name, 0.0)
+            if peers:  # the others moved on as this instance did (LoadView.others_now)
+                rise = mine - load.baseline.get(name, 0)
+                if rise > 0:
+                    cost += peers * rise
+            costs.append(cost)
+            mean = latency.get(name, 0.0)
+            means.append(mean)
+            if mean > slowest:
+                slowest = mean
+        near = NEAR / slowest if slowest > 0 else 0.0
+        weights = self.weights
+        least = math.inf
+        for index in range(n):
+            cost = costs[index] + near * means[index]
+            if weights:  # the bias too: a weight is never outvoted by a latency
+                cost /= weights[index]
+            costs[index] = cost
+            if cost < least:
+                least = cost
+        # One of those equal to the least, each with the same chance.
+        good_enough = least + self.equal
+        orders = self.orders
+        for index in orders[int(self.rand() * len(orders))]:
+            if costs[index] <= good_enough:
+                break
+        return candidates[index]

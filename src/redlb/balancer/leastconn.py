@@ -7,6 +7,7 @@ single-instance deployments where it is exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from redlb.address import Backend
@@ -21,19 +22,29 @@ class LeastConnections(Strategy):
     def __init__(self, load: LoadView) -> None:
         self.load = load
         self.turn = 0
+        # From the snapshot, once per snapshot (base.py rule 3).
+        self.seen: Sequence[Backend] | None = None
+        self.keys: tuple[str, ...] = ()
+        self.weights: tuple[int, ...] = ()
 
     def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+        if candidates is not self.seen:
+            self.seen = candidates
+            keys = tuple(backend.key for backend in candidates)
+            self.keys = keys + keys  # twice: a scan from any start is one range
+            self.weights = weights_of(candidates) * 2
+        keys, weights, local = self.keys, self.weights, self.load.local
         n = len(candidates)
         self.turn += 1
-        start = self.turn % n
-        local = self.load.local
-        weights = weights_of(candidates) or (1,) * n
-        best = candidates[start]
-        best_cost = (local.get(best.key, 0) + 1) / weights[start]
-        for offset in range(1, n):
-            index = (start + offset) % n
-            backend = candidates[index]
-            cost = (local.get(backend.key, 0) + 1) / weights[index]
-            if cost < best_cost:
-                best, best_cost = backend, cost
-        return best
+        start = best = self.turn % n
+        least = math.inf
+        for index in range(start, start + n):  # from this turn's start
+            cost: float = local.get(keys[index], 0)
+            if weights:
+                cost = (cost + 1) / weights[index]
+            elif not cost:
+                best = index
+                break  # idle: none can be less
+            if cost < least:
+                least, best = cost, index
+        return candidates[best % n]

@@ -82,16 +82,19 @@ class LoadView:
         key = backend.key
         local = self.local
         count = local.get(key, 0) - 1
-        if self.windowed:
-            times = self.times
-            times[key] = times.get(key, 0.0) + self.clock()
         if count > 0:
             local[key] = count
         else:
             local.pop(key, None)
         self.local_total -= 1
-        if self.latency is not None:
-            self.sample(key, elapsed)
+        windowed, latency = self.windowed, self.latency
+        if windowed or latency is not None:
+            now = self.clock()  # once for both
+            if windowed:
+                times = self.times
+                times[key] = times.get(key, 0.0) + now
+            if latency is not None:
+                self.sample(key, elapsed, now)
         means = self.mean_latency
         if means is not None:
             old = means.get(key, elapsed)
@@ -179,12 +182,11 @@ class LoadView:
         if self.latency is None:
             self.latency = {}
 
-    def sample(self, key: str, elapsed: float) -> None:
+    def sample(self, key: str, elapsed: float, now: float) -> None:
         latency = self.latency
         assert latency is not None
-        now = self.clock()
         old = latency.get(key)
-        weight = math.exp(-(now - self.sampled_at.get(key, now)) / self.decay)
+        weight = math.exp((self.sampled_at.get(key, now) - now) / self.decay)
         if old is None or elapsed > old * weight:
             latency[key] = elapsed  # the peak: slower news counts at once
         else:

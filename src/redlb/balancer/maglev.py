@@ -28,7 +28,7 @@ from redlb.balancer.base import Strategy, weights_of
 from redlb.balancer.load import LoadView
 
 PROBES = 16
-HASH_CACHE = 4096  # recent keys' hashes: clients repeat their address, cookie or header
+HASH_CACHE = 4096  # recent keys' routes kept
 _MASK = (1 << 64) - 1
 
 
@@ -100,7 +100,11 @@ class MaglevHash(Strategy):
         self.seen: Sequence[Backend] | None = None
         self.table: list[int] = []
         self.size = 1
-        self.hashes: dict[bytes, int] = {}
+        self.keys: tuple[str, ...] = ()
+        # Recent keys' routes (clients repeat their address, cookie or header), for this
+        # table: the key's own slot's backend, then once it had to spill, every further
+        # backend its probes reach, in probe order (one already full is full again).
+        self.routes: dict[bytes, tuple[int, ...]] = {}
 
     def _rebuild(self, candidates: Sequence[Backend]) -> None:
         self.size = TABLE_SIZE
@@ -110,30 +114,57 @@ class MaglevHash(Strategy):
             copy = copies[backend.key] = copies.get(backend.key, 0) + 1
             names.append(backend.key if copy == 1 else f"{backend.key}#{copy}")
         self.table = build_table(names, weights_of(candidates), self.size)
+        self.keys = tuple(backend.key for backend in candidates)
+        self.routes = {}
         self.seen = candidates
+
+    def _route(self, key: bytes, spilled: bool) -> tuple[int, ...]:
+        """The key's home backend (index), and if ``spilled`` where its probes go next."""
+        routes = self.routes
+        if len(routes) >= HASH_CACHE:
+            routes.clear()
+        table, size = self.table, self.size
+        h = key_hash(key)
+        route = [table[h % size]]
+        if spilled:
+            every = len(self.keys)  # each has slots: once all are in, no probe adds one
+            for attempt in range(1, PROBES + 1):
+                index = table[rehash(h, attempt) % size]
+                if index not in route:
+                    route.append(index)
+                    if len(route) == every:
+                        break
+        routes[key] = tuple(route)
+        return routes[key]
 
     def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
         if candidates is not self.seen:
             self._rebuild(candidates)
-        hashes = self.hashes
-        h = hashes.get(key)
-        if h is None:
-            if len(hashes) >= HASH_CACHE:
-                hashes.clear()
-            h = hashes[key] = key_hash(key)
-        backend = candidates[self.table[h % self.size]]
-        if self.balance <= 0 or len(candidates) == 1:
-            return backend
-        load = self.load
+        route = self.routes.get(key) or self._route(key, False)
         n = len(candidates)
-        total = load.total() + 1  # this request counted
+        if self.balance <= 0 or n == 1:
+            return candidates[route[0]]
+        # Bounded load, with LoadView.outstanding inlined (the hot path).
+        load = self.load
+        total = load.local_total + load.others_total + 1  # this request counted
         if total <= n:
-            return backend  # under one request per backend on average, nothing is overloaded
+            return candidates[route[0]]  # under one request per backend: none overloaded
         cap = -(-(self.permille * total) // (1000 * n))  # ceil((1 + eps) x total / n)
-        if load.outstanding(backend) < cap:
-            return backend
-        for attempt in range(1, PROBES + 1):
-            backend = candidates[self.table[rehash(h, attempt) % self.size]]
-            if load.outstanding(backend) < cap:
-                return backend
+        local, others, peers, keys = load.local, load.others, load.peers, self.keys
+        spilled = len(route) > 1
+        while True:
+            for index in route:
+                name = keys[index]
+                mine = local.get(name, 0)
+                cost = mine + others.get(name, 0.0) if others else mine
+                if peers:  # the others moved on as this instance did (LoadView.others_now)
+                    rise = mine - load.baseline.get(name, 0)
+                    if rise > 0:
+                        cost += peers * rise
+                if cost < cap:
+                    return candidates[index]
+            if spilled:
+                break
+            spilled = True  # its home is full, for the first time with this table
+            route = self._route(key, True)
         return min(candidates, key=load.outstanding)

@@ -67,6 +67,8 @@ def request_key(
 ) -> bytes:
     """The bytes a hashing strategy hashes for this request (the client's address if absent)."""
     kind = spec.kind
+    if kind == "ip":
+        return peer
     found = b""
     if kind == "path":
         found = target.partition(b"?")[0] or b"/"

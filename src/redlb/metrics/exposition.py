@@ -186,6 +186,14 @@ def _counters(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
         ("cpu_seconds", "redlb_process_cpu_seconds", "User and system CPU of all workers"),
     ):
         yield CounterMetricFamily(name, doc, value=total(key))
+    tunnel_bytes = CounterMetricFamily(
+        "redlb_tunnel_bytes",
+        "Bytes relayed by WebSocket tunnels (an open one's within a second)",
+        labels=["direction"],
+    )
+    for direction in ("to_client", "from_client"):
+        tunnel_bytes.add_metric([direction], total(f"tunnel_bytes_{direction}"))
+    yield tunnel_bytes
 
 
 def _gauges(view: InstanceView) -> Iterator[Metric]:

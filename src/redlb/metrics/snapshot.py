@@ -57,6 +57,8 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
     counters["ejections"] = sum(state.pool.ejections for state in ctx.pools.values())
     counters["redis_reconnects"] = link.reconnects
     counters["log_dropped"] = ctx.access_log.dropped
+    counters["tunnel_bytes_to_client"] = stats.tunnel_bytes_to_client
+    counters["tunnel_bytes_from_client"] = stats.tunnel_bytes_from_client
     usage = resource.getrusage(resource.RUSAGE_SELF)
     counters["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     pools = []

@@ -31,6 +31,8 @@ class Stats:
     client_connections: int = 0
     tls_handshake_failures: int = 0
     tunnels: int = 0  # WebSocket tunnels opened
+    tunnel_bytes_to_client: int = 0  # added by each tunnel as the sweeper visits it
+    tunnel_bytes_from_client: int = 0
 
 
 @dataclass(slots=True)

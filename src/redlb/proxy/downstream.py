@@ -46,7 +46,7 @@ from redlb.proxy.rules import (
     normalise_target,
     websocket_accept,
 )
-from redlb.proxy.tunnel import Tunnel
+from redlb.proxy.tunnel import DRAIN, Tunnel
 from redlb.proxy.upstream import BackendConnections
 from redlb.routing import BadPath
 
@@ -669,7 +669,7 @@ class ClientConnection(asyncio.Protocol):
         close (the kernel still delivers what it holds; a reset would discard it); any other
         is cut off visibly."""
         if self.tunnel is not None:
-            self.tunnel.close()
+            self.tunnel.close(DRAIN)
         elif self.flushed():
             self._close()
         else:
@@ -678,17 +678,22 @@ class ClientConnection(asyncio.Protocol):
     # WebSocket (tunnel.py)
 
     def start_tunnel(
-        self, backend: asyncio.Transport, to_client: bytes, slot: BackendConnections | None
-    ) -> None:
+        self,
+        backend: asyncio.Transport,
+        head: bytes,
+        to_client: bytes,
+        slot: BackendConnections | None,
+        exchange: Exchange,
+    ) -> bool:
         """The backend completed the handshake: both transports now belong to a tunnel, and
         the backend connection's slot too.  This connection stays in ctx.clients (it counts
-        as open) until tunnel_ended."""
+        as open) until tunnel_ended.  False if the client was already gone (no tunnel)."""
         transport = self.transport
         if transport is None:
             backend.close()
             if slot is not None:
                 slot.release()
-            return
+            return False
         self.uncork()
         early = self.backlog or b""
         self.backlog = None
@@ -697,8 +702,9 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         self.parser = None
         self.header_deadline = self.idle_deadline = self.send_deadline = 0.0
-        tunnel = self.tunnel = Tunnel(self.ctx, self, transport, backend, slot)
-        tunnel.start(to_client, early)
+        tunnel = self.tunnel = Tunnel(self.ctx, self, transport, backend, slot, exchange)
+        tunnel.start(head, to_client, early)
+        return True
 
     def tunnel_ended(self) -> None:
         self.tunnel = None

@@ -538,14 +538,14 @@ class Exchange:
         head = [b"HTTP/1.1 101 %b\r\n" % conn.reason, *lines]
         if self.cookie is not None:
             head.append(self.cookie)
-        head += (UPGRADE_WEBSOCKET, b"\r\n", rest)
+        head += (UPGRADE_WEBSOCKET, b"\r\n")
         self.up.ejector.answered(conn.owner.backend, 101)
         # The tunnel keeps this backend connection, and so its slot: --max-conns-per-backend
         # bounds tunnels too (HAProxy's maxconn, nginx's max_conns count them likewise).
         slot = self.slot
         self.slot = None
-        self.client.start_tunnel(conn.hand_over(), b"".join(head), slot)
-        self._finish()
+        tunnel = self.client.start_tunnel(conn.hand_over(), b"".join(head), rest, slot, self)
+        self._finish(log=not tunnel)  # a tunnel has its own line, at its end
 
     def upstream_lost(self) -> None:
         self.upstream = None
