@@ -372,3 +372,42 @@ def test_an_empty_value_is_refused_not_taken_as_off(flag: str, tmp_path: Path):
     assert done.returncode == 2, done.stderr[-1000:]
     assert flag in done.stderr and "empty" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["127.0.0.1", "localhost"])
+def test_https_backend_is_not_ejected_when_out_of_descriptors(
+    redis_server: RedisProcess, loop_thread, start_proxy, tmp_path: Path, name: str
+):
+    """The TLS dial path: a shortage is not a TLS failure (no ejection, no TLS log line)."""
+    import trustme
+
+    from test_backend_tls import TlsBackend
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    backend = TlsBackend(loop_thread, "s", ca.issue_cert("localhost", "127.0.0.1")).start()
+    try:
+        address = f"https://{name}:{backend.port}"
+        redis_server.cli("RPUSH", "servers", address)
+        proxy = start_proxy(
+            redis_server.url, "--eject-consecutive", "2", "--upstream-ca", str(ca_file)
+        )
+        before = open_fds(_worker(proxy))
+        clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(4)]
+        answers: list[int] = []
+        try:
+            assert wait_for(lambda: open_fds(_worker(proxy)) >= before + 4, timeout=5)
+            with no_spare_descriptors(_worker(proxy)):
+                for sock in clients:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    answers += statuses(read_response(sock))
+        finally:
+            for sock in clients:
+                sock.close()
+        assert answers == [503] * 4, answers
+        assert "ejecting" not in proxy.log()
+        assert "redlb.backend_tls" not in proxy.log()
+        assert wait_for(lambda: proxy.get("/", timeout=5)[0] == 200, 10)
+    finally:
+        backend.stop()
