@@ -411,3 +411,40 @@ def test_https_backend_is_not_ejected_when_out_of_descriptors(
         assert wait_for(lambda: proxy.get("/", timeout=5)[0] == 200, 10)
     finally:
         backend.stop()
+
+
+BAD_OPS_INPUT = [
+    ("backend", "add", "garbage"),
+    ("backend", "add", "127.0.0.1:99999"),
+    ("backend", "drain", ""),
+    ("backend", "undrain", "a b:1"),
+    ("backend", "weight", "127.0.0.1:5", "0"),
+    ("backend", "weight", "127.0.0.1:5", "-1"),
+    ("backend", "weight", "127.0.0.1:5", "99999999999999999999"),
+    ("route", "add", "a.test/", "servers", "--host-header", "a/b"),
+    ("route", "add", "a.test/", "bad pool"),
+    ("pool", "set", "servers", "strategy=nope"),
+    ("pool", "set", "servers", "connect_timeout=-1"),
+    ("pool", "set", "servers", "connect_timeout=nan"),
+    ("pool", "set", "servers", "nokey=1"),
+    ("pool", "set", "servers", "garbage"),
+    ("pool", "show", ""),
+]
+
+
+@pytest.mark.parametrize("args", BAD_OPS_INPUT, ids=lambda a: " ".join(a)[:40])
+def test_bad_input_to_an_ops_command_is_a_usage_error(args: tuple[str, ...], tmp_path: Path):
+    """The CLI says "exit 2 for usage, 1 otherwise", and serve's flags keep it; but a bad
+    address, weight, route or pool setting given to backend/route/pool exited 1, as if
+    Redis had failed: a script could not tell its own mistake from an outage."""
+    done = subprocess.run(
+        [sys.executable, "-m", "redlb", *args, "--redis", "redis://127.0.0.1:1/0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.startswith("Error:") and "Traceback" not in done.stderr, done.stderr
+    assert "127.0.0.1:1" not in done.stderr  # refused before Redis is asked

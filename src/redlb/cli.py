@@ -509,7 +509,7 @@ def _validated(addr: str) -> str:
     try:
         return parse_backend(addr).key
     except InvalidAddress as exc:
-        raise click.ClickException(f"{addr!r} is not a backend address: {exc}") from None
+        raise click.UsageError(f"{addr!r} is not a backend address: {exc}") from None
 
 
 def _entries(client: redis.Redis, pool: str) -> list[bytes]:
@@ -649,7 +649,7 @@ def backend_weight(
     try:
         parse_weight(str(weight))
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.UsageError(str(exc)) from None
     client = _connect(redis_url, state_dir)
     _entries(client, pool)  # a pool or weights key of the wrong type: one line, nothing written
     keys = Keys(pool)

@@ -51,7 +51,7 @@ def _pool_name(name: str) -> str:
     try:
         check_pool(name)
     except BadRoute as exc:
-        raise click.ClickException(f"{exc} (one Redis list key, no spaces)") from None
+        raise click.UsageError(f"{exc} (one Redis list key, no spaces)") from None
     return name
 
 
@@ -83,7 +83,7 @@ def route_add(
     try:
         spec = parse_route(match, value)
     except BadRoute as exc:
-        raise click.ClickException(f"bad route {match!r} -> {value!r}: {exc}") from None
+        raise click.UsageError(f"bad route {match!r} -> {value!r}: {exc}") from None
     client = _connect(redis_url, state_dir)
     field = str(spec.match)
     client.hset(ROUTES, field, spec.value())
@@ -181,16 +181,16 @@ def pool_set(
     for item in assignments:
         key, eq, value = item.partition("=")
         if not eq:
-            raise click.ClickException(f"{item!r}: write KEY=VALUE (keys: {', '.join(SETTINGS)})")
+            raise click.UsageError(f"{item!r}: write KEY=VALUE (keys: {', '.join(SETTINGS)})")
         if not value:
             if key not in SETTINGS:
-                raise click.ClickException(f"unknown pool setting {key!r}")
+                raise click.UsageError(f"unknown pool setting {key!r}")
             to_clear.append(key)
             continue
         try:
             parse_setting(key, value)
         except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.UsageError(str(exc)) from None
         to_set[key] = value
     client = _connect(redis_url, state_dir)
     keys = Keys(pool_name)
@@ -211,6 +211,7 @@ def pool_set(
 @_redis_errors
 def pool_show(pool_name: str, redis_url: str | None, pool: str, state_dir: str) -> None:
     """Show POOL's settings (unset ones follow the serve flags) and its backends."""
+    _pool_name(pool_name)
     client = _connect(redis_url, state_dir)
     keys = Keys(pool_name)
     raw = {_text(k): _text(v) for k, v in client.hgetall(keys.settings).items()}
