@@ -20,7 +20,9 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import sys
+import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -105,6 +107,19 @@ def choose(environ: Mapping[str, str] = os.environ) -> None:
     sys.meta_path.insert(0, _SourcesFirst())
 
 
+def missing_toolchain(environ: Mapping[str, str] = os.environ) -> str | None:
+    """What compiling needs and is not here (a C compiler, the Python headers, mypyc), or None.
+    setup.py installs pure without it; `make test` expects the compiled build with it."""
+    compiler = (environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        return f"no C compiler ({compiler})"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "no Python headers (Python.h)"
+    if importlib.util.find_spec("mypyc") is None:
+        return "mypyc is not installed"
+    return None
+
+
 def describe() -> str:
     return f"{state} ({reason})"
 
@@ -118,3 +133,7 @@ class _SourcesFirst(importlib.abc.MetaPathFinder):
         if fullname not in COMPILED:
             return None
         return importlib.util.spec_from_file_location(fullname, _source(PACKAGE_DIR, fullname))
+
+
+if __name__ == "__main__":  # the Makefile: which build `make test` expects here
+    print("pure" if missing_toolchain() else "compiled")
