@@ -1,8 +1,8 @@
 """CPU per request with the metrics on and off, in the same run (interleaved rounds).
 
 "metrics off (this tree)" is this tree with Recorder.request a no-op and no scrape: the
-comparison issue 12 asks for.  Run it pure (the default build): a compiled Recorder cannot be
-patched.
+comparison issue 12 asks for.  All three run pure (REDLB_PURE=1, set here): a compiled
+Recorder cannot be patched.
 
 "off" is redlb without the operations work (git ref BASE, default the commit this branch
 started from), exported to a temporary directory and run from there; "on" is this tree with
@@ -34,6 +34,7 @@ BASE = sys.argv[1] if len(sys.argv) > 1 else "68b4875"
 
 
 def main() -> None:
+    os.environ["REDLB_PURE"] = "1"  # the redlb processes started below inherit it
     bench.ensure_tools()
     from redlb.store.embedded import redis_server_binary
 

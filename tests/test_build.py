@@ -19,10 +19,15 @@ SRC = Path(redlb.__file__).resolve().parent.parent
 
 
 def _which(env: dict[str, str], pythonpath: Path = SRC) -> tuple[str, str, str]:
-    """(state, the file redlb.proxy.downstream came from, stderr) in a fresh interpreter."""
+    """(state, the file redlb.proxy.downstream came from, stderr) in a fresh interpreter that
+    sees that tree only (the editable install puts this one on sys.path too)."""
+    elsewhere = [str(SRC), ""] if pythonpath != SRC else []
+    code = (
+        f"import sys; sys.path = [p for p in sys.path if p not in {elsewhere!r}]; "
+        "import redlb.build as b, redlb.proxy.downstream as d; print(b.state); print(d.__file__)"
+    )
     out = subprocess.run(
-        [sys.executable, "-c",
-         "import redlb.build as b, redlb.proxy.downstream as d; print(b.state); print(d.__file__)"],
+        [sys.executable, "-c", code],
         capture_output=True, text=True, timeout=60, env={**env, "PYTHONPATH": str(pythonpath)},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -64,6 +69,18 @@ def test_an_edited_source_runs_pure_never_its_stale_extension(tmp_path: Path) ->
     state, module, stderr = _which(env, copy)
     assert (state, Path(module).suffix) == ("pure", ".py")
     assert "running pure: sources changed" in stderr
+
+
+def test_a_build_without_its_shared_library_runs_pure(tmp_path: Path) -> None:
+    """The modules' extensions are shims over one library (redlb__mypyc): one that failed to
+    build (optional extensions) leaves shims that cannot import; the sources run instead."""
+    if not list(SRC.glob("redlb__mypyc*")):
+        pytest.skip("no compiled build here")
+    env = {k: v for k, v in os.environ.items() if k != "REDLB_PURE"}
+    copy = tmp_path / "src"
+    shutil.copytree(SRC / "redlb", copy / "redlb", ignore=shutil.ignore_patterns("__pycache__"))
+    state, module, _ = _which(env, copy)
+    assert (state, Path(module).suffix) == ("pure", ".py")
 
 
 def test_serve_says_which_build_it_runs(redis_server, backends, start_proxy) -> None:  # type: ignore[no-untyped-def]

@@ -1,9 +1,11 @@
 """Compiled or pure: which build of the hot path this process runs.
 
-The modules in ``COMPILED`` are compiled to C extensions by mypyc at install time (setup.py)
-when a C compiler is there; the same .py files are the fallback.  Rules:
+The modules in ``COMPILED`` are compiled to C extensions by mypyc at install time (setup.py),
+by default, whenever a C compiler, the Python headers and mypyc are there; the same .py files
+are the fallback.  Rules:
 1. All or nothing: compiled modules reach into each other's objects natively, so one pure
-   module among compiled ones would not work; if any is missing or stale, all run pure.
+   module among compiled ones would not work; if any is missing or stale, or the library
+   they share (``redlb__mypyc``, beside the package) is, all run pure.
 2. Stale is decided by content, not by time: the build records a digest of the sources it
    compiled (``compiled.sha256``); an edited .py whose old extension is still beside it
    (an editable install) makes the process run pure, with a warning, until rebuilt.
@@ -18,7 +20,9 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import sys
+import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +48,7 @@ COMPILED = (
     "redlb.store.rotation",
 )
 DIGEST_FILE = "compiled.sha256"
+LIBRARY = "redlb__mypyc"  # mypycify(group_name="redlb"): the compiled code; the modules are shims
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # What this process runs, and why: set once by choose() (imported by redlb/__init__.py).
@@ -65,9 +70,12 @@ def _source(package_dir: Path, name: str) -> Path:
 
 
 def _extension(package_dir: Path, name: str) -> Path | None:
-    source = _source(package_dir, name)
+    return _built(_source(package_dir, name).with_suffix(""))
+
+
+def _built(stem: Path) -> Path | None:
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = source.with_suffix(suffix)
+        candidate = stem.with_name(stem.name + suffix)
         if candidate.exists():
             return candidate
     return None
@@ -83,7 +91,7 @@ def choose(environ: Mapping[str, str] = os.environ) -> None:
     elif not any(built):
         state, reason = "pure", "not compiled"
         return  # nothing to shadow: plain imports are pure already
-    elif not all(built):
+    elif not all(built) or _built(PACKAGE_DIR.parent / LIBRARY) is None:
         state, reason = "pure", "compiled modules missing (partial build)"
     else:
         try:
@@ -99,6 +107,19 @@ def choose(environ: Mapping[str, str] = os.environ) -> None:
     sys.meta_path.insert(0, _SourcesFirst())
 
 
+def missing_toolchain(environ: Mapping[str, str] = os.environ) -> str | None:
+    """What compiling needs and is not here (a C compiler, the Python headers, mypyc), or None.
+    setup.py installs pure without it; `make test` expects the compiled build with it."""
+    compiler = (environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        return f"no C compiler ({compiler})"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "no Python headers (Python.h)"
+    if importlib.util.find_spec("mypyc") is None:
+        return "mypyc is not installed"
+    return None
+
+
 def describe() -> str:
     return f"{state} ({reason})"
 
@@ -112,3 +133,7 @@ class _SourcesFirst(importlib.abc.MetaPathFinder):
         if fullname not in COMPILED:
             return None
         return importlib.util.spec_from_file_location(fullname, _source(PACKAGE_DIR, fullname))
+
+
+if __name__ == "__main__":  # the Makefile: which build `make test` expects here
+    print("pure" if missing_toolchain() else "compiled")

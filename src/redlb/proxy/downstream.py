@@ -26,6 +26,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import httptools
 
@@ -102,6 +103,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "eof",
         "forwarded",
+        "handshake_done",
         "header_bytes",
         "header_deadline",
         "headers",
@@ -122,10 +124,17 @@ class ClientConnection(asyncio.Protocol):
         "url",
     )
 
-    def __init__(self, ctx: ProxyContext, scheme: bytes = b"http") -> None:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        scheme: bytes = b"http",
+        handshake_done: Callable[[], object] | None = None,
+    ) -> None:
         # Global state
         self.ctx = ctx
         self.scheme = scheme  # X-Forwarded-Proto and Forwarded proto= (https: the TLS listener)
+        # The TLS listener's handshake accounting (tls/handshakes.py), told when it is done.
+        self.handshake_done = handshake_done
         # Per-connection state
         self.transport: asyncio.Transport | None = None
         # Made on the first byte of a request and dropped by the sweeper between messages
@@ -165,6 +174,9 @@ class ClientConnection(asyncio.Protocol):
     # Protocol interface
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.handshake_done is not None:  # over TLS the loop calls this after the handshake
+            self.handshake_done()
+            self.handshake_done = None
         self.transport = transport  # type: ignore[assignment]  # uvloop's own class
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
@@ -272,6 +284,11 @@ class ClientConnection(asyncio.Protocol):
                 raise Reject(400, "chunk framing too large")
 
     def eof_received(self) -> bool | None:
+        if self.scheme == b"https":
+            # The client's close_notify.  The loop's SSL layer shuts the connection down after
+            # it whatever this returns (no half-close over TLS, as with nginx), and logs a
+            # warning for every True: a line per connection that a client could repeat at will.
+            return None
         if self.queue and self.parsing is None:
             self.eof = True  # half-close: answer what was asked, then close
             return True

@@ -2,15 +2,18 @@
 
 A failed handshake (garbage instead of a ClientHello, plain HTTP, no common protocol or
 cipher, a stall past the handshake timeout) never reaches the protocol: the loop drops it
-without a callback.  Each accepted TLS connection is therefore watched by a weak reference
-until its handshake completes; one that is freed before that failed.  Failures are counted
+without a callback.  Each accepted TLS connection therefore holds a Handshake, watched by a
+weak reference, until the loop calls connection_made (the handshake is done); a Handshake
+freed before that went with a connection the loop dropped: a failure.  Failures are counted
 (``redlb_tls_handshake_failures_total``) and summed up in at most one log line a minute:
 a scanner must not flood the log.
+
+The connection is the plain ClientConnection, told of the handshake rather than subclassed:
+compiled (mypyc), it cannot be subclassed by this pure module, and stays native over TLS.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import weakref
@@ -24,26 +27,16 @@ log = logging.getLogger("redlb.tls")
 SUMMARY_INTERVAL = 60.0
 
 
-class TlsClientConnection(ClientConnection):
-    # Weak references (Handshakes.pending): a compiled ClientConnection has the slot already,
-    # and a class may not declare it twice.
-    __slots__ = ("handshakes",) + (
-        () if hasattr(ClientConnection, "__weakref__") else ("__weakref__",)
-    )
+class Handshake:
+    """One handshake in progress; only its connection holds it (Handshakes.pending: weakly)."""
 
-    def __init__(self, ctx: ProxyContext, handshakes: Handshakes) -> None:
-        super().__init__(ctx, b"https")
+    __slots__ = ("__weakref__", "handshakes")
+
+    def __init__(self, handshakes: Handshakes) -> None:
         self.handshakes = handshakes
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.handshakes.completed(self)  # the loop calls this once the handshake is done
-        super().connection_made(transport)
-
-    def eof_received(self) -> bool | None:
-        # The client's close_notify.  The loop's SSL layer shuts the connection down after
-        # it whatever this returns (no half-close over TLS, as with nginx), and logs a
-        # warning for every True: a line per connection that a client could repeat at will.
-        return None
+    def done(self) -> None:
+        self.handshakes.completed(self)
 
 
 class Handshakes:
@@ -51,21 +44,21 @@ class Handshakes:
 
     def __init__(self, ctx: ProxyContext, speaks: bool = True) -> None:
         self.ctx = ctx
-        self.pending: dict[int, weakref.ref[TlsClientConnection]] = {}
+        self.pending: dict[int, weakref.ref[Handshake]] = {}
         self.unreported = 0
         self.last_summary = 0.0
         self.level = logging.WARNING if speaks else logging.DEBUG
 
-    def accept(self) -> TlsClientConnection:
+    def accept(self) -> ClientConnection:
         """The listener's protocol factory: called as the TCP connection is accepted."""
-        connection = TlsClientConnection(self.ctx, self)
-        key = id(connection)
-        self.pending[key] = weakref.ref(connection, lambda _ref: self._failed(key))
-        return connection
+        handshake = Handshake(self)
+        key = id(handshake)
+        self.pending[key] = weakref.ref(handshake, lambda _ref: self._failed(key))
+        return ClientConnection(self.ctx, b"https", handshake.done)
 
-    def completed(self, connection: TlsClientConnection) -> None:
+    def completed(self, handshake: Handshake) -> None:
         # Dropping the reference drops its callback with it.
-        self.pending.pop(id(connection), None)
+        self.pending.pop(id(handshake), None)
 
     def _failed(self, key: int) -> None:
         self.pending.pop(key, None)
