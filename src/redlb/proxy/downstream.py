@@ -16,6 +16,11 @@ Rules:
 4. A keep-alive client repeats its request heads: a head equal to the previous one (method,
    version, target, fields, keep-alive) under the same routing table and settings is
    forwarded as built the first time, without being checked, routed and serialised again.
+5. Most keep-alive clients send each request in one read, the same bytes every time: a read
+   equal, byte for byte, to the last one, which was one whole request without a body whose
+   head rule 4 kept, is that request again and is not fed to the parser.  The parser is
+   where that read left it (a new message), and would make the same calls from the same
+   bytes; any other read forgets the bytes first.
 """
 
 from __future__ import annotations
@@ -191,13 +196,22 @@ class ClientConnection(asyncio.Protocol):
 
     def _parse(self, data: bytes) -> None:
         """Parse one read (rule 1), then start the request at the head of the line."""
+        queue = self.queue
+        repeat = self.repeat
+        fresh = self.phase == _IDLE and not queue
+        if repeat is not None and repeat.raw is not None:
+            if fresh and data == repeat.raw and self._repeat_is_current(repeat):
+                self._repeat_request(repeat)  # rule 5
+                return
+            repeat.raw = None  # other bytes go through the parser: its state changes
         if self.phase == _IDLE:
             self.phase = _HEADERS
             self.header_deadline = time.monotonic() + self.ctx.config.header_timeout
-        queue = self.queue
         try:
             if len(data) <= _HEAD_SLICE and not queue:
                 self._feed(data)  # the common case: one small request
+                if fresh and len(queue) == 1:
+                    self._remember_read(data, queue[0])
             else:
                 start, end = 0, len(data)
                 while start < end and self.refusal is None and not self.closing:
@@ -228,6 +242,46 @@ class ClientConnection(asyncio.Protocol):
                 self.refuse(Reject(400, "malformed request"))
         if queue and not queue[0].started and not self.closing:
             queue[0].start()
+
+    def _remember_read(self, data: bytes, exchange: Exchange) -> None:
+        """Keep the bytes of a read that was exactly one whole request (rule 5)."""
+        repeat = self.repeat
+        if (
+            repeat is not None
+            and exchange.req is repeat.req
+            and exchange.request_done
+            and self.phase == _IDLE
+            and self.parsing is None
+            and not self.body_received
+            and not repeat.req.chunked
+            and repeat.keep_alive
+            and self.backlog is None
+            and self.refusal is None
+            and not self.closing
+        ):
+            repeat.raw = data
+
+    def _repeat_is_current(self, repeat: _Repeat) -> bool:
+        """The head rule 4 kept is still the one to forward: same table and settings."""
+        ctx = self.ctx
+        if repeat.table is not ctx.table or repeat.config is not ctx.config or ctx.draining:
+            return False
+        route = repeat.req.route
+        return route is None or route.target.config is repeat.pool_config
+
+    def _repeat_request(self, repeat: _Repeat) -> None:
+        """What parsing ``repeat.raw`` again would do (rule 5): the callbacks of one message,
+        then the start of its exchange."""
+        # on_message_begin / on_url
+        self.url = repeat.url
+        self.idle_deadline = 0.0
+        self.header_deadline = 0.0
+        # on_headers_complete
+        exchange = Exchange(self, repeat.req)
+        self.queue.append(exchange)
+        # on_message_complete (phase stays _IDLE, nothing is being parsed)
+        exchange.request_complete()
+        exchange.start()
 
     def _parse_backlog(self) -> None:
         self.backlog_due = False
@@ -776,6 +830,7 @@ class _Repeat:
         "keep_alive",
         "method",
         "pool_config",
+        "raw",
         "req",
         "table",
         "url",
@@ -803,6 +858,9 @@ class _Repeat:
         # The route's pool's settings (its body limit, what it hashes).
         self.pool_config = req.route.target.config if req.route is not None else None
         self.req = req
+        # The read that was exactly this request, while the parser is where it left it
+        # (rule 5); None once any other byte is parsed.
+        self.raw: bytes | None = None
 
 
 def _body_too_large(limit: int) -> Reject:
