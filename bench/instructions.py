@@ -131,7 +131,7 @@ def main() -> None:
             busy_file = next(f for f in files if "busy" in Path(f).read_text()[:2000])
             report = subprocess.run(["callgrind_annotate", "--inclusive=no", busy_file],
                                     capture_output=True, text=True).stdout  # fmt: skip
-            print("\n".join(report.splitlines()[:FUNCTIONS + 25]))
+            print("\n".join(report.splitlines()[: FUNCTIONS + 25]))
     finally:
         for proc in reversed(procs):
             proc.terminate()
