@@ -31,6 +31,7 @@ import logging
 import socket
 import struct
 import time
+from typing import Final
 
 import httptools
 
@@ -59,37 +60,41 @@ log = logging.getLogger("redlb.downstream")
 
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begin makes a new one
 
+# Module constants are Final: compiled, constants rather than lookups in the module's dict.
+
 # Reasons to stop reading from the client, as bits: reading resumes when none is left.
-_PAUSE_PIPELINE = 1  # a request is waiting behind the one in flight
-_PAUSE_BUFFER = 2  # body bytes are waiting for an upstream connection
-_PAUSE_UPLOAD = 4  # the backend is not taking the body as fast as it comes
-_PAUSE_REFUSED = 8  # the connection is finished; only the answer remains to be sent
-_PAUSE_BACKLOG = 16  # pipelined bytes are waiting to be parsed (rule 2)
+_PAUSE_PIPELINE: Final = 1  # a request is waiting behind the one in flight
+_PAUSE_BUFFER: Final = 2  # body bytes are waiting for an upstream connection
+_PAUSE_UPLOAD: Final = 4  # the backend is not taking the body as fast as it comes
+_PAUSE_REFUSED: Final = 8  # the connection is finished; only the answer remains to be sent
+_PAUSE_BACKLOG: Final = 16  # pipelined bytes are waiting to be parsed (rule 2)
 
 # Requests parsed ahead on one connection, the one in flight included (rule 2).
-_PIPELINE_DEPTH = 32
+_PIPELINE_DEPTH: Final = 32
 # Reads are parsed in slices, so that chunk-extension bytes can be counted (LIM-07) and so
 # that one read of tiny pipelined requests cannot make thousands of exchanges at once: a
 # slice holds at most slice/18 requests, checked against _PIPELINE_DEPTH after each.
-_FEED_SLICE = 16 * 1024  # inside the body of the only request
-_HEAD_SLICE = 2048  # a request head, most fit whole
-_PIPELINED_SLICE = 512  # once requests are queued behind the one in flight
+_FEED_SLICE: Final = 16 * 1024  # inside the body of the only request
+_HEAD_SLICE: Final = 2048  # a request head, most fit whole
+_PIPELINED_SLICE: Final = 512  # once requests are queued behind the one in flight
 # Wire bytes a chunked body may spend on framing (size lines, extensions) beyond its data.
-_CHUNK_OVERHEAD_BASE = 4096
-_CHUNK_OVERHEAD_PER_CHUNK = 64
+_CHUNK_OVERHEAD_BASE: Final = 4096
+_CHUNK_OVERHEAD_PER_CHUNK: Final = 64
 
 # Fields never forwarded as received: hop-by-hop ones, and those redlb writes itself.
-_SET_BY_REDLB = REQUEST_DROP | {b"host", b"content-length", b"x-forwarded-for", b"forwarded"}
+_SET_BY_REDLB: Final = REQUEST_DROP | {b"host", b"content-length", b"x-forwarded-for", b"forwarded"}
 
 # SO_LINGER on, zero seconds: close() sends a reset, so a cut response looks cut.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 # Busy connections keep their parser between requests while there are at most this many
 # connections; past it, a parser is dropped as soon as its connection goes idle.
-_KEEP_PARSERS_UP_TO = 2000
+_KEEP_PARSERS_UP_TO: Final = 2000
 
 # Parse phases of the connection, for timeouts.
-_IDLE, _HEADERS, _BODY = 0, 1, 2
+_IDLE: Final = 0
+_HEADERS: Final = 1
+_BODY: Final = 2
 
 
 class ClientConnection(asyncio.Protocol):

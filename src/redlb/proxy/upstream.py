@@ -23,7 +23,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -36,14 +36,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redlb.upstream")
 
-MAX_RESPONSE_HEADER_BYTES = 64 * 1024
-MAX_RESPONSE_HEADERS = 200
+MAX_RESPONSE_HEADER_BYTES: Final = 64 * 1024
+MAX_RESPONSE_HEADERS: Final = 200
 # A connection idle longer than this is closed by us first, to stay well clear of the
 # backend's own keep-alive timeout (the reuse race is then rare, and retried when it happens).
-IDLE_EXPIRY = 20.0
+IDLE_EXPIRY: Final = 20.0
 # Non-idempotent requests only reuse a connection that was busy very recently: the keep-alive
 # race cannot be retried for them, so a long-idle connection is not worth the risk.
-FRESH_ENOUGH_FOR_UNSAFE = 2.0
+FRESH_ENOUGH_FOR_UNSAFE: Final = 2.0
 
 
 class BackendConnections:
@@ -542,7 +542,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 # Connection values that name no other field: the common case, nothing more to drop.
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 
 
 def _response_parser(conn: UpstreamConnection) -> httptools.HttpResponseParser:
