@@ -28,10 +28,10 @@ from pathlib import Path
 from types import ModuleType
 
 # The data path and what it calls per request: parsing, routing, the lease cursor, ejection
-# bookkeeping, counting.  Pure: the strategies (their snapshot is a tuple subclass) and the
-# access log (jsonlog.py subclasses it, which a pure class cannot do to a compiled one), and
-# proxy/poolstate.py (mypyc 2.4 mistypes its key_spec); one call a request each.
+# bookkeeping, counting, the access log.  Pure: the strategies (their snapshot is a tuple
+# subclass), one call a request.
 COMPILED = (
+    "redlb.accesslog",
     "redlb.health.passive",
     "redlb.metrics.recorder",
     "redlb.proxy.context",
@@ -39,6 +39,7 @@ COMPILED = (
     "redlb.proxy.downstream",
     "redlb.proxy.errors",
     "redlb.proxy.exchange",
+    "redlb.proxy.poolstate",
     "redlb.proxy.replay",
     "redlb.proxy.retry",
     "redlb.proxy.rules",

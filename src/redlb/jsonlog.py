@@ -1,8 +1,8 @@
 """``--log-format json``: the access log and the event log as one JSON object a line.
 
-The access log keeps its batching (accesslog.py); only the line changes.  Field names follow
-the text line: method, target, status, reason, backend, ms, bytes, route; a tunnel's line
-adds from_client and end.
+The access log keeps its batching (accesslog.py); only the line changes (a LineFormat it is
+given).  Field names follow the text line: method, target, status, reason, backend, ms,
+bytes, route; a tunnel's line adds from_client and end.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import logging
 import time
 
-from redlb.accesslog import AccessLog, TunnelEnd
+from redlb.accesslog import AccessLog, LineFormat, TunnelEnd
 from redlb.address import Backend
 
 
@@ -19,7 +19,9 @@ def _text(value: bytes) -> str:
     return value.decode("latin-1")
 
 
-class JsonAccessLog(AccessLog):
+class JsonLines:
+    """The access log's lines as JSON objects (an accesslog.LineFormat)."""
+
     def request(
         self,
         method: bytes,
@@ -29,9 +31,9 @@ class JsonAccessLog(AccessLog):
         backend: Backend | None,
         seconds: float,
         body_bytes: int,
-        route: bytes = b"",
-    ) -> None:
-        record = {
+        route: bytes,
+    ) -> bytes:
+        record: dict[str, object] = {
             "time": round(time.time(), 3),
             "method": _text(method),
             "target": _text(target),
@@ -43,10 +45,9 @@ class JsonAccessLog(AccessLog):
         }
         if route:
             record["route"] = _text(route)
-        self.lines.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        self._schedule()  # AccessLog's flush rule; only its own hot path inlines it
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
-    def tunnel(self, end: TunnelEnd) -> None:
+    def tunnel(self, end: TunnelEnd) -> bytes:
         backend = end.backend
         record = {
             "time": round(time.time(), 3),
@@ -62,20 +63,18 @@ class JsonAccessLog(AccessLog):
         }
         if end.route:
             record["route"] = _text(end.route)
-        self.lines.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        self._schedule()
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
-    def refused(self, status: int, target: bytes) -> None:
-        if self.enabled:
-            shown = _text(target[:80]) if target.isascii() else "(invalid)"
-            record = {"time": round(time.time(), 3), "target": shown or "-", "status": status,
-                      "refused": True}  # fmt: skip
-            self.lines.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
-            self._schedule()
+    def refused(self, status: int, target: bytes) -> bytes:
+        shown = _text(target[:80]) if target.isascii() else "(invalid)"
+        record = {"time": round(time.time(), 3), "target": shown or "-", "status": status,
+                  "refused": True}  # fmt: skip
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
 def access_log(enabled: bool, log_format: str) -> AccessLog:
-    return JsonAccessLog(enabled) if log_format == "json" else AccessLog(enabled)
+    line_format: LineFormat | None = JsonLines() if log_format == "json" else None
+    return AccessLog(enabled, line_format=line_format)
 
 
 class JsonFormatter(logging.Formatter):

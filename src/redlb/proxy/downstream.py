@@ -16,6 +16,11 @@ Rules:
 4. A keep-alive client repeats its request heads: a head equal to the previous one (method,
    version, target, fields, keep-alive) under the same routing table and settings is
    forwarded as built the first time, without being checked, routed and serialised again.
+5. Most keep-alive clients send each request in one read, the same bytes every time: a read
+   equal, byte for byte, to the last one, which was one whole request without a body whose
+   head rule 4 kept, is that request again and is not fed to the parser.  The parser is
+   where that read left it (a new message), and would make the same calls from the same
+   bytes; any other read forgets the bytes first.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import Final
 
 import httptools
 
@@ -55,37 +61,41 @@ log = logging.getLogger("redlb.downstream")
 
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begin makes a new one
 
+# Module constants are Final: compiled, constants rather than lookups in the module's dict.
+
 # Reasons to stop reading from the client, as bits: reading resumes when none is left.
-_PAUSE_PIPELINE = 1  # a request is waiting behind the one in flight
-_PAUSE_BUFFER = 2  # body bytes are waiting for an upstream connection
-_PAUSE_UPLOAD = 4  # the backend is not taking the body as fast as it comes
-_PAUSE_REFUSED = 8  # the connection is finished; only the answer remains to be sent
-_PAUSE_BACKLOG = 16  # pipelined bytes are waiting to be parsed (rule 2)
+_PAUSE_PIPELINE: Final = 1  # a request is waiting behind the one in flight
+_PAUSE_BUFFER: Final = 2  # body bytes are waiting for an upstream connection
+_PAUSE_UPLOAD: Final = 4  # the backend is not taking the body as fast as it comes
+_PAUSE_REFUSED: Final = 8  # the connection is finished; only the answer remains to be sent
+_PAUSE_BACKLOG: Final = 16  # pipelined bytes are waiting to be parsed (rule 2)
 
 # Requests parsed ahead on one connection, the one in flight included (rule 2).
-_PIPELINE_DEPTH = 32
+_PIPELINE_DEPTH: Final = 32
 # Reads are parsed in slices, so that chunk-extension bytes can be counted (LIM-07) and so
 # that one read of tiny pipelined requests cannot make thousands of exchanges at once: a
 # slice holds at most slice/18 requests, checked against _PIPELINE_DEPTH after each.
-_FEED_SLICE = 16 * 1024  # inside the body of the only request
-_HEAD_SLICE = 2048  # a request head, most fit whole
-_PIPELINED_SLICE = 512  # once requests are queued behind the one in flight
+_FEED_SLICE: Final = 16 * 1024  # inside the body of the only request
+_HEAD_SLICE: Final = 2048  # a request head, most fit whole
+_PIPELINED_SLICE: Final = 512  # once requests are queued behind the one in flight
 # Wire bytes a chunked body may spend on framing (size lines, extensions) beyond its data.
-_CHUNK_OVERHEAD_BASE = 4096
-_CHUNK_OVERHEAD_PER_CHUNK = 64
+_CHUNK_OVERHEAD_BASE: Final = 4096
+_CHUNK_OVERHEAD_PER_CHUNK: Final = 64
 
 # Fields never forwarded as received: hop-by-hop ones, and those redlb writes itself.
-_SET_BY_REDLB = REQUEST_DROP | {b"host", b"content-length", b"x-forwarded-for", b"forwarded"}
+_SET_BY_REDLB: Final = REQUEST_DROP | {b"host", b"content-length", b"x-forwarded-for", b"forwarded"}
 
 # SO_LINGER on, zero seconds: close() sends a reset, so a cut response looks cut.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 # Busy connections keep their parser between requests while there are at most this many
 # connections; past it, a parser is dropped as soon as its connection goes idle.
-_KEEP_PARSERS_UP_TO = 2000
+_KEEP_PARSERS_UP_TO: Final = 2000
 
 # Parse phases of the connection, for timeouts.
-_IDLE, _HEADERS, _BODY = 0, 1, 2
+_IDLE: Final = 0
+_HEADERS: Final = 1
+_BODY: Final = 2
 
 
 class ClientConnection(asyncio.Protocol):
@@ -203,13 +213,22 @@ class ClientConnection(asyncio.Protocol):
 
     def _parse(self, data: bytes) -> None:
         """Parse one read (rule 1), then start the request at the head of the line."""
+        queue = self.queue
+        repeat = self.repeat
+        fresh = self.phase == _IDLE and not queue
+        if repeat is not None and repeat.raw is not None:
+            if fresh and data == repeat.raw and self._repeat_is_current(repeat):
+                self._repeat_request(repeat)  # rule 5
+                return
+            repeat.raw = None  # other bytes go through the parser: its state changes
         if self.phase == _IDLE:
             self.phase = _HEADERS
             self.header_deadline = time.monotonic() + self.ctx.config.header_timeout
-        queue = self.queue
         try:
             if len(data) <= _HEAD_SLICE and not queue:
                 self._feed(data)  # the common case: one small request
+                if fresh and len(queue) == 1:
+                    self._remember_read(data, queue[0])
             else:
                 start, end = 0, len(data)
                 while start < end and self.refusal is None and not self.closing:
@@ -240,6 +259,46 @@ class ClientConnection(asyncio.Protocol):
                 self.refuse(Reject(400, "malformed request"))
         if queue and not queue[0].started and not self.closing:
             queue[0].start()
+
+    def _remember_read(self, data: bytes, exchange: Exchange) -> None:
+        """Keep the bytes of a read that was exactly one whole request (rule 5)."""
+        repeat = self.repeat
+        if (
+            repeat is not None
+            and exchange.req is repeat.req
+            and exchange.request_done
+            and self.phase == _IDLE
+            and self.parsing is None
+            and not self.body_received
+            and not repeat.req.chunked
+            and repeat.keep_alive
+            and self.backlog is None
+            and self.refusal is None
+            and not self.closing
+        ):
+            repeat.raw = data
+
+    def _repeat_is_current(self, repeat: _Repeat) -> bool:
+        """The head rule 4 kept is still the one to forward: same table and settings."""
+        ctx = self.ctx
+        if repeat.table is not ctx.table or repeat.config is not ctx.config or ctx.draining:
+            return False
+        route = repeat.req.route
+        return route is None or route.target.config is repeat.pool_config
+
+    def _repeat_request(self, repeat: _Repeat) -> None:
+        """What parsing ``repeat.raw`` again would do (rule 5): the callbacks of one message,
+        then the start of its exchange."""
+        # on_message_begin / on_url
+        self.url = repeat.url
+        self.idle_deadline = 0.0
+        self.header_deadline = 0.0
+        # on_headers_complete
+        exchange = Exchange(self, repeat.req)
+        self.queue.append(exchange)
+        # on_message_complete (phase stays _IDLE, nothing is being parsed)
+        exchange.request_complete()
+        exchange.start()
 
     def _parse_backlog(self) -> None:
         self.backlog_due = False
@@ -799,6 +858,7 @@ class _Repeat:
         "keep_alive",
         "method",
         "pool_config",
+        "raw",
         "req",
         "table",
         "url",
@@ -826,6 +886,9 @@ class _Repeat:
         # The route's pool's settings (its body limit, what it hashes).
         self.pool_config = req.route.target.config if req.route is not None else None
         self.req = req
+        # The read that was exactly this request, while the parser is where it left it
+        # (rule 5); None once any other byte is parsed.
+        self.raw: bytes | None = None
 
 
 def _body_too_large(limit: int) -> Reject:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from redlb import backend_tls
 from redlb.address import Backend
@@ -38,10 +38,10 @@ if TYPE_CHECKING:
     from redlb.routing import Route
 
 # Past this many buffered body bytes (no upstream yet), stop reading from the client.
-BUFFER_LIMIT = 256 * 1024
-NO_BODY_STATUSES = frozenset({204, 304})
+BUFFER_LIMIT: Final = 256 * 1024
+NO_BODY_STATUSES: Final = frozenset({204, 304})
 # A backend answering these is overloaded or broken; an idempotent request goes elsewhere.
-RETRY_STATUSES = frozenset({502, 503, 504})
+RETRY_STATUSES: Final = frozenset({502, 503, 504})
 _log = logging.getLogger("redlb.proxy")
 _last_shortage_report = 0.0
 

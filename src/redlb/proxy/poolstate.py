@@ -97,14 +97,17 @@ class PoolState:
         self.sticky: StickyCookie | None = None
         self.sticky_secret: bytes | None = None  # the last one read: kept if Redis loses it
         self.sticky_task: asyncio.Task[None] | None = None
-        self.reads_request = self.key_spec is not None or config.sticky is not None
+        # Not self.key_spec here: mypyc 2.4 keeps the None assigned above as its type, past
+        # the call that set it.  A hashing strategy has a key spec.
+        self.reads_request = config.strategy == "hash" or config.sticky is not None
         self.cookie_name = config.sticky.encode() if config.sticky is not None else None
         self.ejector = Ejector(self.pool, link, self.keys, config)
         self.budget = RetryBudget(config.retry_budget_percent, config.retry_min_concurrency)
 
     def _strategy(self, config: Config) -> Strategy:
         name = config.strategy
-        self.key_spec = None
+        # One assignment (mypyc 2.4 mistypes a None then a KeySpec assigned in one method).
+        self.key_spec = parse_key_spec(config.hash_key) if name == "hash" else None
         if name != "round_robin":
             self.lease = None
         if name == "least_outstanding":
@@ -114,7 +117,6 @@ class PoolState:
         if name == "peak_ewma":
             return PeakEwma(self.load)
         if name == "hash":
-            self.key_spec = parse_key_spec(config.hash_key)
             return MaglevHash(self.load, config.hash_balance)
         if name == "random":
             return RandomChoice()
@@ -166,7 +168,7 @@ class PoolState:
         self.pool.slow_start = config.slow_start
         if config.sticky != old.sticky:
             self.stop_sticky()
-        self.reads_request = self.key_spec is not None or config.sticky is not None
+        self.reads_request = config.strategy == "hash" or config.sticky is not None
         self.cookie_name = config.sticky.encode() if config.sticky is not None else None
         self.ejector = Ejector(self.pool, self.link, self.keys, config)
         self.pool.max_eject_percent = config.eject_max_percent

@@ -9,6 +9,11 @@ Rules:
 4. The framing fields (Content-Length, Transfer-Encoding) are never copied into the head as
    received: the exchange writes the framing it forwards by itself, after the fields that
    Connection names are dropped, so a backend cannot strip it (RFC 9112 §6.3).
+5. A backend answering the same resource sends the same head again (until its Date changes):
+   a read that is the last response's head byte for byte, then exactly its Content-Length
+   of body, when that last response was one whole read of a plain keep-alive answer (see
+   _Repeat), is that answer again with another body and is not fed to the parser, which is
+   where that read left it and would make the same calls.  Any other read forgets it first.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -31,14 +36,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redlb.upstream")
 
-MAX_RESPONSE_HEADER_BYTES = 64 * 1024
-MAX_RESPONSE_HEADERS = 200
+MAX_RESPONSE_HEADER_BYTES: Final = 64 * 1024
+MAX_RESPONSE_HEADERS: Final = 200
 # A connection idle longer than this is closed by us first, to stay well clear of the
 # backend's own keep-alive timeout (the reuse race is then rare, and retried when it happens).
-IDLE_EXPIRY = 20.0
+IDLE_EXPIRY: Final = 20.0
 # Non-idempotent requests only reuse a connection that was busy very recently: the keep-alive
 # race cannot be retried for them, so a long-idle connection is not worth the risk.
-FRESH_ENOUGH_FOR_UNSAFE = 2.0
+FRESH_ENOUGH_FOR_UNSAFE: Final = 2.0
 
 
 class BackendConnections:
@@ -154,6 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
         "owner",
         "parser",
         "reason",
+        "repeat",
         "set_aside",
         "te",
         "to_close",
@@ -196,6 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.in_body = False
         self.body_started = False
         self.finished = False
+        self.repeat: _Repeat | None = None  # rule 5
 
     # Protocol interface
 
@@ -208,9 +215,26 @@ class UpstreamConnection(asyncio.Protocol):
             self.broken = True  # rule 2
             self.close()
             return
+        client = exchange.client
+        repeat = self.repeat
+        if repeat is not None:
+            self.repeat = None  # the parser is fed, or this read is the repeat: taken again below
+            if (
+                not self.head_bytes
+                and not self.in_body
+                and not self.no_body
+                and len(data) == repeat.size
+                and data.startswith(repeat.head)
+            ):
+                client.cork()
+                try:
+                    self._repeat_response(exchange, repeat, data)
+                finally:
+                    client.uncork()
+                return
+        fresh = not self.head_bytes and not self.in_body
         if not self.in_body:
             self.head_bytes += len(data)
-        client = exchange.client
         client.cork()
         try:
             self.parser.feed_data(data)
@@ -232,6 +256,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._parse_failed(exc)
         else:
             if self.finished:
+                if fresh:
+                    self._remember(exchange, data)
                 self._complete()
             elif not self.in_body and self.head_bytes > MAX_RESPONSE_HEADER_BYTES:
                 # Counted per read, not per field: a head is bounded to within one read.
@@ -425,6 +451,56 @@ class UpstreamConnection(asyncio.Protocol):
         if self.in_body:
             self.finished = True
 
+    # Rule 5: a response read again
+
+    def _remember(self, exchange: Exchange, data: bytes) -> None:
+        """Keep a read that was exactly one plain keep-alive response, head and whole body."""
+        length = self.length
+        if (
+            length is None
+            or self.exchange is not exchange
+            or self.te is not None
+            or self.connection
+            or self.upgrade is not None
+            or self.no_body
+            or self.broken
+            or not exchange.upstream_keep_alive
+            or not 200 <= exchange.status < 500
+            or exchange.status in (204, 304)
+            or exchange.rechunk
+        ):
+            return
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4 or len(data) - end != int(length):
+            return  # an interim response before it, or a body not read whole
+        self.repeat = _Repeat(data[:end], len(data), exchange.status, self.reason, self.lines,
+                              length, self.set_aside)  # fmt: skip
+
+    def _repeat_response(self, exchange: Exchange, repeat: _Repeat, data: bytes) -> None:
+        """What feeding ``data`` to the parser would do (rule 5)."""
+        # on_status, on_header (the head as the last one left it; never edited in place)
+        self.reason = repeat.reason
+        self.lines = repeat.lines
+        self.length = repeat.length
+        self.set_aside = repeat.set_aside
+        # on_headers_complete
+        self.to_close = False
+        self.in_body = True
+        if not exchange.response_head(repeat.status, True):
+            # Retried elsewhere (a status the retry rules act on): as _Abandoned does.
+            self.exchange = None
+            self.broken = True
+            self.close()
+            return
+        # on_body, on_message_complete
+        body = data[len(repeat.head) :]
+        if body:
+            self.body_started = True
+            exchange.response_body(body)
+        self.finished = True
+        self.repeat = repeat
+        self._complete()
+
     # Internals
 
     def _new_head(self) -> None:
@@ -466,7 +542,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 # Connection values that name no other field: the common case, nothing more to drop.
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 
 
 def _response_parser(conn: UpstreamConnection) -> httptools.HttpResponseParser:
@@ -474,6 +550,31 @@ def _response_parser(conn: UpstreamConnection) -> httptools.HttpResponseParser:
     # TE with CL: llhttp would stop; RFC 9112 §6.3 lets TE win (CL dropped, no reuse).
     parser.set_dangerous_leniencies(lenient_chunked_length=True)
     return parser
+
+
+class _Repeat:
+    """A whole response read in one piece (rule 5): its head's bytes and what parsing them
+    recorded."""
+
+    __slots__ = ("head", "length", "lines", "reason", "set_aside", "size", "status")
+
+    def __init__(
+        self,
+        head: bytes,
+        size: int,
+        status: int,
+        reason: bytes,
+        lines: list[bytes],
+        length: bytes,
+        set_aside: int,
+    ) -> None:
+        self.head = head
+        self.size = size  # the head and its Content-Length of body
+        self.status = status
+        self.reason = reason
+        self.lines = lines
+        self.length = length
+        self.set_aside = set_aside
 
 
 class _TooBig(Exception):

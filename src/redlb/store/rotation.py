@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import MutableSequence
-from typing import Any
+from typing import Any, Final
 
 from redlb.store.link import RedisLink, describe_failure
 
@@ -20,10 +20,16 @@ log = logging.getLogger("redlb.rotation")
 
 # Slots of a cursor: current index, end of current block, next block [start, end), the pid
 # leasing the next block (0: none) and since when (monotonic ns, system-wide on Linux).
-_CUR, _END, _NEXT_START, _NEXT_END, _REFILLING, _REFILL_SINCE = range(6)
-_SLOTS = 6
-MIN_BLOCK = 16
-MAX_BLOCK = 16384
+# Final: compiled, constants rather than lookups in the module's dict (next_index is per request).
+_CUR: Final = 0
+_END: Final = 1
+_NEXT_START: Final = 2
+_NEXT_END: Final = 3
+_REFILLING: Final = 4
+_REFILL_SINCE: Final = 5
+_SLOTS: Final = 6
+MIN_BLOCK: Final = 16
+MAX_BLOCK: Final = 16384
 
 
 class _NoLock:
