@@ -303,6 +303,7 @@ async def _worker(
         loop.create_task(RouteSync(link, ctx, make_state, primed).run()),
         loop.create_task(_sweep(ctx, tls_listener.tick if tls_listener else None)),
         loop.create_task(publisher.run()),
+        loop.create_task(publisher.lag.run()),
     ]
     if keeper is not None:
         background.append(loop.create_task(_keep_embedded_redis(keeper)))

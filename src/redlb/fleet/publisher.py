@@ -19,6 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from redlb.metrics import snapshot
+from redlb.metrics.looplag import LoopLag
 from redlb.metrics.recorder import COUNT, FIRST_BUCKET, N_BUCKETS, OTHER
 from redlb.store.keys import FLEET_WORKERS, fleet_worker
 
@@ -51,6 +52,7 @@ class Publisher:
         self.worker = worker
         self.member = f"{instance.id}/{worker}"
         self.redis_latency = 0.0
+        self.lag = LoopLag()  # server.py runs it; every snapshot reports it
         self.written = 0.0  # monotonic time of the last snapshot file
         self.published = 0  # Redis commands sent, for the cost test and the docs
         self.ticks = 0
@@ -64,7 +66,7 @@ class Publisher:
         if max_age and now - self.written < max_age:
             return  # back-to-back scrapes: the file is fresh enough
         self.written = now
-        snap = snapshot.take(self.ctx, self.link, self.worker, self.redis_latency)
+        snap = snapshot.take(self.ctx, self.link, self.worker, self.redis_latency, self.lag)
         snapshot.write(self.instance.metrics_dir, snap)
 
     async def run(self) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from redlb.metrics.looplag import LoopLag
     from redlb.proxy.context import ProxyContext
     from redlb.store.link import RedisLink
 
@@ -46,7 +47,13 @@ RETIRED = "retired.json"
 ABSORBED_KEPT = 64
 
 
-def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) -> dict[str, Any]:
+def take(
+    ctx: ProxyContext,
+    link: RedisLink,
+    worker: int,
+    redis_latency: float,
+    lag: LoopLag | None = None,
+) -> dict[str, Any]:
     """Everything one worker knows, as plain JSON-able values."""
     rec = ctx.recorder
     stats = ctx.stats
@@ -92,6 +99,7 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
             "open_fds": _open_fds(),
         },
         "pools": pools,
+        "loop_lag": lag.snapshot() if lag is not None else None,
     }
 
 
