@@ -1,7 +1,8 @@
 """How late the worker's event loop runs what is due: the stalls every request waits behind.
 
-One timer, never per request: a task asks to wake every ``INTERVAL`` and records how much
-later than asked it woke.  A callback that holds the loop for D seconds is seen as a lag of
+One timer, never per request, from the moment the worker accepts (what happens before, no
+request waits behind): a task asks to wake every ``INTERVAL`` and records how much later
+than asked it woke.  A callback that holds the loop for D seconds is seen as a lag of
 at least D - INTERVAL, so every stall the latency percentiles would show is counted.
 Cumulative buckets (Prometheus histogram semantics), summed over workers by the exposition.
 """
