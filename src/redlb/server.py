@@ -305,7 +305,6 @@ async def _worker(
         loop.create_task(route_sync.run()),
         loop.create_task(_sweep(ctx, tls_listener.tick if tls_listener else None)),
         loop.create_task(publisher.run()),
-        loop.create_task(publisher.lag.run()),
     ]
     if keeper is not None:
         background.append(loop.create_task(_keep_embedded_redis(keeper)))
@@ -336,6 +335,13 @@ async def _worker(
         if waited > STARTUP_LIMIT or (waited > STARTUP_GRACE and not route_sync.reading):
             break
         await asyncio.sleep(0.01)
+    if ctx.known:
+        # What the first read made (10,000 routes, 1,000 pools) lives as long as the worker:
+        # out of the collector's sight, as the startup's objects are, or every full
+        # collection would walk it (100+ ms with the loop held).  Collected first, before
+        # accepting, so that no cycle of startup garbage is kept for good.
+        gc.collect()
+        gc.freeze()
     server = None
     if config.listen is not None:
         server = await loop.create_server(
@@ -344,6 +350,7 @@ async def _worker(
     if tls_listener is not None and config.tls_listen is not None:
         await tls_listener.start(tls.sock if tls else bind_listener(config.tls_listen))
     ctx.listening = True
+    background.append(loop.create_task(publisher.lag.run()))  # the lag requests can see
     log.info(
         "worker %d listening on %s (%s, strategy %s)%s; hot path %s",
         worker,

@@ -121,11 +121,16 @@ class PoolSync:
 
     async def _wait_for_news(self, pubsub: Any) -> None:
         """Until a message or the resync interval; a burst of edits makes one read."""
+        # An await on buffered messages never gives the loop back: thousands of subscription
+        # confirmations (one per routed pool's channel) or a burst of events would be read
+        # in one go, so the loop gets its turn between messages.
+        await asyncio.sleep(0)
         message = await pubsub.get_message(
             ignore_subscribe_messages=True, timeout=self.config.resync_interval
         )
         while message is not None:
             self.note(message)
+            await asyncio.sleep(0)
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
 
     def _warn_no_push(self, what: str, reason: str) -> None:
