@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from redlb.fleet.instance import metrics_parent
 from support import metric_sum, scrape, wait_for
 
 
@@ -23,7 +24,7 @@ def _metrics_dir(proxy) -> Path:
             if "redlb-metrics" in f.path]  # fmt: skip
     if dirs:
         return dirs[0]
-    (found,) = Path("/tmp").glob(f"redlb-metrics-{proxy.pid}-*")
+    (found,) = metrics_parent().glob(f"redlb-metrics-{proxy.pid}-*")
     return found
 
 

@@ -47,7 +47,8 @@ if TYPE_CHECKING:  # tls/ (and cryptography) are imported only when a TLS listen
 log = logging.getLogger("redlb")
 
 SWEEP_INTERVAL = 0.5
-STARTUP_GRACE = 2.0
+STARTUP_GRACE = 2.0  # for Redis to answer at all
+STARTUP_LIMIT = 60.0  # for a Redis that answers to finish the first read (a big table)
 
 
 def serve(config: Config) -> None:
@@ -301,8 +302,9 @@ async def _worker(
 
     publisher = Publisher(ctx, link, fleet_instance.current(config), worker)
     tls_listener = _tls_listener(ctx, tls, worker)
+    route_sync = RouteSync(link, ctx, make_state, primed)
     background = [
-        loop.create_task(RouteSync(link, ctx, make_state, primed).run()),
+        loop.create_task(route_sync.run()),
         loop.create_task(_sweep(ctx, tls_listener.tick if tls_listener else None)),
         loop.create_task(publisher.run()),
     ]
@@ -327,12 +329,21 @@ async def _worker(
         admin_server = await loop.create_server(admin_protocol(ctx, url), sock=admin_socket)
     # Accept once the pool is known, so that a (re)started worker sharing the listening
     # socket does not answer 503 meanwhile; with Redis down, accept at once (503 quickly
-    # beats connections waiting in the shared backlog).
-    deadline = time.monotonic() + STARTUP_GRACE
+    # beats connections waiting in the shared backlog).  A Redis that answered is waited
+    # for while the first read goes on: 10,000 routes can take seconds on a slow machine.
+    started = time.monotonic()
     while not ctx.known and not (link.answered_once and not link.up):
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - started
+        if waited > STARTUP_LIMIT or (waited > STARTUP_GRACE and not route_sync.reading):
             break
         await asyncio.sleep(0.01)
+    if ctx.known:
+        # What the first read made (10,000 routes, 1,000 pools) lives as long as the worker:
+        # out of the collector's sight, as the startup's objects are, or every full
+        # collection would walk it (100+ ms with the loop held).  Collected first, before
+        # accepting, so that no cycle of startup garbage is kept for good.
+        gc.collect()
+        gc.freeze()
     server = None
     if config.listen is not None:
         server = await loop.create_server(
@@ -341,6 +352,7 @@ async def _worker(
     if tls_listener is not None and config.tls_listen is not None:
         await tls_listener.start(tls.sock if tls else bind_listener(config.tls_listen))
     ctx.listening = True
+    background.append(loop.create_task(publisher.lag.run()))  # the lag requests can see
     log.info(
         "worker %d listening on %s (%s, strategy %s)%s; hot path %s",
         worker,

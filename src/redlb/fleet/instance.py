@@ -43,11 +43,21 @@ class Instance:
 
 _current: Instance | None = None
 DIR_PREFIX = "redlb-metrics-"
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def metrics_parent() -> Path:
+    """Where metrics directories go: memory (tmpfs) when there is one.  Every worker
+    replaces its file each second from its event loop; on a disk file system creating and
+    renaming a file can wait for the journal (tens of ms behind a busy access log)."""
+    if SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK | os.X_OK):
+        return SHARED_MEMORY
+    return Path(tempfile.gettempdir())
 
 
 def _remove_dead_dirs() -> None:
     """Metrics directories left by instances that were killed (SIGKILL skips the cleanup)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*-*"):
+    for path in metrics_parent().glob(f"{DIR_PREFIX}*-*"):
         pid = path.name[len(DIR_PREFIX) :].partition("-")[0]
         if not pid.isdigit() or path.owner() != _me():
             continue
@@ -70,7 +80,7 @@ def begin(config: Config) -> Instance:
     global _current
     host = socket.gethostname()
     _remove_dead_dirs()
-    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=metrics_parent()))
     instance = Instance(
         id=f"{host}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
         host=host,

@@ -19,6 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from redlb.metrics import snapshot
+from redlb.metrics.looplag import LoopLag
 from redlb.metrics.recorder import COUNT, FIRST_BUCKET, N_BUCKETS, OTHER
 from redlb.store.keys import FLEET_WORKERS, fleet_worker
 
@@ -51,12 +52,16 @@ class Publisher:
         self.worker = worker
         self.member = f"{instance.id}/{worker}"
         self.redis_latency = 0.0
+        self.lag = LoopLag()  # server.py runs it; every snapshot reports it
         self.written = 0.0  # monotonic time of the last snapshot file
         self.published = 0  # Redis commands sent, for the cost test and the docs
         self.ticks = 0
         self.previous: dict[BackendKey, list[float]] = {}
         self.window: deque[dict[BackendKey, list[float]]] = deque()
         self.minute: dict[BackendKey, list[float]] = {}
+        # The table's part of the document, made again only when the table changes (10,000
+        # route labels decoded each second held the loop for milliseconds).
+        self.described: tuple[object, list[str], int, list[str]] = (None, [], 0, [])
 
     def write_snapshot(self, max_age: float = 0.0) -> None:
         """This worker's metrics file, at most ``max_age`` seconds old (0: now)."""
@@ -64,7 +69,7 @@ class Publisher:
         if max_age and now - self.written < max_age:
             return  # back-to-back scrapes: the file is fresh enough
         self.written = now
-        snap = snapshot.take(self.ctx, self.link, self.worker, self.redis_latency)
+        snap = snapshot.take(self.ctx, self.link, self.worker, self.redis_latency, self.lag)
         snapshot.write(self.instance.metrics_dir, snap)
 
     async def run(self) -> None:
@@ -126,8 +131,7 @@ class Publisher:
              _ints(last.get((pool, backend), zero)), _ints(self.minute.get((pool, backend), zero))]
             for pool, backend in keys
         ]  # fmt: skip
-        table = ctx.table
-        routes = [] if table.single is not None else [r.label.decode() for r in table.routes]
+        routes, route_count, pools = self._describe_table()
         return {
             "instance": inst.id,
             "host": inst.host,
@@ -140,15 +144,24 @@ class Publisher:
             "worker_pid": os.getpid(),
             "time": time.time(),
             "interval": INTERVAL,
-            "pools": sorted(ctx.pools),
-            "routes": routes[:100],
-            "route_count": len(routes),
+            "pools": pools,
+            "routes": routes,
+            "route_count": route_count,
             "active_requests": ctx.active_exchanges,
             "open_connections": len(ctx.clients),
             "redis_latency": self.redis_latency,
             "draining": ctx.draining,
             "backends": backends,
         }
+
+    def _describe_table(self) -> tuple[list[str], int, list[str]]:
+        """The first 100 route labels, the route count and the pools, of the current table."""
+        table = self.ctx.table
+        if self.described[0] is not table:
+            routes = table.routes if table.single is None else ()
+            labels = [r.label.decode() for r in routes[:100]]
+            self.described = (table, labels, len(routes), sorted(self.ctx.pools))
+        return self.described[1], self.described[2], self.described[3]
 
     async def publish(self, document: dict[str, Any]) -> None:
         if not self.link.up:

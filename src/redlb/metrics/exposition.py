@@ -19,6 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from redlb.metrics import looplag
 from redlb.metrics.recorder import (
     BUCKETS,
     BYTES_IN,
@@ -56,6 +57,7 @@ class _ViewCollector(Collector):
         yield from _upstream(view.snapshots)
         yield from _counters(view.snapshots)
         yield from _gauges(view)
+        yield from _loop_lag(view)
         yield from _pools(view)
         info = InfoMetricFamily("redlb_instance", "This redlb instance")
         info.add_metric([], self.info)
@@ -236,6 +238,34 @@ def _gauges(view: InstanceView) -> Iterator[Metric]:
         "redlb_metrics_series",
         "Request label sets held (capped per worker; past it, counted as 'other')",
         value=sum(len(snap["requests"]) for snap in view.snapshots),
+    )
+
+
+def _loop_lag(view: InstanceView) -> Iterator[Metric]:
+    """How late each worker's event loop ran what was due (metrics/looplag.py)."""
+    cumulative = [0.0] * len(looplag.BUCKETS)
+    count = total = largest = 0.0
+    for snap in view.snapshots:
+        lag = snap.get("loop_lag")
+        if not lag:
+            continue
+        cumulative = [a + b for a, b in zip(cumulative, lag["buckets"], strict=True)]
+        count += lag["count"]
+        total += lag["sum"]
+        if snap in view.live:
+            largest = max(largest, lag["max"])
+    family = HistogramMetricFamily(
+        "redlb_event_loop_lag_seconds",
+        "How much later than due a worker's event loop woke a 20 ms timer (a stall every "
+        "request waits behind)",
+    )
+    bounds = [repr(b) for b in looplag.BUCKETS]
+    family.add_metric([], [*zip(bounds, cumulative, strict=True), ("+Inf", count)], total)
+    yield family
+    yield GaugeMetricFamily(
+        "redlb_event_loop_lag_max_seconds",
+        "The largest event loop lag of any worker since its previous snapshot (about a second)",
+        value=largest,
     )
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from redlb.metrics.looplag import LoopLag
+    from redlb.pool import Pool
     from redlb.proxy.context import ProxyContext
     from redlb.store.link import RedisLink
 
@@ -49,7 +51,13 @@ _SHAPE = (("requests", list), ("connect", list), ("counters", dict), ("gauges", 
           ("pools", list))  # fmt: skip
 
 
-def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) -> dict[str, Any]:
+def take(
+    ctx: ProxyContext,
+    link: RedisLink,
+    worker: int,
+    redis_latency: float,
+    lag: LoopLag | None = None,
+) -> dict[str, Any]:
     """Everything one worker knows, as plain JSON-able values."""
     rec = ctx.recorder
     stats = ctx.stats
@@ -61,22 +69,11 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
     counters["tunnel_bytes_from_client"] = stats.tunnel_bytes_from_client
     usage = resource.getrusage(resource.RUSAGE_SELF)
     counters["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    pools = []
-    for name, state in ctx.pools.items():
-        pool = state.pool
-        members = set(pool.members)
-        healthy = set(pool.healthy)
-        pools.append(
-            [
-                name,
-                len(pool.members),
-                len(healthy),
-                len(pool.down & members),
-                sum(1 for b in pool.ejected if b in members and b not in healthy),
-                len(pool.draining & members),
-                state.budget.active_requests,
-            ]
-        )
+    pools = [[*_pool_counts(name, state.pool), state.budget.active_requests]
+             for name, state in ctx.pools.items()]  # fmt: skip
+    if len(_counted) > 2 * len(ctx.pools) + 100:  # pools gone from the table
+        for name in [n for n in _counted if n not in ctx.pools]:
+            del _counted[name]
     return {
         "pid": os.getpid(),
         "worker": worker,
@@ -97,7 +94,37 @@ def take(ctx: ProxyContext, link: RedisLink, worker: int, redis_latency: float) 
             "open_fds": _open_fds(),
         },
         "pools": pools,
+        "loop_lag": lag.snapshot() if lag is not None else None,
     }
+
+
+# Per pool: the objects its counts were made from, and the counts.  A pool's state is
+# replaced, never edited in place (Pool.update / rebuild), so the same objects mean the same
+# counts: a thousand idle pools cost a thousand identity checks a second, not set algebra.
+_counted: dict[str, tuple[tuple[object, ...], list[Any]]] = {}
+
+
+def _pool_counts(name: str, pool: Pool) -> list[Any]:
+    """[name, members, healthy, down, ejected, draining] of one pool."""
+    basis = (pool.members, pool.healthy, pool.down, pool.draining, pool.ejected)
+    known = _counted.get(name)
+    if known is not None:
+        was = known[0]
+        if (was[0] is basis[0] and was[1] is basis[1] and was[2] is basis[2]
+                and was[3] is basis[3] and was[4] is basis[4]):  # fmt: skip
+            return known[1]
+    members = set(pool.members)
+    healthy = set(pool.healthy)
+    counts = [
+        name,
+        len(pool.members),
+        len(healthy),
+        len(pool.down & members),
+        sum(1 for b in pool.ejected if b in members and b not in healthy),
+        len(pool.draining & members),
+    ]
+    _counted[name] = (basis, counts)
+    return counts
 
 
 def _rss() -> int:

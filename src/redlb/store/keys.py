@@ -30,8 +30,14 @@ Given a pool key ``P`` (default ``servers``):
 ``redlb:{P}:events`` (pub/sub channel)
     redlb publishes here after changing any of the above, so every instance re-reads at once.
 ``__keyspace@{db}__:{P}`` (keyspace notifications)
-    How plain redis-cli edits of ``P`` reach redlb in milliseconds; a 1 s resync is the
-    fallback when notifications are off or a message is lost.
+    How plain redis-cli edits of ``P`` (and of the settings, weights and routes hashes) reach
+    redlb in milliseconds.  The resync (every ``--resync-interval``, 1 s) is the fallback:
+    with notifications off or unknown it compares every pool each time; with them on (one
+    ``CONFIG GET`` a resync says so) it is a backstop that compares a slice of the pools
+    each time (every pool within 2 minutes) and the routes every 2 minutes, or everything
+    at once when ``redlb:routes:epoch`` vanished (FLUSHALL sends no notification).  A drain
+    set edited with plain ``redis-cli SADD`` (no notification class redlb turns on) is seen
+    by that backstop; ``redlb backend drain`` publishes at once.
 ``redlb:{P}:settings`` (HASH, owned by the user)
     Per-pool settings over the ``serve`` flags (``redlb pool set``): ``rotation``,
     ``health_path``, ``health_interval``, ``connect_timeout``, ``upstream_timeout``,

@@ -3,10 +3,18 @@
 Rules:
 1. One pub/sub connection per process listens to everything: the routes hash, its events
    channel, and the list, events channel and settings hash of every routed pool.  A message
-   re-reads only what it names.  The resync every ``resync_interval`` (the fallback for lost
-   messages) checks digests of the routes and of every pool computed inside Redis (one EVAL
-   per DIGEST_SLICE pools) and re-reads only what moved, so a thousand idle pools cost a few
-   commands a second and an edit is seen within a resync even without keyspace events.
+   re-reads only what it names.  The resync every ``resync_interval`` is the fallback for
+   what no message announces; it compares digests computed inside Redis (the routes; each
+   pool's list, drain set, settings, weights, health and ejections) and re-reads only what
+   moved.  How much it checks depends on whether edits are pushed:
+   - Keyspace notifications on (checked each resync with one CONFIG GET) and subscribed:
+     every redis-cli edit arrives as a message, so the resync is a slow backstop: a slice
+     of the pools each time (every pool within BACKSTOP seconds, all of them each time
+     while there are at most RESYNC_POOLS) and the routes every BACKSTOP seconds, or at once
+     when the routes' epoch vanished (FLUSHALL, a restart without persistence: no message).
+     An idle instance with 1,000 pools sends tens of commands a second, not thousands.
+   - Notifications off or unknown (a Redis that refuses CONFIG): every pool and the routes
+     each resync (one EVAL per DIGEST_SLICE pools), so an edit is seen within a resync.
    Without scripts (an ACL user) it re-reads a rotating slice of the pools instead (all of
    them while there are at most RESYNC_POOLS; a fleet of 1,000 in about 2 minutes).
 2. A new table is complete before it is swapped in (one assignment): every pool it routes to
@@ -46,15 +54,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("redlb.routes")
 
 SLICE = 100  # routes parsed or indexed between two yields to the event loop (about 0.5 ms)
-POOL_SLICE = 500  # pools read in one pipeline
-# Pools digested by one script: ~7 us each in Redis, so one EVAL holds Redis under ~2 ms.
-DIGEST_SLICE = 250
+POOL_SLICE = 100  # pools read (and parsed, without a yield) in one pipeline
+# Pools digested by one script: ~7 us each in Redis (more with many members), so one EVAL
+# holds Redis about a millisecond, and building its keys holds the loop no longer.
+DIGEST_SLICE = 100
+# Pools parsed or applied between two yields: each is atomic on its own, and a thousand new
+# members (with a log line each) must not hold the loop for tens of ms.
+YIELD_POOLS = 10
 MAX_ROUTES = 100_000
 # Without scripts, pools re-read per resync: all of them up to this many, else this many or a
 # 200th.  Edits arrive by notification in milliseconds; the resync is the fallback (lost
 # messages, health verdicts expiring), and a thousand pools re-read every second would cost
 # more Redis commands than the requests themselves.
 RESYNC_POOLS = 8
+# With keyspace notifications on, the resync checks every pool and the routes once in this
+# many seconds (a slice each resync): the fallback for a message lost on a live connection.
+BACKSTOP = 120.0
+# The notification classes redlb needs: K (keyspace channels), l (lists), g (DEL, EXPIRE...),
+# h (hashes); s (sets) for drain sets edited with redis-cli is covered by the backstop.
+_PUSH_FLAGS = "lgh"
 
 # The routes hash is re-read only when this changes (10,000 routes: 40 bytes, not 600 KB).
 # Like a pool's epoch, the routes' epoch is written by whoever reads a real hash: routes gone
@@ -182,6 +200,15 @@ class RouteSync(PoolSync):
         self.routes_problem: str | None = None  # the wrong type the routes key held, if any
         self.resync_cursor = 0  # where the next resync's slice of pools starts
         self.pool_digests: dict[str, Any] = {}  # pool -> its digest when the resync last read it
+        self.backstop_cursor = 0  # where the next backstop slice of pools starts
+        # Pools just read: their digest covers the members known here, so the one taken
+        # before the read is stale.  The next resync takes it again (and reads the pool
+        # again if it moved): after that the backstop compares like with like.
+        self.undigested: set[str] = set()
+        self.routes_checked = 0.0  # monotonic time the routes' digest was last compared
+        self.routes_odd = False  # the routes key is not a hash: check it every resync
+        self.starts: dict[str, int] = {}  # _list_starts() of the routes in starts_of
+        self.starts_of: list[RouteSpec] | None = None
         # Subscriptions
         self.pubsub: PubSub | None = None
         self.db = 0
@@ -195,6 +222,7 @@ class RouteSync(PoolSync):
         self.db = db
         self.subscribed = set()
         self.pool_digests = {}  # a new session re-reads every pool once: nothing read is trusted
+        self.undigested = set()
         if self.hipache:
             await pubsub.psubscribe(f"__keyspace@{db}__:{SCAN_PATTERN}")
         await self._resubscribe()
@@ -246,9 +274,14 @@ class RouteSync(PoolSync):
             return  # a subscribe confirmation, not an edit
         if full:
             self.last_full = now
+        # Edits pushed (notifications on, subscribed, data not lost): a backstop slice only.
+        backstop = full and self.scripts and await self._pushed()
         routes_changed = False
-        if full or self.routes_dirty:
+        check_routes = not backstop or self.routes_odd or now - self.routes_checked >= BACKSTOP
+        if self.routes_dirty or (full and check_routes):
             self.routes_dirty = False
+            if full:
+                self.routes_checked = now
             specs = await self._read_routes()
             if specs is not None:
                 self.specs = specs
@@ -257,13 +290,20 @@ class RouteSync(PoolSync):
         fresh = [name for name in wanted if name not in self.states]
         for name in fresh:
             self.states[name] = self.make_state(name)
+        if fresh:  # listen before reading: an edit in between is a message, not lost
+            await self._resubscribe()
         dirty, self.dirty_pools = self.dirty_pools, set()
         to_read = [n for n in wanted if n in dirty or n in fresh]
         if full:
-            moved = await self._changed_pools(wanted) if self.scripts else None
+            again, self.undigested = self.undigested, set()
+            checked = self._backstop_slice(wanted) if backstop else wanted
+            if again:
+                checked = list(dict.fromkeys(checked + [n for n in wanted if n in again]))
+            moved = await self._changed_pools(checked) if self.scripts else None
             if moved is None:  # no scripts (ACL): a rotating slice, read whole
                 moved = self._resync_slice(wanted)
             to_read = list(dict.fromkeys(to_read + moved))
+        self.undigested.update(to_read)
         for start in range(0, len(to_read), POOL_SLICE):
             chunk = to_read[start : start + POOL_SLICE]
             await self._read_pools([self.states[n] for n in chunk])
@@ -272,6 +312,43 @@ class RouteSync(PoolSync):
         if routes_changed or fresh or not self.ctx.known:
             await self._swap(wanted)
         self.ctx.known = True
+
+    async def _pushed(self) -> bool:
+        """Whether every edit reaches us as a message: keyspace notifications on, our
+        subscriptions live, and Redis still holding the routes' epoch (a FLUSHALL or a
+        restart without persistence sends no message: then check everything now)."""
+        if not self.listening:
+            return False
+        client = self.link.client
+        pipe = client.pipeline(transaction=False)
+        pipe.config_get("notify-keyspace-events")
+        pipe.exists(ROUTES_EPOCH)
+        pipe.type(ROUTES)
+        config, epoch, kind = await asyncio.wait_for(
+            pipe.execute(raise_on_error=False), self.config.redis_timeout
+        )
+        if isinstance(epoch, Exception):
+            raise epoch
+        # SET (or any write of another type) sends no notification redlb turns on.
+        self.routes_odd = _text(kind) not in ("hash", "none") or self.routes_problem is not None
+        if isinstance(config, Exception):  # CONFIG refused (ACL, managed Redis): unknown
+            return False
+        flags = _text(
+            config.get(b"notify-keyspace-events") or config.get("notify-keyspace-events", "")
+        )
+        if "K" not in flags or not ("A" in flags or all(c in flags for c in _PUSH_FLAGS)):
+            return False
+        return bool(epoch) or not self.specs
+
+    def _backstop_slice(self, wanted: list[str]) -> list[str]:
+        """The pools this resync checks when edits are pushed: all within BACKSTOP seconds."""
+        count = max(RESYNC_POOLS, -(-len(wanted) * self.config.resync_interval // BACKSTOP))
+        count = int(count)
+        if count >= len(wanted):
+            return wanted
+        start = self.backstop_cursor % len(wanted)
+        self.backstop_cursor = start + count
+        return (wanted[start:] + wanted[:start])[:count]
 
     def _resync_slice(self, wanted: list[str]) -> list[str]:
         count = max(RESYNC_POOLS, len(wanted) // 200)
@@ -284,7 +361,7 @@ class RouteSync(PoolSync):
     async def _changed_pools(self, wanted: list[str]) -> list[str] | None:
         """The pools whose digest moved since the last resync, or None if scripts are refused."""
         client = self.link.client
-        start_of = {spec.pool: spec.list_start for spec in self.specs}
+        start_of = self._list_starts()
         cap = self.config.max_pool_entries
         changed: list[str] = []
         for start in range(0, len(wanted), DIGEST_SLICE):
@@ -313,6 +390,13 @@ class RouteSync(PoolSync):
                     self.pool_digests[name] = digest
                     changed.append(name)
         return changed
+
+    def _list_starts(self) -> dict[str, int]:
+        """Pool -> the first list index its routes read, made again only for new routes."""
+        if self.starts_of is not self.specs:
+            self.starts_of = self.specs
+            self.starts = {spec.pool: spec.list_start for spec in self.specs}
+        return self.starts
 
     def _wanted_pools(self) -> list[str]:
         if not self.specs and not self.hipache:
@@ -430,7 +514,7 @@ class RouteSync(PoolSync):
         client = self.link.client
         timeout = self.config.redis_timeout + 0.002 * len(states)
         cap = self.config.max_pool_entries
-        start_of = {spec.pool: spec.list_start for spec in self.specs}
+        start_of = self._list_starts()
         pipe = client.pipeline(transaction=False)
         for state in states:
             keys = state.keys
@@ -460,6 +544,8 @@ class RouteSync(PoolSync):
                 self._apply_settings(state, settings_raw)
                 self._apply_weights(state, weights_raw)
             read.append((state, members, draining_raw))
+            if i % YIELD_POOLS == YIELD_POOLS - 1:
+                await asyncio.sleep(0)
         pipe = client.pipeline(transaction=False)
         for key in epochs:
             pipe.set(key, "1", nx=True)
@@ -478,7 +564,9 @@ class RouteSync(PoolSync):
                 ramps.append((state, queue_up_since(pipe, state.keys, state.pool)))
         status = await asyncio.wait_for(pipe.execute(), timeout) if len(pipe) else []
         at = len(epochs)
-        for state, members, draining_raw, unique in plan:
+        for count, (state, members, draining_raw, unique) in enumerate(plan, 1):
+            if count % YIELD_POOLS == 0:
+                await asyncio.sleep(0)
             down: list[Backend] = []
             ejected: dict[Backend, float] = {}
             if unique:
@@ -559,6 +647,7 @@ class RouteSync(PoolSync):
             self.states.pop(name).retire()
             self.raw_settings.pop(name, None)
             self.pool_digests.pop(name, None)
+            self.undigested.discard(name)
             self.warned_settings.pop(name, None)
             self.warned_weights.pop(name, None)
             self.raw_weights.pop(name, None)

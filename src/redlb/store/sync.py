@@ -62,6 +62,8 @@ class PoolSync:
         self.push_warned: set[str] = set()  # each way of being told of edits lost, said once
         self.draining_unreadable = False
         self.logged_view = PoolView()  # the pool as the log last described it
+        self.listening = False  # subscribed to the pool's messages (else only the resync)
+        self.reading = False  # Redis answered and the session's first read is under way
 
     async def run(self) -> None:
         while True:
@@ -85,26 +87,29 @@ class PoolSync:
         client = self.link.client
         timeout = self.config.redis_timeout
         await asyncio.wait_for(client.ping(), timeout)
+        self.reading = True
         await self._enable_notifications(client)
         db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
         pubsub = client.pubsub()
         try:
             await asyncio.wait_for(self.subscribe(pubsub, db), timeout)
             await self.sync_once()
+            self.reading = False
             if self.on_connected is not None:
                 await self.on_connected()
-            subscribed = True
+            self.listening = True
             while True:
-                if subscribed:
+                if self.listening:
                     try:
                         await self._wait_for_news(pubsub)
                     except NoPermissionError as exc:  # an ACL user without channel access
-                        subscribed = False
+                        self.listening = False
                         self._warn_no_push("subscribe", f"cannot subscribe ({exc})")
                 else:
                     await asyncio.sleep(self.config.resync_interval)
                 await self.sync_once()
         finally:
+            self.listening = self.reading = False  # a new session reads everything first
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, pubsub: PubSub, db: int) -> None:
@@ -116,11 +121,16 @@ class PoolSync:
 
     async def _wait_for_news(self, pubsub: Any) -> None:
         """Until a message or the resync interval; a burst of edits makes one read."""
+        # An await on buffered messages never gives the loop back: thousands of subscription
+        # confirmations (one per routed pool's channel) or a burst of events would be read
+        # in one go, so the loop gets its turn between messages.
+        await asyncio.sleep(0)
         message = await pubsub.get_message(
             ignore_subscribe_messages=True, timeout=self.config.resync_interval
         )
         while message is not None:
             self.note(message)
+            await asyncio.sleep(0)
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
 
     def _warn_no_push(self, what: str, reason: str) -> None:
