@@ -253,6 +253,21 @@ def wait_routed(port: int, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def wait_redis_quiet(client: redis.Redis, timeout: float = 15.0) -> None:
+    """Until Redis serves fewer than 200 commands in half a second (or the timeout): a
+    starting redlb reads the whole table once more after subscribing (its first pub/sub
+    session trusts nothing read before it), a burst of some 20,000 commands that belongs to
+    startup, not to the requests measured after it."""
+    deadline = time.monotonic() + timeout
+    before = int(client.info("stats")["total_commands_processed"])
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = int(client.info("stats")["total_commands_processed"])
+        if now - before < 200:
+            return
+        before = now
+
+
 class Target:
     def __init__(self, name: str, start, redis_client: redis.Redis | None = None,
                  threads: int = 1, cpus: str = LOAD_CPU, settle: float = 0.5,
@@ -274,6 +289,7 @@ class Target:
         time.sleep(self.settle)
         if self.redis is not None and self.routed:  # its port opens before the routes are read
             wait_routed(self.port)
+            wait_redis_quiet(self.redis)
 
     def stop(self) -> None:
         if self.process is not None:
