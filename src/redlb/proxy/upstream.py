@@ -416,7 +416,11 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:
             # Interim responses (100, 103) are consumed here: redlb already answered the
             # client's Expect itself, and 103 hints are optional (RFC 9110 §15.2).
+            # Their bytes still count: toward the head bound, and so that a read beginning
+            # inside the final head is never taken for a whole response (rule 5).
+            head_bytes = self.head_bytes
             self._new_head()
+            self.head_bytes = head_bytes
             return
         if len(self.lines) + self.set_aside > MAX_RESPONSE_HEADERS:
             raise _TooBig
