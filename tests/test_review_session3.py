@@ -5,9 +5,17 @@ CLI's exit codes.  Each test here failed before the fix its docstring names."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import redlb
+from redlb import build
 from support import ScriptedBackend, read_response
+
+SRC = Path(redlb.__file__).resolve().parent.parent
 
 GET = b"GET /same HTTP/1.1\r\nHost: h\r\nUser-Agent: t\r\n\r\n"
 
@@ -51,3 +59,21 @@ def test_bytes_of_a_head_begun_after_an_interim_response_are_never_a_repeat(
         assert second.startswith(b"HTTP/1.1 502"), second
     finally:
         backend.stop()
+
+
+# Compiled by default: a machine whose compiler cannot compile is a machine without one
+
+
+def test_a_compiler_that_cannot_compile_means_the_pure_build_is_expected() -> None:
+    """`CC=/bin/false make test` on a fresh clone: setup.py's compile failed (the install
+    was pure, as it should), but build.py told the Makefile to expect the compiled build,
+    since /bin/false exists, and test_build failed the run."""
+    env = {**os.environ, "CC": "/bin/false"}
+    out = subprocess.run(
+        [sys.executable, str(SRC / "redlb" / "build.py")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert out.stdout.strip() == "pure", out.stdout + out.stderr
+    assert build.missing_toolchain({"CC": "/bin/false"}) is not None
+    if build.missing_toolchain() is None:  # where this machine's compiler works, it still says so
+        assert build.missing_toolchain({"CC": os.environ.get("CC", "")}) is None
