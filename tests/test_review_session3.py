@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redlb
 from redlb import build
-from support import ScriptedBackend, read_response
+from support import ScriptedBackend, metric_sum, read_response, scrape, wait_for
 
 SRC = Path(redlb.__file__).resolve().parent.parent
 
@@ -77,3 +77,55 @@ def test_a_compiler_that_cannot_compile_means_the_pure_build_is_expected() -> No
     assert build.missing_toolchain({"CC": "/bin/false"}) is not None
     if build.missing_toolchain() is None:  # where this machine's compiler works, it still says so
         assert build.missing_toolchain({"CC": os.environ.get("CC", "")}) is None
+
+
+# Downstream rule 5: what each repeated request still gets (held)
+
+
+def test_repeated_reads_are_each_logged_counted_and_forwarded_for_their_own_peer(
+    redis_server, backends, start_proxy
+):
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = start_proxy(redis_server.url)
+    socks = []
+    for source in ("127.0.0.1", "127.0.0.2"):
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5,
+                                        source_address=(source, 0))  # fmt: skip
+        socks.append(sock)
+    try:
+        for _ in range(4):
+            for sock in socks:
+                assert _ask(sock, GET).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in socks:
+            sock.close()
+    received = backends[0].received
+    assert wait_for(lambda: len(received) == 8)
+    peers = [r.header(b"X-Forwarded-For") for r in received]
+    assert peers == [[b"127.0.0.1"], [b"127.0.0.2"]] * 4, peers
+    assert [r.header(b"X-Real-IP") for r in received] == [[b"127.0.0.1"], [b"127.0.0.2"]] * 4
+    assert wait_for(lambda: proxy.access_log().count("GET /same => 200") == 8, 5), (
+        proxy.access_log()
+    )
+    assert wait_for(lambda: metric_sum(scrape(proxy), "redlb_requests_total") == 8, 5)
+
+
+def test_repeats_around_a_stripped_h2c_upgrade_are_each_one_request(
+    redis_server, backends, start_proxy
+):
+    """The parser goes on after an Upgrade that is not a WebSocket's (downstream._feed):
+    reads repeated before and after it are each the one request they are (held)."""
+    upgrade = (
+        b"GET /same HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+    )
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = start_proxy(redis_server.url)
+    sent = [GET, upgrade, GET, GET, upgrade, upgrade, GET, GET]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        answers = [_ask(sock, data)[:12] for data in sent]
+    assert answers == [b"HTTP/1.1 200"] * len(sent), answers
+    received = backends[0].received
+    assert wait_for(lambda: len(received) == len(sent)), len(received)
+    assert [bool(r.header(b"Upgrade")) for r in received] == [False] * len(sent)
+    assert [bool(r.header(b"User-Agent")) for r in received] == [d == GET for d in sent]
