@@ -129,3 +129,39 @@ def test_repeats_around_a_stripped_h2c_upgrade_are_each_one_request(
     assert wait_for(lambda: len(received) == len(sent)), len(received)
     assert [bool(r.header(b"Upgrade")) for r in received] == [False] * len(sent)
     assert [bool(r.header(b"User-Agent")) for r in received] == [d == GET for d in sent]
+
+
+# The access log: a backend's reason phrase is written into it (and relayed to the client)
+
+
+def test_control_characters_in_a_reason_phrase_reach_neither_the_log_nor_the_client(
+    redis_server, loop_thread, start_proxy
+):
+    """llhttp takes any byte but CR and LF in a reason phrase: a backend's VT, FF, FS or
+    escape sequence went raw into the text access log (line breaks to str.splitlines and to
+    many log shippers, terminal control to whoever tails it) and to the client's status
+    line, where RFC 9112 §4 allows only HTAB, SP, VCHAR and obs-text."""
+    reason = b"OK\x0b- => 200 forged\x1c\x1b[2J\x00"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while True:
+            await backend.read_request(reader)
+            writer.write(b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend = ScriptedBackend(loop_thread, script).start()
+    try:
+        redis_server.cli("RPUSH", "servers", backend.address)
+        proxy = start_proxy(redis_server.url)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            answers = [_ask(sock, GET) for _ in range(3)]  # the repeated answers too (rule 5)
+        for answer in answers:
+            status_line = answer.partition(b"\r\n")[0]
+            assert status_line.startswith(b"HTTP/1.1 200 OK"), answer
+            assert all(byte >= 0x20 and byte != 0x7F for byte in status_line), status_line
+        assert wait_for(lambda: proxy.access_log().count("GET /same => 200") == 3, 5)
+        log = proxy.access_log()
+        assert len(log.splitlines()) == 3, repr(log)
+        assert not any(ord(c) < 0x20 and c != "\n" for c in log), repr(log)
+    finally:
+        backend.stop()
