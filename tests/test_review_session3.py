@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import redlb
@@ -165,3 +166,124 @@ def test_control_characters_in_a_reason_phrase_reach_neither_the_log_nor_the_cli
         assert not any(ord(c) < 0x20 and c != "\n" for c in log), repr(log)
     finally:
         backend.stop()
+
+
+def _read_head_only(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+VARIANTS = [
+    GET,
+    b"GET /same?q=1&r=%41 HTTP/1.1\r\nHost: H:80\r\nX-Forwarded-For: 6.6.6.6\r\n"
+    b"Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\r\n",
+    b"GET http://h/abs HTTP/1.1\r\nHost: other\r\n\r\n",
+    b"GET /same HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /same HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"HEAD /same HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"OPTIONS /same HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+    b"DELETE /same HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n",
+    b"GET /same HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+    b"Keep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nX_Under: 1\r\n\r\n",
+    b"GET /status/304 HTTP/1.1\r\nHost: h\r\nIf-None-Match: x\r\n\r\n",
+    b"GET /status/204 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /status/404 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /big/70000 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /same HTTP/1.1\r\nHost: h\r\n\r\n\r\n",  # a CRLF after the request
+    b"POST /same HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+]
+
+
+def test_a_request_repeated_whole_is_forwarded_and_answered_as_when_split(
+    redis_server, backends, start_proxy
+):
+    """Differential: each request sent three times whole on one connection (the repeats
+    take downstream and upstream rule 5) and three times split in two reads on another
+    (always parsed): the backend gets the same heads and the client the same answers (held)."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = start_proxy(redis_server.url)
+    received = backends[0].received
+    for request in VARIANTS:
+        seen = []
+        for split in (False, True):
+            before = len(received)
+            answers = []
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+                for _ in range(3):
+                    if split:
+                        sock.sendall(request[:9])
+                        time.sleep(0.05)
+                        sock.sendall(request[9:])
+                    else:
+                        sock.sendall(request)
+                    head = request.startswith(b"HEAD")
+                    answers.append(_read_head_only(sock) if head else read_response(sock))
+            assert wait_for(lambda b=before: len(received) == b + 3), (request, received[before:])
+            heads = [(r.method, r.url, r.headers, r.body) for r in received[before:]]
+            seen.append((answers, heads))
+        (whole, whole_heads), (split_answers, split_heads) = seen
+        assert whole == split_answers, request
+        assert whole_heads == split_heads, request
+        assert whole_heads[0] == whole_heads[1] == whole_heads[2], request
+
+
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 Fine\r\nConnection: keep-alive, X-Hop\r\nX-Hop: s\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\n\r\nno",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=9\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n",  # bytes after the response
+]
+
+
+def test_a_response_repeated_whole_is_relayed_as_when_split(redis_server, loop_thread, start_proxy):
+    """Differential on the backend side: each response written whole three times (upstream
+    rule 5 for the repeats) to one proxy, and split in two writes to another: the clients get
+    the same answers, and the backend connections are reused alike (held)."""
+    plan: dict[str, bytes] = {}
+
+    def scripted(split: bool) -> ScriptedBackend:
+        async def script(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int
+        ) -> None:
+            while True:
+                await backend.read_request(reader)
+                response = plan["response"]
+                if split:
+                    writer.write(response[:12])
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(response[12:])
+                else:
+                    writer.write(response)
+                await writer.drain()
+
+        backend = ScriptedBackend(loop_thread, script).start()
+        return backend
+
+    whole, split = scripted(False), scripted(True)
+    try:
+        redis_server.cli("RPUSH", "whole", whole.address)
+        redis_server.cli("RPUSH", "split", split.address)
+        proxies = [start_proxy(redis_server.url, pool=name) for name in ("whole", "split")]
+        for response in RESPONSES:
+            plan["response"] = response
+            seen = []
+            for proxy, backend in zip(proxies, (whole, split), strict=True):
+                connections = backend.connections
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+                    answers = [_ask(sock, GET) for _ in range(3)]
+                seen.append((answers, backend.connections - connections))
+            assert seen[0] == seen[1], (response, seen)
+    finally:
+        whole.stop()
+        split.stop()
