@@ -5,6 +5,7 @@ CLI's exit codes.  Each test here failed before the fix its docstring names."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,14 @@ from pathlib import Path
 
 import redlb
 from redlb import build
-from support import ScriptedBackend, metric_sum, read_response, scrape, wait_for
+from support import (
+    ScriptedBackend,
+    metric_sum,
+    raw_exchange,
+    read_response,
+    scrape,
+    wait_for,
+)
 
 SRC = Path(redlb.__file__).resolve().parent.parent
 
@@ -287,3 +295,31 @@ def test_a_response_repeated_whole_is_relayed_as_when_split(redis_server, loop_t
     finally:
         whole.stop()
         split.stop()
+
+
+def test_refused_targets_with_control_bytes_stay_on_one_line_in_both_formats(
+    redis_server, backends, start_proxy
+):
+    """The refusal line shows the target read so far (held)."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    hostile = [
+        b"GET /a\x0bforged => 200 OK HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /a\x1b[2Jb HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /a\rGET /forged HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /a\nGET /forged HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /\xc3\xa9\x85x HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b"\x0b HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]
+    for log_format in ("text", "json"):
+        proxy = start_proxy(redis_server.url, "--log-format", log_format)
+        for data in hostile:
+            answer, _ = raw_exchange(proxy.port, data, timeout=2)
+            assert answer.startswith(b"HTTP/1.1 4"), (data, answer[:60])
+        assert wait_for(lambda p=proxy: len(p.access_log().splitlines()) >= len(hostile), 5)
+        log = proxy.access_log()
+        assert len(log.splitlines()) == len(hostile), repr(log)
+        assert not any(ord(c) < 0x20 and c != "\n" for c in log), repr(log)
+        assert "forged" not in log.replace("\\u000bforged", ""), repr(log)
+        if log_format == "json":
+            assert all(json.loads(line)["refused"] for line in log.splitlines())
+        assert len(backends[0].received) == 0
