@@ -15,6 +15,10 @@ from pathlib import Path
 
 import redlb
 from redlb import build
+from redlb.address import Backend
+from redlb.balancer.base import Snapshot
+from redlb.balancer.load import LoadView
+from redlb.balancer.maglev import MaglevHash
 from support import (
     ScriptedBackend,
     metric_sum,
@@ -323,3 +327,24 @@ def test_refused_targets_with_control_bytes_stay_on_one_line_in_both_formats(
         if log_format == "json":
             assert all(json.loads(line)["refused"] for line in log.splitlines())
         assert len(backends[0].received) == 0
+
+
+# Strategies: bounded loads and weights
+
+
+def test_bounded_loads_keep_the_weights() -> None:
+    """hash with weights 3:1 under load: bounded loads capped every backend at (1 + eps) x
+    the plain average, so the heavy one was held to 62.5% of the requests in flight, not
+    its 75% (the bound is on each backend's weighted share of the load)."""
+    load = LoadView()
+    strategy = MaglevHash(load, balance=0.25)
+    heavy, light = Backend("10.0.0.1", 80), Backend("10.0.0.2", 80)
+    candidates = Snapshot.of([heavy, light], [3, 1])
+    for i in range(4000):
+        picked = strategy.pick(candidates, b"user-%d" % i)
+        load.started(picked)
+        total = load.local_total
+        assert load.local.get(heavy.key, 0) <= max(-(-1250 * total * 3 // 4000), 2)
+        assert load.local.get(light.key, 0) <= max(-(-1250 * total * 1 // 4000), 2)
+    share = load.local[heavy.key] / load.local_total
+    assert 0.72 < share < 0.78, share
