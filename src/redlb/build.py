@@ -21,8 +21,10 @@ import importlib.machinery
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -111,14 +113,36 @@ def choose(environ: Mapping[str, str] = os.environ) -> None:
 def missing_toolchain(environ: Mapping[str, str] = os.environ) -> str | None:
     """What compiling needs and is not here (a C compiler, the Python headers, mypyc), or None.
     setup.py installs pure without it; `make test` expects the compiled build with it."""
-    compiler = (environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    command = (environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    compiler = command[0]
     if shutil.which(compiler) is None:
         return f"no C compiler ({compiler})"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+    include = Path(sysconfig.get_paths()["include"])
+    if not (include / "Python.h").exists():
         return "no Python headers (Python.h)"
     if importlib.util.find_spec("mypyc") is None:
         return "mypyc is not installed"
+    if not _compiles(command, include):
+        # One that is there and cannot compile (CC=/bin/false, a broken cross toolchain)
+        # is none: else the install is pure while `make test` expects the compiled build.
+        return f"a C compiler that does not compile ({compiler})"
     return None
+
+
+def _compiles(command: list[str], include: Path) -> bool:
+    """Whether ``command`` compiles a C file that includes Python.h."""
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch, "probe.c")
+        source.write_text("#include <Python.h>\nint probe(void) { return 0; }\n")
+        try:
+            done = subprocess.run(
+                [*command, "-I", str(include), "-c", str(source), "-o", str(source) + ".o"],
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
 
 
 def describe() -> str:

@@ -8,8 +8,9 @@ few other slots change: about 1/N of the keys move, which the property tests hol
 <= 1/N + 1%.  M = 65537 slots: shares within 1% of the weights up to 512 backends.
 
 Bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018): with ``balance`` = epsilon > 0, no
-backend takes a request while it has ceil((1 + epsilon) x (in flight + 1) / N) in flight,
-counting the whole fleet's requests (balancer/load.py).  The bound starts once the fleet has
+backend takes a request while it has ceil((1 + epsilon) x (in flight + 1) / N) in flight
+(with weights, its share: x weight / the sum of weights, not N), counting the whole fleet's
+requests (balancer/load.py).  The bound starts once the fleet has
 at least one request in flight per backend: below that nothing is overloaded, and the other
 instances' counts (up to 50 ms old) would only scatter keys for nothing.  A key whose
 backend is full probes further slots (rehashes of its key, so the spill is consistent
@@ -101,6 +102,9 @@ class MaglevHash(Strategy):
         self.table: list[int] = []
         self.size = 1
         self.keys: tuple[str, ...] = ()
+        # Each entry's weight ((): all equal) and their sum: a bound is on a weighted share.
+        self.weights: tuple[int, ...] = ()
+        self.weight_sum = 1
         # Recent keys' routes (clients repeat their address, cookie or header), for this
         # table: the key's own slot's backend, then once it had to spill, every further
         # backend its probes reach, in probe order (one already full is full again).
@@ -113,7 +117,9 @@ class MaglevHash(Strategy):
         for backend in candidates:  # a duplicated entry is one more share, its own permutation
             copy = copies[backend.key] = copies.get(backend.key, 0) + 1
             names.append(backend.key if copy == 1 else f"{backend.key}#{copy}")
-        self.table = build_table(names, weights_of(candidates), self.size)
+        self.weights = weights_of(candidates)
+        self.weight_sum = sum(self.weights) or 1
+        self.table = build_table(names, self.weights, self.size)
         self.keys = tuple(backend.key for backend in candidates)
         self.routes = {}
         self.seen = candidates
@@ -150,10 +156,17 @@ class MaglevHash(Strategy):
         if total <= n:
             return candidates[route[0]]  # under one request per backend: none overloaded
         cap = -(-(self.permille * total) // (1000 * n))  # ceil((1 + eps) x total / n)
+        # With weights, each backend's own: ceil((1 + eps) x total x weight / sum of weights).
+        weights = self.weights
+        if weights:
+            share = self.permille * total
+            whole = 1000 * self.weight_sum
         local, others, peers, keys = load.local, load.others, load.peers, self.keys
         spilled = len(route) > 1
         while True:
             for index in route:
+                if weights:
+                    cap = -(-(share * weights[index]) // whole)
                 name = keys[index]
                 mine = local.get(name, 0)
                 cost = mine + others.get(name, 0.0) if others else mine
@@ -167,4 +180,8 @@ class MaglevHash(Strategy):
                 break
             spilled = True  # its home is full, for the first time with this table
             route = self._route(key, True)
+        if weights:
+            return candidates[
+                min(range(n), key=lambda i: load.outstanding(candidates[i]) / weights[i])
+            ]
         return min(candidates, key=load.outstanding)

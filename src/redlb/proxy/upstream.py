@@ -23,6 +23,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 import httptools
@@ -411,12 +412,21 @@ class UpstreamConnection(asyncio.Protocol):
             return
         parser = self.parser
         status = parser.get_status_code()
+        reason = self.reason
+        if reason not in _PLAIN_REASONS:
+            # llhttp takes any byte but CR and LF here: control bytes become spaces before
+            # the phrase reaches the client's status line (RFC 9112 §4) or the access log.
+            self.reason = reason.translate(_REASON_BYTES)
         if status == 101:
             return  # llhttp stops after this head: data_received hands it to the exchange
         if 100 <= status < 200:
             # Interim responses (100, 103) are consumed here: redlb already answered the
             # client's Expect itself, and 103 hints are optional (RFC 9110 §15.2).
+            # Their bytes still count: toward the head bound, and so that a read beginning
+            # inside the final head is never taken for a whole response (rule 5).
+            head_bytes = self.head_bytes
             self._new_head()
+            self.head_bytes = head_bytes
             return
         if len(self.lines) + self.set_aside > MAX_RESPONSE_HEADERS:
             raise _TooBig
@@ -540,6 +550,12 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is not None:
             exchange.response_complete(self)
 
+
+# Reason phrases as sent by most servers (one set lookup), and the translation for others:
+# CTLs other than HTAB become SP.
+_PLAIN_REASONS: Final = frozenset(status.phrase.encode() for status in HTTPStatus)
+_CONTROL_BYTES: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+_REASON_BYTES: Final = bytes.maketrans(_CONTROL_BYTES, b" " * len(_CONTROL_BYTES))
 
 # Connection values that name no other field: the common case, nothing more to drop.
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
