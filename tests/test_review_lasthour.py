@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from redlb.fleet.instance import metrics_parent
 from support import (
     CountingBackend,
     HttpBackend,
@@ -122,7 +123,8 @@ def test_backend_named_by_host_name_is_not_ejected_when_out_of_descriptors(
 
 
 def _metrics_dir(proxy: Proxy) -> Path:
-    (found,) = Path("/tmp").glob(f"redlb-metrics-{proxy.pid}-*")
+    # /dev/shm where there is one (fleet.instance.metrics_parent), else the temp directory.
+    (found,) = metrics_parent().glob(f"redlb-metrics-{proxy.pid}-*")
     return found
 
 
