@@ -17,7 +17,7 @@ HOT_SOURCES := $(wildcard src/redlb/proxy/*.py src/redlb/routing/*.py) \
 # Data-path tests run a second time on the pure package (REDLB_PURE=1), the fallback without
 # a compiler: the hostile-input and the request/response paths, about two minutes.
 PURE_TESTS := tests/test_hostile_parsing.py tests/test_data_path.py tests/test_repeat_heads.py \
-	tests/test_build.py
+	tests/test_build.py tests/test_repeat_reads.py
 PURE := $(filter-out 0,$(REDLB_PURE))
 # What the suite must run on (tests/test_build.py checks): a compile that failed (mypyc's type
 # check, say) installs pure without failing, and must fail the tests instead.  Evaluated when a
