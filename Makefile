@@ -11,9 +11,11 @@ STAMP := $(VENV)/.installed
 # is); REDLB_PURE=1 runs the pure package instead.  The install itself is pure (one compile, here,
 # with the venv's mypyc and build/ as its cache).
 COMPILED := $(VENV)/.compiled
+# Every module build.py's COMPILED names (an edit to one not listed here would leave make
+# test expecting a compiled build that runs pure: test_build fails).
 HOT_SOURCES := $(wildcard src/redlb/proxy/*.py src/redlb/routing/*.py) \
 	src/redlb/metrics/recorder.py src/redlb/store/rotation.py src/redlb/health/passive.py \
-	src/redlb/build.py setup.py
+	src/redlb/accesslog.py src/redlb/build.py setup.py
 # Data-path tests run a second time on the pure package (REDLB_PURE=1), the fallback without
 # a compiler: the hostile-input and the request/response paths, about two minutes.
 PURE_TESTS := tests/test_hostile_parsing.py tests/test_data_path.py tests/test_repeat_heads.py \
