@@ -253,18 +253,22 @@ def wait_routed(port: int, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def wait_redis_quiet(client: redis.Redis, timeout: float = 15.0) -> None:
-    """Until Redis serves fewer than 200 commands in half a second (or the timeout): a
-    starting redlb reads the whole table once more after subscribing (its first pub/sub
-    session trusts nothing read before it), a burst of some 20,000 commands that belongs to
-    startup, not to the requests measured after it."""
+def wait_redis_quiet(client: redis.Redis, timeout: float = 20.0) -> None:
+    """Until Redis serves fewer than 200 commands in each of three half seconds in a row (or
+    the timeout).  A starting redlb reads the whole table once more after subscribing (its
+    first pub/sub session trusts nothing read before it), a burst of some 20,000 commands
+    that belongs to startup, not to the requests measured after it.  One quiet half second
+    is not enough: between its first read and the second the worker subscribes to every
+    pool's channel and freezes the first read out of the collector's sight, a lull that
+    used to end the wait early and put the second read, 5,000 commands, in the measured
+    window."""
     deadline = time.monotonic() + timeout
     before = int(client.info("stats")["total_commands_processed"])
-    while time.monotonic() < deadline:
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 3:
         time.sleep(0.5)
         now = int(client.info("stats")["total_commands_processed"])
-        if now - before < 200:
-            return
+        quiet = quiet + 1 if now - before < 200 else 0
         before = now
 
 
