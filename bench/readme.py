@@ -100,6 +100,24 @@ def protocols(latest: dict[str, Any]) -> list[str]:
     return lines
 
 
+def shared_cursor(two: dict[str, dict[str, float]]) -> list[str]:
+    """What one rotation shared by both workers costs: round robin against random, which
+    keeps no cursor, in the same rounds."""
+    shared, alone = (
+        two.get("redlb, 2 workers"),
+        two.get("redlb, 2 workers, random (no shared cursor)"),
+    )
+    if not shared or not alone:
+        return []
+    return [
+        "",
+        f"Cost of the shared cursor (round robin over one rotation in Redis, against random): "
+        f"{shared['cpu_us_per_req'] / alone['cpu_us_per_req']:.2f}x the CPU per request, "
+        f"{shared['rps'] / alone['rps']:.2f}x the rate, {shared['redis_per_req']:.4f} Redis "
+        f"commands per request (random: {alone['redis_per_req']:.4f}).",
+    ]
+
+
 def summary() -> str:
     latest = json.loads((RESULTS / "latest.json").read_text())
     idle_file = RESULTS / "idle_memory.json"
@@ -123,6 +141,7 @@ def summary() -> str:
     if two:
         lines += ["", "#### 2 workers each, unpinned, wrk -t2 on the same machine, ok, 100 conns",
                   *table(two)]  # fmt: skip
+        lines += shared_cursor(two)
     lines += protocols(latest)
     if idle:
         lines += [

@@ -65,6 +65,7 @@ SCENARIOS = [
 ]
 STRATEGY_SCENARIO = ("ok, 50 conns", "/ok", 50)
 TWO_WORKERS = "2 workers"  # nginx and redlb, two workers each, unpinned; wrk -t2
+SHARED_CURSOR_BASE = "redlb, 2 workers, random (no shared cursor)"
 REDLB_FEATURES = (
     "one worker; routing through 10,000 routes over 1,000 pools (Host host77.example.com); "
     "per-route/backend metrics with the status listener on; access log on (to a file)"
@@ -507,6 +508,10 @@ def two_worker_scenario(
         # The supervisor opens the port before its workers have read the 10,000 routes.
         Target("redlb, 2 workers", redlb(*full, "--workers", "2", cpus=None), client,
                threads=2, cpus=both, settle=4.0),
+        # The same without the shared cursor (random needs no rotation): the difference in
+        # CPU and Redis commands per request is what sharing one rotation costs.
+        Target(SHARED_CURSOR_BASE, redlb(*full, "--workers", "2", "--strategy", "random",
+               cpus=None), client, threads=2, cpus=both, settle=4.0),
     ]  # fmt: skip
     rounds: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
     for r in range(ROUNDS):
