@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Callable
 
 from redlb.address import parse_backend
-from redlb.balancer.base import Snapshot, Strategy
 from redlb.balancer.ewma import PeakEwma
 from redlb.balancer.first import FirstAvailable
 from redlb.balancer.leased import LeasedRoundRobin
@@ -29,6 +28,8 @@ from redlb.balancer.load import LoadView
 from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
 from redlb.balancer.requestkey import cookie, parse_key_spec, request_key
+from redlb.balancer.base import Strategy
+from redlb.balancer.snapshot import Snapshot
 from redlb.store.rotation import _END, CounterLease, Cursor
 
 IN_FLIGHT = 50

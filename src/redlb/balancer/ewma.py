@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy, weights_of
@@ -31,7 +31,7 @@ class PeakEwma(Strategy):
         self.load = load
         self.rand = rand or random.Random().random
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         n = len(candidates)
         if n == 1:
             return candidates[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from itertools import permutations
 
 from redlb.address import Backend
@@ -57,13 +57,13 @@ class LeastOutstanding(Strategy):
         self.load = load
         self.rand = rand or random.Random().random
         # From the snapshot, once per snapshot (base.py rule 3): its keys, weights, orders.
-        self.seen: Sequence[Backend] | None = None
+        self.seen: tuple[Backend, ...] | None = None
         self.keys: tuple[str, ...] = ()
         self.weights: tuple[int, ...] = ()
         self.orders: tuple[tuple[int, ...], ...] = ()
         self.equal = EQUAL
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         if candidates is not self.seen:
             self.seen = candidates
             self.keys = tuple(backend.key for backend in candidates)
