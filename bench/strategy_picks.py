@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 from redlb.address import parse_backend
+from redlb.balancer.base import Strategy
 from redlb.balancer.ewma import PeakEwma
 from redlb.balancer.first import FirstAvailable
 from redlb.balancer.leased import LeasedRoundRobin
@@ -28,7 +29,6 @@ from redlb.balancer.load import LoadView
 from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
 from redlb.balancer.requestkey import cookie, parse_key_spec, request_key
-from redlb.balancer.base import Strategy
 from redlb.balancer.snapshot import Snapshot
 from redlb.store.rotation import _END, CounterLease, Cursor
 
