@@ -54,6 +54,17 @@ def total_ir(path: str) -> int:
     raise RuntimeError(f"no totals in {path}")
 
 
+def trigger(path: str) -> str:
+    """The dump's name (``busy``, ``idle``) from its header: a search of the file's start
+    also found "idle" in function names (take_idle) and counted a busy dump as idle."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("desc: Trigger:"):
+            return line.split()[-1]  # "desc: Trigger: dump busy"
+        if line.startswith("fn="):
+            break
+    return ""
+
+
 async def drive(port: int, pid: int, host: str) -> tuple[float, float]:
     per_connection = max(REQUESTS // CONNECTIONS, 1)
     request = f"GET /ok HTTP/1.1\r\nHost: {host}\r\nUser-Agent: instr\r\n\r\n".encode()
@@ -133,8 +144,8 @@ def main() -> None:
         busy, idle = asyncio.run(drive(port, proxy.pid, host))
         time.sleep(0.5)
         files = sorted(glob.glob(out + "*"))
-        busy_ir = sum(total_ir(f) for f in files if "busy" in Path(f).read_text()[:2000])
-        idle_ir = sum(total_ir(f) for f in files if "idle" in Path(f).read_text()[:2000])
+        busy_ir = sum(total_ir(f) for f in files if trigger(f) == "busy")
+        idle_ir = sum(total_ir(f) for f in files if trigger(f) == "idle")
         n = max(REQUESTS // CONNECTIONS, 1) * CONNECTIONS
         per_request = (busy_ir - idle_ir * busy / idle) / n
         print(f"redlb: {profile_calls.compiled_state()}; {'one pool' if single else '10,000 routes'}"
@@ -142,7 +153,7 @@ def main() -> None:
               f"{busy:.1f} s, idle {idle_ir:,} Ir in {idle:.1f} s")  # fmt: skip
         print(f"instructions per request (user space, callgrind): {per_request:,.0f}")
         if FUNCTIONS:
-            busy_file = next(f for f in files if "busy" in Path(f).read_text()[:2000])
+            busy_file = next(f for f in files if trigger(f) == "busy")
             report = subprocess.run(["callgrind_annotate", "--inclusive=no", busy_file],
                                     capture_output=True, text=True).stdout  # fmt: skip
             print("\n".join(report.splitlines()[: FUNCTIONS + 25]))
