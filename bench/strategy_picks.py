@@ -3,9 +3,9 @@
 Per request a strategy costs its pick, plus for the counting ones the LoadView's started and
 finished around the attempt (windowed, as when the fleet publisher runs; given the exchange's
 clock readings, as the exchange does), plus for hash the request key.  This loop does
-exactly that on the bench's shape (three backends, 50 requests
-in flight, finished first in first out with latencies of 1-2 ms), and takes the minimum of
-many repetitions: a busy machine only ever adds time, so the minimum is the figure to compare.
+exactly that on the bench's shape (three backends, 50 requests in flight, finished first in
+first out with latencies of 1-2 ms), and takes the minimum of many repetitions: a busy
+machine only ever adds time, so the minimum is the figure to compare.
 
     .venv/bin/python bench/strategy_picks.py              # every strategy, ns per request
     .venv/bin/python bench/strategy_picks.py hash first   # some of them
