@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 COMPILED := $(VENV)/.compiled
 # Every module build.py's COMPILED names (an edit to one not listed here would leave make
 # test expecting a compiled build that runs pure: test_build fails).
-HOT_SOURCES := $(wildcard src/redlb/proxy/*.py src/redlb/routing/*.py) \
+HOT_SOURCES := $(wildcard src/redlb/proxy/*.py src/redlb/routing/*.py src/redlb/balancer/*.py) \
 	src/redlb/metrics/recorder.py src/redlb/store/rotation.py src/redlb/health/passive.py \
 	src/redlb/accesslog.py src/redlb/build.py setup.py
 # Data-path tests run a second time on the pure package (REDLB_PURE=1), the fallback without

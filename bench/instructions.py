@@ -13,6 +13,10 @@ counted (see bench/syscalls.py for it).
 
     .venv/bin/python bench/instructions.py            # REDLB_PURE=1 for the pure package
     INSTR_REQUESTS=2000 INSTR_FUNCTIONS=30 .venv/bin/python bench/instructions.py
+    .venv/bin/python bench/instructions.py --single-pool -- --strategy peak_ewma  # serve flags
+
+``--single-pool``: no routes, the seed's one pool (the strategy table's scenario: a
+``--strategy`` applies to that default pool; the routed pools keep their own settings).
 """
 
 from __future__ import annotations
@@ -50,9 +54,20 @@ def total_ir(path: str) -> int:
     raise RuntimeError(f"no totals in {path}")
 
 
-async def drive(port: int, pid: int, out: str) -> tuple[float, float]:
+def trigger(path: str) -> str:
+    """The dump's name (``busy``, ``idle``) from its header: a search of the file's start
+    also found "idle" in function names (take_idle) and counted a busy dump as idle."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("desc: Trigger:"):
+            return line.split()[-1]  # "desc: Trigger: dump busy"
+        if line.startswith("fn="):
+            break
+    return ""
+
+
+async def drive(port: int, pid: int, host: str) -> tuple[float, float]:
     per_connection = max(REQUESTS // CONNECTIONS, 1)
-    request = f"GET /ok HTTP/1.1\r\nHost: {bench.ROUTED_HOST}\r\nUser-Agent: instr\r\n\r\n".encode()
+    request = f"GET /ok HTTP/1.1\r\nHost: {host}\r\nUser-Agent: instr\r\n\r\n".encode()
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CONNECTIONS)]
 
     async def loop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -87,6 +102,10 @@ def main() -> None:
 
     if shutil.which("valgrind") is None:
         sys.exit("needs valgrind (apt-get install valgrind)")
+    ours, serve_extra = sys.argv, []
+    if "--" in sys.argv:  # what follows goes to `redlb serve` as it is
+        ours, serve_extra = sys.argv[: sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1 :]
+    single = "--single-pool" in ours
     tmp = Path(tempfile.mkdtemp(prefix="redlb-instr-"))
     tmp.chmod(0o755)
     ports = [bench.free_port() for _ in range(3)]
@@ -99,8 +118,11 @@ def main() -> None:
                                        "", "--appendonly", "no"], stdout=subprocess.DEVNULL))  # fmt: skip
         for p in [*ports, redis_port]:
             bench.wait_port(p)
-        bench.seed_routes(redis_port, ports)
-        redis.Redis(port=redis_port).close()
+        if single:
+            with redis.Redis(port=redis_port) as db:
+                db.rpush("servers", *(f"127.0.0.1:{p}" for p in ports))
+        else:
+            bench.seed_routes(redis_port, ports).close()
         port, status = bench.free_port(), bench.free_port()
         out = str(tmp / "callgrind.out")
         log = (tmp / "access.log").open("wb")
@@ -111,24 +133,27 @@ def main() -> None:
              "--toggle-collect=__pyx_f_6uvloop_4loop_run_in_context1",
              sys.executable, "-m", "redlb", "serve", "--listen", f"127.0.0.1:{port}",
              "--status-listen", f"127.0.0.1:{status}", "--workers", "1",
-             "--redis", f"redis://127.0.0.1:{redis_port}/1", "--resync-interval", "30"],
+             "--redis", f"redis://127.0.0.1:{redis_port}/{0 if single else 1}",
+             "--resync-interval", "30", *serve_extra],
             stdout=log, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         procs.append(proxy)
         bench.wait_port(port, 300)
-        bench.wait_routed(port, 300)
-        busy, idle = asyncio.run(drive(port, proxy.pid, out))
+        bench.wait_routed(port, 300)  # one pool: answers any Host
+        host = "localhost" if single else bench.ROUTED_HOST
+        busy, idle = asyncio.run(drive(port, proxy.pid, host))
         time.sleep(0.5)
         files = sorted(glob.glob(out + "*"))
-        busy_ir = sum(total_ir(f) for f in files if "busy" in Path(f).read_text()[:2000])
-        idle_ir = sum(total_ir(f) for f in files if "idle" in Path(f).read_text()[:2000])
+        busy_ir = sum(total_ir(f) for f in files if trigger(f) == "busy")
+        idle_ir = sum(total_ir(f) for f in files if trigger(f) == "idle")
         n = max(REQUESTS // CONNECTIONS, 1) * CONNECTIONS
         per_request = (busy_ir - idle_ir * busy / idle) / n
-        print(f"redlb: {profile_calls.compiled_state()}; {n:,} requests; busy {busy_ir:,} Ir in "
+        print(f"redlb: {profile_calls.compiled_state()}; {'one pool' if single else '10,000 routes'}"
+              f" {' '.join(serve_extra)}; {n:,} requests; busy {busy_ir:,} Ir in "
               f"{busy:.1f} s, idle {idle_ir:,} Ir in {idle:.1f} s")  # fmt: skip
         print(f"instructions per request (user space, callgrind): {per_request:,.0f}")
         if FUNCTIONS:
-            busy_file = next(f for f in files if "busy" in Path(f).read_text()[:2000])
+            busy_file = next(f for f in files if trigger(f) == "busy")
             report = subprocess.run(["callgrind_annotate", "--inclusive=no", busy_file],
                                     capture_output=True, text=True).stdout  # fmt: skip
             print("\n".join(report.splitlines()[: FUNCTIONS + 25]))

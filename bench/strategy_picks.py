@@ -1,10 +1,11 @@
 """Each strategy's own cost per request, in process: what the bench's strategy table adds.
 
 Per request a strategy costs its pick, plus for the counting ones the LoadView's started and
-finished around the attempt (windowed, as when the fleet publisher runs), plus for hash the
-request key.  This loop does exactly that on the bench's shape (three backends, 50 requests
-in flight, finished first in first out with latencies of 1-2 ms), and takes the minimum of
-many repetitions: a busy machine only ever adds time, so the minimum is the figure to compare.
+finished around the attempt (windowed, as when the fleet publisher runs; given the exchange's
+clock readings, as the exchange does), plus for hash the request key.  This loop does
+exactly that on the bench's shape (three backends, 50 requests in flight, finished first in
+first out with latencies of 1-2 ms), and takes the minimum of many repetitions: a busy
+machine only ever adds time, so the minimum is the figure to compare.
 
     .venv/bin/python bench/strategy_picks.py              # every strategy, ns per request
     .venv/bin/python bench/strategy_picks.py hash first   # some of them
@@ -19,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 
 from redlb.address import parse_backend
-from redlb.balancer.base import Snapshot, Strategy
+from redlb.balancer.base import Strategy
 from redlb.balancer.ewma import PeakEwma
 from redlb.balancer.first import FirstAvailable
 from redlb.balancer.leased import LeasedRoundRobin
@@ -29,6 +30,7 @@ from redlb.balancer.load import LoadView
 from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
 from redlb.balancer.requestkey import cookie, parse_key_spec, request_key
+from redlb.balancer.snapshot import Snapshot
 from redlb.store.rotation import _END, CounterLease, Cursor
 
 IN_FLIGHT = 50
@@ -70,6 +72,8 @@ def one_repetition(
     started, finished = load.started, load.finished
     flight: deque[object] = deque()
     latencies = [0.001 + 0.001 * random.random() for _ in range(REQUESTS)]
+    # The exchange's own clock readings, passed to the counts as it does (none of the strategy's).
+    nows = [time.monotonic() + 0.00002 * i for i in range(REQUESTS)]
     for i in range(IN_FLIGHT):  # the steady state: 50 in flight
         backend = pick(candidates, peers[i])
         if counts:
@@ -81,11 +85,11 @@ def one_repetition(
         peer = peers[i % IN_FLIGHT]
         done = popleft()
         if counts:
-            finished(done, latencies[i])  # type: ignore[arg-type]
+            finished(done, latencies[i], nows[i])  # type: ignore[arg-type]
         key = request_key(spec, peer, b"/ok", HEADERS) if spec is not None else b""
         backend = pick(candidates, key)
         if counts:
-            started(backend)
+            started(backend, nows[i])
         append(backend)
     spent = time.perf_counter() - began
     # The loop's own cost: the same without the strategy.

@@ -205,9 +205,9 @@ def test_least_outstanding_picks_the_same_whatever_the_weights_scale(
     import random
 
     from redlb.address import Backend
-    from redlb.balancer.base import Snapshot
     from redlb.balancer.least import LeastOutstanding
     from redlb.balancer.load import LoadView
+    from redlb.balancer.snapshot import Snapshot
 
     pool = [Backend("127.0.0.1", 9000 + i) for i in range(backends_in_pool)]
     load = LoadView()

@@ -16,9 +16,9 @@ from pathlib import Path
 import redlb
 from redlb import build
 from redlb.address import Backend
-from redlb.balancer.base import Snapshot
 from redlb.balancer.load import LoadView
 from redlb.balancer.maglev import MaglevHash
+from redlb.balancer.snapshot import Snapshot
 from support import (
     ScriptedBackend,
     metric_sum,

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redlb.address import Backend
-from redlb.balancer.base import Snapshot
 from redlb.balancer.ewma import PeakEwma
 from redlb.balancer.first import FirstAvailable
 from redlb.balancer.least import LeastOutstanding
@@ -18,6 +17,7 @@ from redlb.balancer.load import LoadView
 from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
 from redlb.balancer.requestkey import KeySpec, cookie, parse_key_spec, request_key
+from redlb.balancer.snapshot import Snapshot
 from redlb.balancer.sticky import StickyCookie
 from redlb.balancer.wrr import WeightedOrder, smooth_period, stride_period
 from redlb.pool import Pool

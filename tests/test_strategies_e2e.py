@@ -281,3 +281,35 @@ def test_redis_down_keeps_strategy_weights_and_sessions(redis_server, backends, 
     assert wait_for(lambda: "reachable again" in proxy.log(), 10), proxy.log()
     assert served_by(proxy.port, {"Cookie": f"lbs={value}"}) == (home, None)
     assert "Traceback" not in proxy.log()
+
+
+def test_a_retried_attempt_gives_its_in_flight_count_back(redis_server, backends, start_proxy):
+    """A connect refused counts the attempt in flight and retries elsewhere: the refused one
+    must leave the count (else the dead backend looks busy for good, and is published so)."""
+    import re
+
+    from redlb.store.embedded import free_port
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: connects are refused
+    redis_server.cli("RPUSH", "servers", backends[0].address, dead)
+    args = ("--strategy", "least_outstanding", "--no-access-log")
+    tested, _peer = (start_proxy(redis_server.url, *args) for _ in range(2))
+    client = redis_server.client()
+    # Alone, an instance publishes nothing: both in the index, and read there (1 s).
+    assert wait_for(lambda: client.zcard("redlb:servers:inflight") == 2, 5)
+    time.sleep(1.2)
+    codes = [request(tested.port, "GET", "/", headers={"Host": "h"})[0] for _ in range(20)]
+    assert codes == [200] * 20
+    _, metrics = tested.status("/metrics")
+    found = re.search(rb"(?m)^redlb_retries_total (\S+)$", metrics)
+    assert found is not None and float(found.group(1)) >= 1  # the dead one was tried
+    key = "redlb:servers:inflight:{}"
+
+    def published() -> dict[bytes, bytes]:
+        names = client.zrange("redlb:servers:inflight", 0, -1)
+        return {n: client.get(key.format(n.decode())) or b"" for n in names}
+
+    # Idle now: nothing in flight, so nothing written, and the last counts expire (2 s).  A
+    # count left behind keeps this instance busy: published every round from the next on.
+    time.sleep(1.0)
+    assert wait_for(lambda: not any(v for v in published().values()), 4), published()

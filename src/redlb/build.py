@@ -29,11 +29,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-# The data path and what it calls per request: parsing, routing, the lease cursor, ejection
-# bookkeeping, counting, the access log.  Pure: the strategies (their snapshot is a tuple
-# subclass), one call a request.
+# The data path and what it calls per request: parsing, routing, the strategies and their
+# in-flight counts, the lease cursor, ejection bookkeeping, counting, the access log.  Pure:
+# the healthy snapshot (balancer/snapshot.py, a tuple subclass: mypyc compiles none), built
+# when the pool changes, read as a tuple.
 COMPILED = (
     "redlb.accesslog",
+    "redlb.balancer.base",
+    "redlb.balancer.ewma",
+    "redlb.balancer.first",
+    "redlb.balancer.leased",
+    "redlb.balancer.least",
+    "redlb.balancer.leastconn",
+    "redlb.balancer.load",
+    "redlb.balancer.maglev",
+    "redlb.balancer.random_choice",
+    "redlb.balancer.requestkey",
+    "redlb.balancer.sticky",
+    "redlb.balancer.strict",
+    "redlb.balancer.wrr",
     "redlb.health.passive",
     "redlb.metrics.recorder",
     "redlb.proxy.context",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from redlb.address import Backend
-from redlb.balancer.base import Snapshot
+from redlb.balancer.snapshot import Snapshot
 
 RAMP_STEPS = 10  # slow start ramps in tenths of the weight: few snapshot rebuilds
 

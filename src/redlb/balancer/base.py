@@ -12,7 +12,6 @@ Rules every strategy keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from typing import ClassVar
 
 from redlb.address import Backend
@@ -28,33 +27,18 @@ class Strategy(ABC):
     fleet: bool = False
 
     @abstractmethod
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         """Choose from a non-empty sequence, without waiting on anything.
 
         ``key`` is the request's hash key (only strategies that hash read it).
         """
 
-    async def pick_async(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    async def pick_async(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         return self.pick(candidates, key)
 
 
-class Snapshot(tuple[Backend, ...]):
-    """The healthy backends in pool order, with each one's effective weight.
-
-    A tuple, so the data path indexes it as before; ``weights`` is aligned with it and empty
-    when every weight is equal (the common case, and the fast path of every strategy).
-    """
-
-    weights: tuple[int, ...] = ()
-
-    @classmethod
-    def of(cls, backends: Sequence[Backend], weights: Sequence[int] = ()) -> Snapshot:
-        snapshot = cls(backends)
-        if weights and len(set(weights)) > 1:
-            snapshot.weights = tuple(weights)
-        return snapshot
-
-
-def weights_of(candidates: Sequence[Backend]) -> tuple[int, ...]:
-    """The snapshot's effective weights, aligned with it; () when they are all equal."""
-    return getattr(candidates, "weights", ())
+def weights_of(candidates: tuple[Backend, ...]) -> tuple[int, ...]:
+    """The snapshot's effective weights, aligned with it; () when they are all equal (or
+    ``candidates`` is a plain tuple).  Read once per snapshot (rule 3), not per pick."""
+    weights: tuple[int, ...] = getattr(candidates, "weights", ())
+    return weights

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy, weights_of
@@ -30,8 +30,16 @@ class PeakEwma(Strategy):
         load.track_latency()
         self.load = load
         self.rand = rand or random.Random().random
+        # From the snapshot, once per snapshot (base.py rule 3): its keys and weights.
+        self.seen: tuple[Backend, ...] | None = None
+        self.keys: tuple[str, ...] = ()
+        self.weights: tuple[int, ...] = ()
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
+        if candidates is not self.seen:
+            self.seen = candidates
+            self.keys = tuple(backend.key for backend in candidates)
+            self.weights = weights_of(candidates)
         n = len(candidates)
         if n == 1:
             return candidates[0]
@@ -40,33 +48,29 @@ class PeakEwma(Strategy):
         j = int(rand() * (n - 1))
         if j >= i:
             j += 1
-        # cost = LoadView.ewma x (LoadView.outstanding + 1) / weight, inlined: the hot path.
+        now = self.load.clock()
+        cost_i = self.cost(self.keys[i], now)
+        cost_j = self.cost(self.keys[j], now)
+        weights = self.weights
+        if weights:
+            cost_i, cost_j = cost_i / weights[i], cost_j / weights[j]
+        return candidates[i] if cost_i <= cost_j else candidates[j]
+
+    def cost(self, name: str, now: float) -> float:
+        """LoadView.ewma x (LoadView.outstanding + 1), inlined: the hot path."""
         load = self.load
-        latency, sampled_at, local, others, peers = (
-            load.latency or {},
-            load.sampled_at,
-            load.local,
-            load.others,
-            load.peers,
-        )
-        now = load.clock()
-        weights = weights_of(candidates)
-        costs = []
-        for index in (i, j):
-            name = candidates[index].key
-            seconds = latency.get(name)
-            if seconds is None:
+        latency = load.latency
+        seconds = latency.get(name) if latency is not None else None
+        if seconds is None:
+            seconds = UNMEASURED
+        else:
+            seconds *= math.exp((load.sampled_at[name] - now) / load.decay)
+            if seconds < UNMEASURED:
                 seconds = UNMEASURED
-            else:
-                seconds *= math.exp((sampled_at[name] - now) / load.decay)
-                if seconds < UNMEASURED:
-                    seconds = UNMEASURED
-            mine = local.get(name, 0)
-            theirs = others.get(name, 0.0)
-            if peers:  # the others moved on as this instance did (LoadView.others_now)
-                rise = mine - load.baseline.get(name, 0)
-                if rise > 0:
-                    theirs += peers * rise
-            cost = seconds * (mine + theirs + 1)
-            costs.append(cost / weights[index] if weights else cost)
-        return candidates[i] if costs[0] <= costs[1] else candidates[j]
+        mine = load.local.get(name, 0)
+        theirs = load.others.get(name, 0.0)
+        if load.peers:  # the others moved on as this instance did (LoadView.others_now)
+            rise = mine - load.baseline.get(name, 0)
+            if rise > 0:
+                theirs += load.peers * rise
+        return seconds * (mine + theirs + 1)

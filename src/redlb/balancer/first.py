@@ -9,8 +9,6 @@ to the first backend: set one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from redlb.address import Backend
 from redlb.balancer.base import Strategy
 from redlb.balancer.load import LoadView
@@ -24,7 +22,7 @@ class FirstAvailable(Strategy):
         self.load = load
         self.cap = cap
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         cap = self.cap
         if cap > 0:
             local = self.load.local

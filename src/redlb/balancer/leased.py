@@ -9,8 +9,6 @@ With weights, the counter indexes nginx's smooth weighted period instead (balanc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from redlb.address import Backend
 from redlb.balancer.base import Strategy
 from redlb.balancer.wrr import WeightedOrder
@@ -24,7 +22,7 @@ class LeasedRoundRobin(Strategy):
         self.lease = lease
         self.weighted = WeightedOrder()
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         weighted = self.weighted
         order = weighted.order if candidates is weighted.seen else weighted.of(candidates)
         return order[self.lease.next_index() % len(order)]

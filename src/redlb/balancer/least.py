@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from itertools import permutations
 
 from redlb.address import Backend
@@ -57,13 +57,16 @@ class LeastOutstanding(Strategy):
         self.load = load
         self.rand = rand or random.Random().random
         # From the snapshot, once per snapshot (base.py rule 3): its keys, weights, orders.
-        self.seen: Sequence[Backend] | None = None
+        self.seen: tuple[Backend, ...] | None = None
         self.keys: tuple[str, ...] = ()
         self.weights: tuple[int, ...] = ()
         self.orders: tuple[tuple[int, ...], ...] = ()
         self.equal = EQUAL
+        # The scan's scratch, one entry per candidate: reused, not made anew each pick.
+        self.costs: list[float] = []
+        self.means: list[float] = []
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         if candidates is not self.seen:
             self.seen = candidates
             self.keys = tuple(backend.key for backend in candidates)
@@ -72,6 +75,8 @@ class LeastOutstanding(Strategy):
             # EQUAL is in requests of the heaviest backend: costs are divided by weights
             # (x10 while slow start ramps), and weights 20:10 are the shares of 2:1.
             self.equal = EQUAL / max(weights) if weights else EQUAL
+            self.costs = [0.0] * len(candidates)
+            self.means = [0.0] * len(candidates)
         n = len(candidates)
         if n == 1:
             return candidates[0]
@@ -99,10 +104,10 @@ class LeastOutstanding(Strategy):
         # each latency kept for the bias, which needs the slowest first.
         local, others, peers = load.local, load.others, load.peers
         latency = load.mean_latency or {}
-        costs: list[float] = []
-        means: list[float] = []
+        costs, means, keys = self.costs, self.means, self.keys
         slowest = 0.0
-        for name in self.keys:
+        for index in range(n):
+            name = keys[index]
             mine = local.get(name, 0)
             cost = mine + 1.0
             if others:
@@ -111,9 +116,9 @@ class LeastOutstanding(Strategy):
                 rise = mine - load.baseline.get(name, 0)
                 if rise > 0:
                     cost += peers * rise
-            costs.append(cost)
+            costs[index] = cost
             mean = latency.get(name, 0.0)
-            means.append(mean)
+            means[index] = mean
             if mean > slowest:
                 slowest = mean
         near = NEAR / slowest if slowest > 0 else 0.0

@@ -8,7 +8,6 @@ single-instance deployments where it is exact.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy, weights_of
@@ -23,11 +22,11 @@ class LeastConnections(Strategy):
         self.load = load
         self.turn = 0
         # From the snapshot, once per snapshot (base.py rule 3).
-        self.seen: Sequence[Backend] | None = None
+        self.seen: tuple[Backend, ...] | None = None
         self.keys: tuple[str, ...] = ()
         self.weights: tuple[int, ...] = ()
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         if candidates is not self.seen:
             self.seen = candidates
             keys = tuple(backend.key for backend in candidates)
@@ -39,12 +38,14 @@ class LeastConnections(Strategy):
         start = best = self.turn % n
         least = math.inf
         for index in range(start, start + n):  # from this turn's start
-            cost: float = local.get(keys[index], 0)
+            count = local.get(keys[index], 0)
             if weights:
-                cost = (cost + 1) / weights[index]
-            elif not cost:
+                cost = (count + 1) / weights[index]
+            elif not count:
                 best = index
                 break  # idle: none can be less
+            else:
+                cost = float(count)  # a float, as least is (mypyc: no int in a float)
             if cost < least:
                 least, best = cost, index
         return candidates[best % n]

@@ -69,16 +69,19 @@ class LoadView:
         # when tracked (track_mean_latency).
         self.mean_latency: dict[str, float] | None = None
 
-    def started(self, backend: Backend) -> None:
+    # started() and finished() take ``now`` from a caller that read the clock already (the
+    # exchange: one read a request, not three); -1 (no reading) reads ``clock``.
+
+    def started(self, backend: Backend, now: float = -1.0) -> None:
         key = backend.key
         local = self.local
         local[key] = local.get(key, 0) + 1
         self.local_total += 1
         if self.windowed:
             times = self.times
-            times[key] = times.get(key, 0.0) - self.clock()
+            times[key] = times.get(key, 0.0) - (now if now >= 0 else self.clock())
 
-    def finished(self, backend: Backend, elapsed: float) -> None:
+    def finished(self, backend: Backend, elapsed: float, now: float = -1.0) -> None:
         key = backend.key
         local = self.local
         count = local.get(key, 0) - 1
@@ -89,7 +92,8 @@ class LoadView:
         self.local_total -= 1
         windowed, latency = self.windowed, self.latency
         if windowed or latency is not None:
-            now = self.clock()  # once for both
+            if now < 0:
+                now = self.clock()  # once for both
             if windowed:
                 times = self.times
                 times[key] = times.get(key, 0.0) + now

@@ -98,7 +98,7 @@ class MaglevHash(Strategy):
         self.balance = balance
         self.permille = 1000 + round(balance * 1000)  # 1 + epsilon, in integers: exact caps
         self.counts = self.fleet = balance > 0
-        self.seen: Sequence[Backend] | None = None
+        self.seen: tuple[Backend, ...] | None = None
         self.table: list[int] = []
         self.size = 1
         self.keys: tuple[str, ...] = ()
@@ -110,7 +110,7 @@ class MaglevHash(Strategy):
         # backend its probes reach, in probe order (one already full is full again).
         self.routes: dict[bytes, tuple[int, ...]] = {}
 
-    def _rebuild(self, candidates: Sequence[Backend]) -> None:
+    def _rebuild(self, candidates: tuple[Backend, ...]) -> None:
         self.size = TABLE_SIZE
         copies: dict[str, int] = {}
         names = []
@@ -143,7 +143,7 @@ class MaglevHash(Strategy):
         routes[key] = tuple(route)
         return routes[key]
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         if candidates is not self.seen:
             self._rebuild(candidates)
         route = self.routes.get(key) or self._route(key, False)

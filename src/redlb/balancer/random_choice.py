@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from itertools import accumulate
 
 from redlb.address import Backend
@@ -20,10 +20,10 @@ class RandomChoice(Strategy):
 
     def __init__(self, rand: Callable[[], float] | None = None) -> None:
         self.rand = rand or random.Random().random
-        self.seen: Sequence[Backend] | None = None
+        self.seen: tuple[Backend, ...] | None = None
         self.cumulative: list[int] = []
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         if candidates is not self.seen:
             self.seen = candidates
             self.cumulative = list(accumulate(weights_of(candidates)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Sequence
 
 from redlb.address import Backend
 
@@ -25,7 +24,7 @@ class StickyCookie:
         self.name = name.encode()
         self.secret = secret
         self.pool = pool.encode()
-        self.seen: Sequence[Backend] | None = None
+        self.seen: tuple[Backend, ...] | None = None
         self.by_value: dict[bytes, Backend] = {}
         self.set_cookie_lines: dict[str, bytes] = {}
 
@@ -33,7 +32,7 @@ class StickyCookie:
         mac = hmac.new(self.secret, self.pool + b"\0" + backend.label, hashlib.sha256)
         return base64.urlsafe_b64encode(mac.digest()[:16]).rstrip(b"=")
 
-    def find(self, value: bytes, candidates: Sequence[Backend]) -> Backend | None:
+    def find(self, value: bytes, candidates: tuple[Backend, ...]) -> Backend | None:
         """The healthy backend this cookie value names, if any."""
         if candidates is not self.seen:
             self.by_value = {self.value(b): b for b in candidates}

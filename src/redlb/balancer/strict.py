@@ -8,8 +8,6 @@ weighted period (balancer/wrr.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from redlb.address import Backend
 from redlb.balancer.base import Strategy
 from redlb.balancer.wrr import WeightedOrder
@@ -24,11 +22,11 @@ class StrictRoundRobin(Strategy):
         self.counter = counter
         self.weighted = WeightedOrder()
 
-    def pick(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    def pick(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         order = self.weighted.of(candidates)
         return order[self.counter.local_index() % len(order)]
 
-    async def pick_async(self, candidates: Sequence[Backend], key: bytes = b"") -> Backend:
+    async def pick_async(self, candidates: tuple[Backend, ...], key: bytes = b"") -> Backend:
         index = await self.counter.next_index()
         order = self.weighted.of(candidates)
         return order[index % len(order)]

@@ -81,10 +81,10 @@ class WeightedOrder:
     __slots__ = ("order", "seen")
 
     def __init__(self) -> None:
-        self.seen: Sequence[Backend] | None = None
-        self.order: Sequence[Backend] = ()
+        self.seen: tuple[Backend, ...] | None = None
+        self.order: tuple[Backend, ...] = ()
 
-    def of(self, candidates: Sequence[Backend]) -> Sequence[Backend]:
+    def of(self, candidates: tuple[Backend, ...]) -> tuple[Backend, ...]:
         if candidates is not self.seen:
             weights = weights_of(candidates)
             self.order = smooth_period(candidates, weights) if weights else candidates

@@ -254,12 +254,14 @@ class Exchange:
             if self.tried and backend in self.tried:
                 backend = _another(candidates, self.tried, backend)
         up = self.up
+        # The first attempt starts with the exchange (start() read the clock just now).
+        now = time.monotonic() if self.attempts else self.started
         if self.counted is not None:  # a retry: the failed attempt is no longer in flight
-            self.counted.finished(self.tried[-1], time.monotonic() - self.started)
+            self.counted.finished(self.tried[-1], now - self.started, now)
             self.counted = None
         if up.strategy.counts:
             self.counted = up.load
-            up.load.started(backend)
+            up.load.started(backend, now)
         sticky = up.sticky
         if sticky is not None:
             # Kept (no Set-Cookie) when its cookie names this backend: found in the snapshot
@@ -630,8 +632,9 @@ class Exchange:
         if self.queued_since:
             self._leave_queue()
         self._release_slot()
+        now = time.monotonic()  # one clock read for the in-flight count and the metrics
         if self.counted is not None:
-            self.counted.finished(self.tried[-1], time.monotonic() - self.started)
+            self.counted.finished(self.tried[-1], now - self.started, now)
             self.counted = None
         ctx = self.ctx
         ctx.active_exchanges -= 1
@@ -640,7 +643,7 @@ class Exchange:
             self.up.budget.active_requests -= 1
             if self.retrying:
                 self.up.budget.release()
-        seconds = time.monotonic() - self.started
+        seconds = now - self.started
         ctx.recorder.request(self, seconds)
         if log and ctx.access_log.enabled:
             ctx.access_log.request(
