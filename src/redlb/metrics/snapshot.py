@@ -55,7 +55,7 @@ _SHAPE = (("requests", list), ("connect", list), ("counters", dict), ("gauges", 
 # A snapshot is encoded a slice at a time, the event loop free in between (take_in_steps):
 # a thousand pools, or a few hundred request series of 36 floats each, encoded in one go
 # held the loop for milliseconds every second, the tail latency every request waits behind.
-POOL_SLICE = 200
+POOL_SLICE = 100
 SERIES_SLICE = 100
 
 
