@@ -72,8 +72,10 @@ class Publisher:
         document = snapshot.take(self.ctx, self.link, self.worker, self.redis_latency, self.lag)
         snapshot.write(self.instance.metrics_dir, document)
 
-    async def _write_snapshot_in_steps(self) -> None:
-        """The periodic snapshot, encoded a slice at a time with the loop free in between."""
+    async def write_snapshot_in_steps(self, max_age: float = 0.0) -> None:
+        """write_snapshot() a slice at a time, the event loop free in between."""
+        if max_age and time.monotonic() - self.written < max_age:
+            return
         steps = snapshot.take_in_steps(
             self.ctx, self.link, self.worker, self.redis_latency, self.lag
         )
@@ -90,7 +92,7 @@ class Publisher:
         while True:
             await asyncio.sleep(INTERVAL)
             try:
-                await self._write_snapshot_in_steps()
+                await self.write_snapshot_in_steps()
             except OSError as exc:
                 log.warning("cannot write the metrics snapshot: %s", exc)
             await asyncio.sleep(0)
