@@ -154,7 +154,7 @@ class StatusProtocol(asyncio.Protocol):
 
     def _answer(self, request: tuple[bytes, bytes, bool] | None) -> None:
         if request is None:
-            self._send(400, b"text/plain", b"bad request\n", close=True)
+            self._answered((400, b"text/plain", b"bad request\n"), False, True)
             return
         path, method, close = request
         route = self.routes.get(path)
@@ -187,6 +187,8 @@ class StatusProtocol(asyncio.Protocol):
             transport.resume_reading()
 
     def _answered(self, answer: Answer, head_only: bool, close: bool) -> None:
+        if self.transport is None:
+            return  # the client left while its answer was built
         status, content_type, body = answer
         self._send(status, content_type, body, close=close, head_only=head_only)
         if close:
