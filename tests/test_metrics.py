@@ -184,3 +184,39 @@ def test_in_flight_returns_to_zero_when_a_client_drops_pipelined_requests(
     assert metric_sum(samples, "redlb_pool_active_requests", pool="servers") == 0
     # No request that never started is counted, nor given a duration.
     assert metric_sum(samples, "redlb_request_duration_seconds_sum") < 10
+
+
+def test_pipelined_status_requests_are_answered_in_order_around_a_metrics_scrape(
+    redis_server, backends, start_proxy
+):
+    """/metrics is built over several turns of the loop: what a client asked after it (and
+    a bad request after that) is answered after it, in order, on the same connection."""
+    from support import raw_exchange
+
+    client = redis_server.client()
+    client.rpush("routed", *[b.address for b in backends[:2]])
+    client.hset("redlb:routes", mapping={f"h{i}.example.com/": "routed" for i in range(2000)})
+    proxy = start_proxy(redis_server.url)
+    assert wait_for(lambda: b"redlb_route_members" in proxy.status("/metrics")[1], 15)
+    asked = (b"GET /-/live HTTP/1.1\r\nHost: x\r\n\r\n"
+             b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+             b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+             b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+             b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+             b"BAD\r\n\r\n")  # fmt: skip
+    data, closed = raw_exchange(proxy.status_port, asked, timeout=10)
+    assert closed  # the bad request is answered 400 and the connection closed
+    answers = []
+    rest = data
+    while rest:
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        body_length = 0 if len(answers) == 2 else length  # the HEAD's answer has no body
+        answers.append((head.split(b"\r\n")[0], rest[:body_length]))
+        rest = rest[body_length:]
+    assert [a[0] for a in answers] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK",
+                                       b"HTTP/1.1 404 Error", b"HTTP/1.1 200 OK",
+                                       b"HTTP/1.1 400 Error"], answers  # fmt: skip
+    assert answers[0][1] == b"live\n" and answers[4][1] == b"ready\n"
+    assert answers[1][1].count(b"redlb_route_members{") == 2000
+    assert b"redlb_pool_size{" in answers[1][1]

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # tls/ (and cryptography) are imported only when a TLS listen
 log = logging.getLogger("redlb")
 
 SWEEP_INTERVAL = 0.5
+SWEEP_SLICE = 200  # connections or pools checked between two turns of the loop
 STARTUP_GRACE = 2.0  # for Redis to answer at all
 STARTUP_LIMIT = 60.0  # for a Redis that answers to finish the first read (a big table)
 
@@ -451,13 +452,22 @@ def _listening_on(config: Config) -> str:
 
 
 async def _sweep(ctx: ProxyContext, tick: Callable[[float], None] | None = None) -> None:
-    """One timer for every connection: deadlines are checked here, not armed per request."""
+    """One timer for every connection: deadlines are checked here, not armed per request.
+
+    In slices, the loop free in between: a thousand pools or ten thousand connections
+    checked in one go held it for milliseconds twice a second."""
     while True:
         await asyncio.sleep(SWEEP_INTERVAL)
         now = time.monotonic()
         if tick is not None:
             tick(now)
-        for client in list(ctx.clients):
-            client.check_timeouts(now)
-        for state in ctx.pools.values():
+        clients = ctx.clients
+        for count, client in enumerate(list(clients), 1):
+            if count % SWEEP_SLICE == 0:
+                await asyncio.sleep(0)
+            if client in clients:  # not closed while the loop ran
+                client.check_timeouts(now)
+        for count, state in enumerate(list(ctx.pools.values()), 1):
+            if count % SWEEP_SLICE == 0:
+                await asyncio.sleep(0)
             state.expire(now)

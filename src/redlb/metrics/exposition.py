@@ -6,7 +6,7 @@ then ``other``); pools and routes come from the routing table, itself capped by 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -40,28 +40,45 @@ BOUNDS = [*(repr(b) for b in BUCKETS), "+Inf"]
 CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
+POOL_SLICE = 200  # pools written between two turns of the loop (render_in_steps)
+
+
 def render(view: InstanceView, info: dict[str, str]) -> bytes:
+    return b"".join(render_in_steps(view, info))
+
+
+def render_in_steps(view: InstanceView, info: dict[str, str]) -> Iterator[bytes]:
+    """The text a part at a time (a group of families, or a slice of pools): the caller
+    lets the event loop run between parts.  In one go, a thousand pools' text and the
+    families held the loop for ten milliseconds or more a scrape."""
+    yield _families(lambda: _requests(view.snapshots))
+    yield _families(lambda: _upstream(view.snapshots))
+    yield _families(lambda: _others(view, info))
+    yield from _per_pool_text(view)
+
+
+def _others(view: InstanceView, info: dict[str, str]) -> Iterator[Metric]:
+    yield from _counters(view.snapshots)
+    yield from _gauges(view)
+    yield from _loop_lag(view)
+    yield from _pools(view)
+    instance = InfoMetricFamily("redlb_instance", "This redlb instance")
+    instance.add_metric([], info)
+    yield instance
+
+
+def _families(make: Callable[[], Iterable[Metric]]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ViewCollector(view, info))
-    return generate_latest(registry) + _per_pool_text(view)
+    registry.register(_Families(make))
+    return generate_latest(registry)
 
 
-class _ViewCollector(Collector):
-    def __init__(self, view: InstanceView, info: dict[str, str]) -> None:
-        self.view = view
-        self.info = info
+class _Families(Collector):
+    def __init__(self, make: Callable[[], Iterable[Metric]]) -> None:
+        self.make = make
 
-    def collect(self) -> Iterator[Metric]:
-        view = self.view
-        yield from _requests(view.snapshots)
-        yield from _upstream(view.snapshots)
-        yield from _counters(view.snapshots)
-        yield from _gauges(view)
-        yield from _loop_lag(view)
-        yield from _pools(view)
-        info = InfoMetricFamily("redlb_instance", "This redlb instance")
-        info.add_metric([], self.info)
-        yield info
+    def collect(self) -> Iterable[Metric]:
+        return self.make()
 
 
 def _labels(name: str) -> str:
@@ -280,42 +297,48 @@ def _pools(view: InstanceView) -> Iterator[Metric]:
     yield GaugeMetricFamily("redlb_pool_healthy", "Backends taking traffic", value=all_healthy)
 
 
-def _per_pool_text(view: InstanceView) -> bytes:
-    """Per-pool series written as text: with a thousand pools, prometheus_client's objects
-    held the event loop for tens of ms a scrape (status.py writes per-route series alike)."""
+def _per_pool_text(view: InstanceView) -> Iterator[bytes]:
+    """Per-pool series written as text, ``POOL_SLICE`` pools a part: with a thousand pools,
+    prometheus_client's objects held the event loop for tens of ms a scrape (status.py
+    writes per-route series alike).  Each family's lines stay together."""
     freshest = view.freshest
     if freshest is None:
-        return b""
+        return
     in_flight: dict[str, float] = {}
     for snap in view.live:
         for row in snap["pools"]:
             in_flight[row[0]] = in_flight.get(row[0], 0) + row[6]
-    backends: list[bytes] = []
-    sizes: list[bytes] = []
-    active: list[bytes] = []
-    for name, total, *counts, _ in freshest["pools"]:
-        pool = label_value(name)
-        sizes.append(b'redlb_pool_size{pool="%b"} %r\n' % (pool, float(total)))
-        active.append(
-            b'redlb_pool_active_requests{pool="%b"} %r\n' % (pool, float(in_flight.get(name, 0)))
-        )
-        for state, count in zip(POOL_STATES, counts, strict=True):
-            backends.append(
-                b'redlb_pool_backends{pool="%b",state="%b"} %r\n'
-                % (pool, state.encode(), float(count))
-            )
-    return b"".join(
-        [
-            b"# HELP redlb_pool_backends Backends of the pool by state\n"
-            b"# TYPE redlb_pool_backends gauge\n",
-            *backends,
-            b"# HELP redlb_pool_size Valid entries of the pool\n# TYPE redlb_pool_size gauge\n",
-            *sizes,
-            b"# HELP redlb_pool_active_requests Requests in flight to the pool\n"
-            b"# TYPE redlb_pool_active_requests gauge\n",
-            *active,
-        ]
+    rows = freshest["pools"]
+    yield (
+        b"# HELP redlb_pool_backends Backends of the pool by state\n"
+        b"# TYPE redlb_pool_backends gauge\n"
     )
+    for start in range(0, len(rows), POOL_SLICE):
+        backends: list[bytes] = []
+        for name, _, *counts, _ in rows[start : start + POOL_SLICE]:
+            pool = label_value(name)
+            for state, count in zip(POOL_STATES, counts, strict=True):
+                backends.append(
+                    b'redlb_pool_backends{pool="%b",state="%b"} %r\n'
+                    % (pool, state.encode(), float(count))
+                )
+        yield b"".join(backends)
+    yield b"# HELP redlb_pool_size Valid entries of the pool\n# TYPE redlb_pool_size gauge\n"
+    for start in range(0, len(rows), POOL_SLICE):
+        yield b"".join(
+            b'redlb_pool_size{pool="%b"} %r\n' % (label_value(row[0]), float(row[1]))
+            for row in rows[start : start + POOL_SLICE]
+        )
+    yield (
+        b"# HELP redlb_pool_active_requests Requests in flight to the pool\n"
+        b"# TYPE redlb_pool_active_requests gauge\n"
+    )
+    for start in range(0, len(rows), POOL_SLICE):
+        yield b"".join(
+            b'redlb_pool_active_requests{pool="%b"} %r\n'
+            % (label_value(row[0]), float(in_flight.get(row[0], 0)))
+            for row in rows[start : start + POOL_SLICE]
+        )
 
 
 def label_value(value: str | bytes) -> bytes:

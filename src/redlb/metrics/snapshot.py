@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,37 +52,75 @@ _SHAPE = (("requests", list), ("connect", list), ("counters", dict), ("gauges", 
           ("pools", list))  # fmt: skip
 
 
+# A snapshot is encoded a slice at a time, the event loop free in between (take_in_steps):
+# a thousand pools, or a few hundred request series of 36 floats each, encoded in one go
+# held the loop for milliseconds every second, the tail latency every request waits behind.
+POOL_SLICE = 100
+SERIES_SLICE = 100
+
+
 def take(
     ctx: ProxyContext,
     link: RedisLink,
     worker: int,
     redis_latency: float,
     lag: LoopLag | None = None,
-) -> dict[str, Any]:
-    """Everything one worker knows, as plain JSON-able values."""
+) -> str:
+    """Everything one worker knows, as one JSON document (in one go: a scrape's answer)."""
+    for text in take_in_steps(ctx, link, worker, redis_latency, lag):
+        if text is not None:
+            return text
+    raise AssertionError("take_in_steps ended without the document")
+
+
+def take_in_steps(
+    ctx: ProxyContext,
+    link: RedisLink,
+    worker: int,
+    redis_latency: float,
+    lag: LoopLag | None = None,
+) -> Iterator[str | None]:
+    """The snapshot as JSON, a slice of pools or request series per step: ``None`` after
+    each slice (the caller lets the loop run), the document last.  Counters only grow, so
+    series encoded a few steps later are never below the ones encoded before: a file's
+    share never goes backwards.  The pools are those of the table when it began."""
     rec = ctx.recorder
     stats = ctx.stats
+    pools = list(ctx.pools.items())
+    ejections = 0
+    pool_parts: list[str] = []
+    for start in range(0, len(pools), POOL_SLICE):
+        rows = []
+        for name, state in pools[start : start + POOL_SLICE]:
+            ejections += state.pool.ejections
+            rows.append(f"{_pool_counts(name, state.pool)}{int(state.budget.active_requests)}]")
+        pool_parts.append(",".join(rows))
+        yield None
+    if len(_counted) > 2 * len(pools) + 100:  # pools gone from the table
+        names = dict(pools)
+        for name in [n for n in _counted if n not in names]:
+            del _counted[name]
+    series = list(rec.requests.items())
+    request_parts: list[str] = []
+    for start in range(0, len(series), SERIES_SLICE):
+        labelled = [
+            [k[0].decode("latin-1"), k[1], k[2], k[3].decode("latin-1"), k[4], v]
+            for k, v in series[start : start + SERIES_SLICE]
+        ]
+        request_parts.append(_dumps(labelled)[1:-1])
+        yield None
     counters = {name: getattr(stats, name) for name in STATS_COUNTERS}
-    counters["ejections"] = sum(state.pool.ejections for state in ctx.pools.values())
+    counters["ejections"] = ejections
     counters["redis_reconnects"] = link.reconnects
     counters["log_dropped"] = ctx.access_log.dropped
     counters["tunnel_bytes_to_client"] = stats.tunnel_bytes_to_client
     counters["tunnel_bytes_from_client"] = stats.tunnel_bytes_from_client
     usage = resource.getrusage(resource.RUSAGE_SELF)
     counters["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    pools = [[*_pool_counts(name, state.pool), state.budget.active_requests]
-             for name, state in ctx.pools.items()]  # fmt: skip
-    if len(_counted) > 2 * len(ctx.pools) + 100:  # pools gone from the table
-        for name in [n for n in _counted if n not in ctx.pools]:
-            del _counted[name]
-    return {
+    rest = {
         "pid": os.getpid(),
         "worker": worker,
         "time": time.time(),
-        "requests": [
-            [k[0].decode("latin-1"), k[1], k[2], k[3].decode("latin-1"), k[4], v]
-            for k, v in rec.requests.items()
-        ],
         "connect": [[k[0], k[1], v] for k, v in rec.connect.items()],
         "counters": counters,
         "gauges": {
@@ -93,19 +132,32 @@ def take(
             "resident_memory_bytes": _rss(),
             "open_fds": _open_fds(),
         },
-        "pools": pools,
         "loop_lag": lag.snapshot() if lag is not None else None,
     }
+    yield (
+        _dumps(rest)[:-1]
+        + ',"requests":['
+        + ",".join(p for p in request_parts if p)
+        + '],"pools":['
+        + ",".join(p for p in pool_parts if p)
+        + "]}"
+    )
 
 
-# Per pool: the objects its counts were made from, and the counts.  A pool's state is
-# replaced, never edited in place (Pool.update / rebuild), so the same objects mean the same
-# counts: a thousand idle pools cost a thousand identity checks a second, not set algebra.
-_counted: dict[str, tuple[tuple[object, ...], list[Any]]] = {}
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
-def _pool_counts(name: str, pool: Pool) -> list[Any]:
-    """[name, members, healthy, down, ejected, draining] of one pool."""
+# Per pool: the objects its counts were made from, and the counts as JSON.  A pool's state
+# is replaced, never edited in place (Pool.update / rebuild), so the same objects mean the
+# same counts: a thousand idle pools cost a thousand identity checks, not set algebra and
+# encoding.
+_counted: dict[str, tuple[tuple[object, ...], str]] = {}
+
+
+def _pool_counts(name: str, pool: Pool) -> str:
+    """``[name, members, healthy, down, ejected, draining,`` of one pool, as JSON (the row
+    is ended by the requests in flight, which change more often)."""
     basis = (pool.members, pool.healthy, pool.down, pool.draining, pool.ejected)
     known = _counted.get(name)
     if known is not None:
@@ -123,8 +175,9 @@ def _pool_counts(name: str, pool: Pool) -> list[Any]:
         sum(1 for b in pool.ejected if b in members and b not in healthy),
         len(pool.draining & members),
     ]
-    _counted[name] = (basis, counts)
-    return counts
+    text = _dumps(counts)[:-1] + ","
+    _counted[name] = (basis, text)
+    return text
 
 
 def _rss() -> int:
@@ -142,11 +195,12 @@ def _open_fds() -> int:
         return 0
 
 
-def write(directory: Path, snapshot: dict[str, Any]) -> None:
+def write(directory: Path, document: str) -> None:
     """Replace this process's file in one rename: a reader sees the old or the new one."""
-    path = directory / f"{snapshot['pid']}.json"
-    tmp = directory / f".{snapshot['pid']}.tmp"
-    tmp.write_text(json.dumps(snapshot, separators=(",", ":")))
+    pid = os.getpid()
+    path = directory / f"{pid}.json"
+    tmp = directory / f".{pid}.tmp"
+    tmp.write_text(document)
     os.replace(tmp, path)
 
 

@@ -62,6 +62,7 @@ DIGEST_SLICE = 100
 # members (with a log line each) must not hold the loop for tens of ms.
 YIELD_POOLS = 10
 MAX_ROUTES = 100_000
+CHANNEL_SLICE = 400  # channels (un)subscribed by one command, the loop free between two
 # Without scripts, pools re-read per resync: all of them up to this many, else this many or a
 # 200th.  Edits arrive by notification in milliseconds; the resync is the fallback (lost
 # messages, health verdicts expiring), and a thousand pools re-read every second would cost
@@ -209,6 +210,8 @@ class RouteSync(PoolSync):
         self.routes_odd = False  # the routes key is not a hash: check it every resync
         self.starts: dict[str, int] = {}  # _list_starts() of the routes in starts_of
         self.starts_of: list[RouteSpec] | None = None
+        self.wanted: list[str] = []  # _wanted_pools() of the routes in wanted_of
+        self.wanted_of: list[RouteSpec] | None = None
         # Subscriptions
         self.pubsub: PubSub | None = None
         self.db = 0
@@ -251,10 +254,14 @@ class RouteSync(PoolSync):
         wanted = set(channels)
         new = wanted - self.subscribed
         gone = self.subscribed - wanted
-        if new:
-            await pubsub.subscribe(*new)
-        if gone:
-            await pubsub.unsubscribe(*gone)
+        # Four channels a pool: a thousand pools' command packed in one go held the loop.
+        fresh, old = list(new), list(gone)
+        for start in range(0, len(fresh), CHANNEL_SLICE):
+            await pubsub.subscribe(*fresh[start : start + CHANNEL_SLICE])
+            await asyncio.sleep(0)
+        for start in range(0, len(old), CHANNEL_SLICE):
+            await pubsub.unsubscribe(*old[start : start + CHANNEL_SLICE])
+            await asyncio.sleep(0)
         self.subscribed = wanted
 
     def note(self, message: dict[str, Any]) -> None:
@@ -288,12 +295,15 @@ class RouteSync(PoolSync):
                 routes_changed = True
         wanted = self._wanted_pools()
         fresh = [name for name in wanted if name not in self.states]
-        for name in fresh:
+        for count, name in enumerate(fresh, 1):
             self.states[name] = self.make_state(name)
+            if count % (5 * YIELD_POOLS) == 0:
+                await asyncio.sleep(0)  # a thousand new pools' objects: not in one turn
         if fresh:  # listen before reading: an edit in between is a message, not lost
             await self._resubscribe()
         dirty, self.dirty_pools = self.dirty_pools, set()
-        to_read = [n for n in wanted if n in dirty or n in fresh]
+        new = dirty.union(fresh)  # a set: a list here made the first read quadratic
+        to_read = [n for n in wanted if n in new] if new else []
         if full:
             again, self.undigested = self.undigested, set()
             checked = self._backstop_slice(wanted) if backstop else wanted
@@ -399,9 +409,14 @@ class RouteSync(PoolSync):
         return self.starts
 
     def _wanted_pools(self) -> list[str]:
+        """The pools the routes name, in order; made again only for new routes (10,000
+        routes walked every resync held the loop for over a millisecond)."""
         if not self.specs and not self.hipache:
             return [self.config.pool]
-        return list(dict.fromkeys(spec.pool for spec in self.specs))
+        if self.wanted_of is not self.specs:
+            self.wanted_of = self.specs
+            self.wanted = list(dict.fromkeys(spec.pool for spec in self.specs))
+        return list(self.wanted)  # the caller's own: it may outlive the next table
 
     async def _read_routes(self) -> list[RouteSpec] | None:
         """The routes as now in Redis, or None when they did not change."""
