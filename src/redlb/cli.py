@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -72,8 +73,31 @@ def _count(low: int, high: int = 1 << 31) -> click.IntRange:
 MAX_WORKERS_PER_CPU = 4
 
 
+# Commands in modules of their own, imported when named (or listed by --help): a worker
+# (`redlb serve`) never carries their imports (rich, the fleet view, the route editor).
+LAZY_COMMANDS = {
+    "config": ("redlb.cli_ops", "config_group"),
+    "pool": ("redlb.cli_routes", "pool_group"),
+    "route": ("redlb.cli_routes", "route"),
+    "status": ("redlb.cli_ops", "status"),
+    "top": ("redlb.cli_ops", "top"),
+}
+
+
 class OneLineErrors(click.Group):
     """Every usage or runtime error is one line on stderr (exit 2 for usage, 1 otherwise)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in LAZY_COMMANDS:
+            module, name = LAZY_COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(module), name)
+            assert isinstance(command, click.Command)
+            self.add_command(command, cmd_name)
+        return command
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -729,15 +753,3 @@ def demo(listen: str, state_dir: str, count: int, exit_after: bool) -> None:
     from redlb.demo import run_demo
 
     run_demo(listen, state_dir, count, exit_after)
-
-
-# The route and pool commands live in their own module; registered here, once main exists.
-from redlb.cli_routes import pool_group, route  # noqa: E402
-
-main.add_command(route)
-main.add_command(pool_group)
-from redlb.cli_ops import config_group, status, top  # noqa: E402
-
-main.add_command(status)
-main.add_command(top)
-main.add_command(config_group)

@@ -13,7 +13,6 @@ Rules:
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,8 @@ def file_keys(command: click.Command) -> dict[str, tuple[click.Option, bool]]:
 
 def load(path: str, command: click.Command, ctx: click.Context) -> dict[str, Any]:
     """The file as click parameter values (the ``default_map``), every value checked."""
+    import tomllib  # only with --config: a worker started without one never needs it
+
     try:
         text = Path(path).read_text()
     except OSError as exc:
