@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import MutableSequence
@@ -51,6 +50,8 @@ class Cursor:
         self.values: MutableSequence[int]
         self.lock: Any
         if shared:
+            import multiprocessing  # the supervisor's, before it forks: one worker never needs it
+
             self.values = multiprocessing.RawArray("q", _SLOTS)
             self.lock = multiprocessing.Lock()
         else:
