@@ -115,7 +115,12 @@ async def main(defaults: bool) -> dict[str, object]:
             writer.close()
     finally:
         proxy.terminate()
-        proxy.wait(30)
+        try:
+            proxy.wait(40)  # --drain-timeout is 30 s
+        except subprocess.TimeoutExpired:  # measured already: say it, and leave nothing behind
+            print("redlb did not stop within 40 s of SIGTERM: killed", file=sys.stderr)
+            proxy.kill()
+            proxy.wait()
         redis_proc.terminate()
         redis_proc.wait(10)
         server.close()
