@@ -398,13 +398,29 @@ async def _worker(
     if admin_server is not None:
         admin_server.close()
     await publisher.withdraw()
-    for task in background:
-        task.cancel()
-    await asyncio.gather(*background, return_exceptions=True)
+    await stop_tasks(background)
     ctx.access_log.close()
     with contextlib.suppress(Exception):
         await link.close()
     log.info("worker %d stopped", worker)
+
+
+async def stop_tasks(tasks: list[asyncio.Task[Any]], attempts: int = 10) -> None:
+    """Cancel the background tasks and wait for them, cancelling again those that go on.
+
+    Python 3.11's ``asyncio.wait_for`` swallows a cancellation that arrives as the call it
+    waits for completes (a Redis reply in the same turn): the task then runs its next
+    round as if never asked to stop, and a single cancel + gather waited for it forever
+    (a worker that never exited after SIGTERM)."""
+    pending = set(tasks)
+    for _ in range(attempts):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in pending:
+        log.warning("background task %s did not stop; leaving it", task.get_coro())
 
 
 async def _keep_embedded_redis(ensure_running: Callable[[], None]) -> None:
