@@ -167,6 +167,9 @@ class StatusProtocol(asyncio.Protocol):
             return
         if self.transport is not None:
             self.transport.pause_reading()
+        if self.timer is not None:  # asked in time: not idle while its answer is built
+            self.timer.cancel()
+            self.timer = None
         self.building = asyncio.get_running_loop().create_task(
             self._build(answer, method == b"HEAD", close)
         )
