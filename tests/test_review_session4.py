@@ -82,3 +82,38 @@ def test_a_scrape_asked_before_the_idle_deadline_is_answered_though_built_after_
         stop.set()
         for thread in others:
             thread.join(timeout=10)
+
+
+def test_routes_edited_just_before_redis_stalls_are_applied_when_it_is_back(
+    redis_server, backends, start_proxy
+):
+    """1,500 routes to new pools written, then Redis stalls (DEBUG SLEEP) while the worker
+    subscribes to and reads the new pools (in slices, many round trips): the session ends,
+    and the next one found the routes' digest unchanged and every pool known, so the table
+    was never rebuilt: the new hosts got 404 for good (fixed: a table owed is built by the
+    next sync that completes, whatever session it is in)."""
+    from support import request
+
+    client = redis_server.client()
+    client.rpush("routed", backends[0].address)
+    client.hset("redlb:routes", mapping={f"h{i}.example.com/": "routed" for i in range(100)})
+    proxy = start_proxy(redis_server.url)
+    host = {"Host": "h1.example.com"}
+    assert wait_for(lambda: request(proxy.port, "GET", "/", headers=host)[0] == 200, 10)
+    staller = redis_server.client()
+    results = []
+    for batch, delay in enumerate([0.0, 0.01, 0.03]):  # the stall somewhere in that work
+        pipe = client.pipeline()
+        for i in range(1500):
+            pipe.rpush(f"b{batch}p{i}", backends[1].address)
+        pipe.execute()
+        routes = {f"b{batch}x{i}.example.com/": f"b{batch}p{i}" for i in range(1500)}
+        client.hset("redlb:routes", mapping=routes)
+        time.sleep(delay)
+        staller.execute_command("DEBUG", "SLEEP", "0.6")
+        host = {"Host": f"b{batch}x7.example.com"}
+        results.append(
+            wait_for(lambda: request(proxy.port, "GET", "/", headers=host)[0] == 200, 10)
+        )
+    assert results == [True] * 3, results
+    assert "Traceback" not in proxy.log()
