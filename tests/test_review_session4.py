@@ -117,3 +117,31 @@ def test_routes_edited_just_before_redis_stalls_are_applied_when_it_is_back(
         )
     assert results == [True] * 3, results
     assert "Traceback" not in proxy.log()
+
+
+def test_a_status_client_that_sends_unknown_paths_and_never_reads_is_cut_off(
+    redis_server, backends, start_proxy
+):
+    """Pipelined requests for an unknown path, never read: each 404 was written without
+    the unsent-answers bound the other answers keep (STATUS_MAX_UNSENT), so the worker
+    buffered every answer (40 MB of requests: its RSS up 180 MB, and on without end).
+    Fixed: a 404 is answered like the others (bounded, and closing when asked)."""
+    from support import rss_bytes
+
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = start_proxy(redis_server.url)
+    pid = proxy.process.pid
+    before = rss_bytes(pid)
+    chunk = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+    sent = 0
+    with socket.create_connection(("127.0.0.1", proxy.status_port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            while sent < 40_000_000:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # cut off: what a client that never reads gets
+    assert sent < 40_000_000, "the worker kept reading and buffering 404s"
+    assert rss_bytes(pid) - before < 64 << 20
+    assert proxy.status("/-/live")[0] == 200
