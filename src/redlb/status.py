@@ -159,7 +159,7 @@ class StatusProtocol(asyncio.Protocol):
         path, method, close = request
         route = self.routes.get(path)
         if method not in (b"GET", b"HEAD") or route is None:
-            self._send(404, b"text/plain", b"not found\n", close=False)
+            self._answered((404, b"text/plain", b"not found\n"), False, close)
             return
         answer = route()
         if isinstance(answer, tuple):
