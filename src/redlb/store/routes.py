@@ -510,8 +510,8 @@ class RouteSync(PoolSync):
             return None
         self.routes_lost = False
         if raw is None:
-            self.routes_digest = digest
             raw = await asyncio.wait_for(client.hgetall(ROUTES), timeout + 1e-5 * len(self.parsed))
+            self.routes_digest = digest  # once read: a read cut short is not the routes seen
         return raw
 
     def _parse(self, field: bytes, value: bytes) -> RouteSpec | str:
