@@ -159,7 +159,7 @@ class StatusProtocol(asyncio.Protocol):
         path, method, close = request
         route = self.routes.get(path)
         if method not in (b"GET", b"HEAD") or route is None:
-            self._send(404, b"text/plain", b"not found\n", close=False)
+            self._answered((404, b"text/plain", b"not found\n"), False, close)
             return
         answer = route()
         if isinstance(answer, tuple):
@@ -167,6 +167,9 @@ class StatusProtocol(asyncio.Protocol):
             return
         if self.transport is not None:
             self.transport.pause_reading()
+        if self.timer is not None:  # asked in time: not idle while its answer is built
+            self.timer.cancel()
+            self.timer = None
         self.building = asyncio.get_running_loop().create_task(
             self._build(answer, method == b"HEAD", close)
         )

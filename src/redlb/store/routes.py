@@ -196,6 +196,9 @@ class RouteSync(PoolSync):
         self.dirty_pools: set[str] = set()
         self.last_full = 0.0
         self.routes_digest: Any = None
+        # New routes or pools read but not yet in a table: a sync cut short (Redis lost
+        # between) leaves the next one, whose digest and pools are all known, to build it.
+        self.table_owed = False
         self.scripts = True  # False once EVAL is refused (an ACL user): no digest, read whole
         self.routes_lost = False
         self.routes_problem: str | None = None  # the wrong type the routes key held, if any
@@ -283,7 +286,6 @@ class RouteSync(PoolSync):
             self.last_full = now
         # Edits pushed (notifications on, subscribed, data not lost): a backstop slice only.
         backstop = full and self.scripts and await self._pushed()
-        routes_changed = False
         check_routes = not backstop or self.routes_odd or now - self.routes_checked >= BACKSTOP
         if self.routes_dirty or (full and check_routes):
             self.routes_dirty = False
@@ -292,9 +294,11 @@ class RouteSync(PoolSync):
             specs = await self._read_routes()
             if specs is not None:
                 self.specs = specs
-                routes_changed = True
+                self.table_owed = True
         wanted = self._wanted_pools()
         fresh = [name for name in wanted if name not in self.states]
+        if fresh:
+            self.table_owed = True
         for count, name in enumerate(fresh, 1):
             self.states[name] = self.make_state(name)
             if count % (5 * YIELD_POOLS) == 0:
@@ -319,7 +323,7 @@ class RouteSync(PoolSync):
             await self._read_pools([self.states[n] for n in chunk])
         await self.link.check_master(self.config.redis_timeout)
         self.link.mark_up()
-        if routes_changed or fresh or not self.ctx.known:
+        if self.table_owed or not self.ctx.known:
             await self._swap(wanted)
         self.ctx.known = True
 
@@ -506,8 +510,8 @@ class RouteSync(PoolSync):
             return None
         self.routes_lost = False
         if raw is None:
-            self.routes_digest = digest
             raw = await asyncio.wait_for(client.hgetall(ROUTES), timeout + 1e-5 * len(self.parsed))
+            self.routes_digest = digest  # once read: a read cut short is not the routes seen
         return raw
 
     def _parse(self, field: bytes, value: bytes) -> RouteSpec | str:
@@ -658,6 +662,7 @@ class RouteSync(PoolSync):
             state.start_prober()
         ctx.table = table  # the one assignment every request sees either side of
         ctx.pools = targets
+        self.table_owed = False
         for name in [n for n in self.states if n not in targets]:
             self.states.pop(name).retire()
             self.raw_settings.pop(name, None)
