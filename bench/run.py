@@ -271,6 +271,9 @@ def wait_redis_quiet(client: redis.Redis, timeout: float = 20.0) -> None:
         now = int(client.info("stats")["total_commands_processed"])
         quiet = quiet + 1 if now - before < 200 else 0
         before = now
+    if quiet < 3:
+        print(f"  warning: Redis still busy after {timeout:.0f} s; startup traffic may be in "
+              "the measured window", file=sys.stderr, flush=True)  # fmt: skip
 
 
 class Target:
