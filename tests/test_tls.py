@@ -353,7 +353,14 @@ def test_sighup_reloads_every_worker(redis_server, backends, start_proxy, ca, pa
 def test_sighup_without_tls_still_ends_redlb(redis_server, backends, start_proxy):
     """Unchanged behaviour: SIGHUP's meaning only changes when there is something to reload."""
     redis_server.cli("RPUSH", "servers", backends[0].address)
-    proxy = start_proxy(redis_server.url)
+    # A suite run under nohup ignores SIGHUP, and so would every redlb it starts (an ignored
+    # signal stays ignored across exec, as the user of `nohup redlb serve` asks): the default
+    # is what this test is about.
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        proxy = start_proxy(redis_server.url)
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
     os.kill(proxy.pid, signal.SIGHUP)
     assert wait_for(lambda: not proxy.alive(), 10)
 
