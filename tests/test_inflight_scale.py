@@ -138,3 +138,78 @@ def test_a_dormant_pool_reads_its_peers_again_on_its_first_request(
     finally:
         slow.stop()
         fast.stop()
+
+
+# The publisher itself, in this process, on a real Redis (short dormancy, fake peers).
+
+
+async def test_one_loop_for_all_pools_dormancy_and_redis_down(redis_server, caplog):
+    import asyncio
+    import logging
+
+    from redlb.address import Backend
+    from redlb.balancer.load import LoadView
+    from redlb.store.client import make_client
+    from redlb.store.inflight import IDLE_LOOK, InflightPublisher
+    from redlb.store.keys import Keys
+    from redlb.store.link import RedisLink
+
+    caplog.set_level(logging.INFO, logger="redlb.inflight")
+    pools = 300
+    sync = redis_server.client()
+
+    def peer_publishes(count: str) -> None:  # another instance, in every pool
+        pipe = sync.pipeline(transaction=False)
+        for p in range(pools):
+            pipe.zadd(f"redlb:p{p}:inflight", {"peer": int(time.time() * 1000)})
+            pipe.set(f"redlb:p{p}:inflight:peer", f"127.0.0.1:1={count}", px=2000)
+        pipe.execute()
+
+    async def until(predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    peer_publishes("2.00")
+    link = RedisLink(make_client(redis_server.url, 0.5), "test")
+    publisher = InflightPublisher(link, "me", 0.5, dormant_after=1.5)
+    views = [LoadView() for _ in range(pools)]
+    parts = [publisher.join(Keys(f"p{p}"), view) for p, view in enumerate(views)]
+    try:
+        # Every pool reads its peer within its first round or two (index, then counts).
+        assert await until(lambda: all(v.others == {"127.0.0.1:1": 2.0} for v in views), 3)
+        # One loop: over 1 s idle, about 1 / IDLE_LOOK wakeups, whatever the pools.
+        woken = publisher.wakeups
+        await asyncio.sleep(1.0)
+        assert publisher.wakeups - woken <= 2 / IDLE_LOOK
+        # Idle 1.5 s: dormant, the view dropped, and nothing sent for them any more.
+        assert await until(lambda: all(v.others == {} for v in views), 3)
+        seen = await asyncio.to_thread(_inflight_commands, redis_server, 1.5)
+        assert seen == [], seen[:3]
+        # A request on one pool wakes it: its peers are read again, the others stay dormant.
+        peer_publishes("3.00")
+        views[7].started(Backend("127.0.0.1", 2))
+        assert await until(lambda: views[7].others == {"127.0.0.1:1": 3.0}, 2)
+        assert all(v.others == {} for i, v in enumerate(views) if i != 7)
+        assert await until(lambda: b"127.0.0.1:2=" in (sync.get("redlb:p7:inflight:me") or b""), 2)
+        # Redis down: the woken pool's view is dropped, said once; back, it is read again.
+        redis_server.kill()
+        assert await until(lambda: views[7].others == {}, 3)
+        await asyncio.sleep(1.5)
+        warned = [r for r in caplog.records if "cannot share in-flight counts" in r.message]
+        assert len(warned) == 1, warned
+        redis_server.start()
+        peer_publishes("4.00")
+        assert await until(lambda: views[7].others == {"127.0.0.1:1": 4.0}, 5)
+        assert any("publishing in-flight counts again" in r.message for r in caplog.records)
+    finally:
+        task = publisher.task
+        for part in parts:
+            part.leave()
+        assert task is not None
+        await asyncio.wait([task], timeout=5)
+        assert task.done()  # the last pool's leave ends the loop
+        await link.close()
