@@ -129,7 +129,7 @@ class CountedPool:
         load = self.load
         return bool(load.local_total or load.times)
 
-    def forget_reset(self) -> None:
+    def after_failure(self) -> None:
         """Redis failed: drop the view, and look for the instances and announce again (Redis
         may have lost the index)."""
         self.load.set_others({})  # stale counts would steer picks for too long
@@ -201,7 +201,7 @@ class InflightPublisher:
                         log.warning("cannot share in-flight counts: %r", exc)
                         self.failing = True
                     for pool in (*self.awake, *self.dormant):
-                        pool.forget_reset()
+                        pool.after_failure()
                     await asyncio.sleep(RETRY_AFTER)
                     break
             await asyncio.sleep(MIN_INTERVAL if busy else IDLE_LOOK)
