@@ -31,7 +31,7 @@ from redlb.health.passive import Ejector
 from redlb.pool import Pool
 from redlb.proxy.retry import RetryBudget
 from redlb.proxy.upstream import BackendConnections
-from redlb.store.inflight import InflightPublisher
+from redlb.store.inflight import CountedPool, publisher_for
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
 from redlb.store.rotation import CounterLease, Cursor, StrictCounter
@@ -92,7 +92,7 @@ class PoolState:
         self.key_spec: KeySpec | None = None
         self.strategy: Strategy = self._strategy(config)
         self.pool.slow_start = config.slow_start
-        self.publisher: asyncio.Task[None] | None = None
+        self.publisher: CountedPool | None = None  # its part in the worker's publisher
         # Sticky sessions: None until the fleet's secret is read from Redis.
         self.sticky: StickyCookie | None = None
         self.sticky_secret: bytes | None = None  # the last one read: kept if Redis loses it
@@ -190,9 +190,8 @@ class PoolState:
         """The strategy's fleet-wide parts: in-flight publishing, the sticky secret."""
         loop = asyncio.get_running_loop()
         if self.strategy.fleet and self.publisher is None:
-            publisher = InflightPublisher(self.link, self.keys, self.load, self.instance_id,
-                                          self.config.redis_timeout)  # fmt: skip
-            self.publisher = loop.create_task(publisher.run())
+            publisher = publisher_for(self.link, self.instance_id, self.config.redis_timeout)
+            self.publisher = publisher.join(self.keys, self.load)
         name = self.config.sticky
         if name is not None and self.sticky_task is None:
             self.sticky_task = loop.create_task(self._keep_sticky(name))
@@ -205,9 +204,8 @@ class PoolState:
 
     def stop_publisher(self) -> None:
         if self.publisher is not None:
-            self.publisher.cancel()
+            self.publisher.leave()  # and the view is dropped
             self.publisher = None
-            self.load.set_others({})
 
     def stop_sticky(self) -> None:
         self.sticky = None

@@ -1,8 +1,10 @@
 """Publishing this instance's in-flight counts, reading the fleet's (least outstanding).
 
-A round is one pipelined round trip:
+One publisher a worker (per Redis link) serves every pool whose strategy counts (``join``
+when the pool starts, ``leave`` when it stops): one loop, and each of its rounds one
+pipelined round trip for every pool due.  A pool's part of a round:
 - ``SET redlb:{P}:inflight:{instance} "backend=n,..." PX TTL``: this instance's mean count
-  per backend over the round (LoadView.take_means), replaced whole; the TTL makes a
+  per backend over the pool's round (LoadView.take_means), replaced whole; the TTL makes a
   crashed instance's counts vanish on their own.  A mean, not an instant's sample: a
   backend answering in 20 ms is mostly at 0 at any instant, and the fleet herded onto a
   slow backend whose requests (always visible) then looked no worse than the fast ones';
@@ -21,10 +23,18 @@ What it costs, per pool and worker:
   written; a peer that appears is seen within a second, and it counts this instance as
   idle until then.  About one command a second (the index);
 - idle (nothing in flight, nothing happened): nothing written (the key expires, so peers
-  stop counting this instance), the peers read once a second; the loop looks four times a
-  second whether it is busy again, without Redis.
-Redis down: the last view is dropped (local counts only) and publishing resumes when it is
-back.
+  stop counting this instance), the peers read once a second;
+- dormant (idle here for DORMANT_AFTER, 10 s): nothing at all, so that a worker routing to
+  1,000 pools pays for the pools that serve requests, not for the pools it has (it paid
+  some 1.4 commands a second per pool and worker: 2,900 a second for two idle instances).
+  Its view of the peers is dropped: nobody here picks in it.  Its first request wakes it
+  within IDLE_LOOK, and the round that follows announces it, reads the index and the peers:
+  the picks before that round use this instance's own counts only, as when alone.  Peers
+  that pruned it (a minute without announce) find it again at their next read of the index.
+The loop looks every 25 ms whether a round is due while a pool is busy, four times a second
+otherwise, without Redis: its wakeups follow the busiest pool, not the number of pools.
+Redis down: every pool's last view is dropped (local counts only), said once, and
+publishing resumes when it is back.
 """
 
 from __future__ import annotations
@@ -48,12 +58,17 @@ INTERVAL_PER_REQUEST = 0.025
 MIN_INTERVAL = 0.025  # also how often a busy loop looks whether a round is due (no Redis)
 MAX_INTERVAL = 0.1
 IDLE_INTERVAL = 1.0  # nothing in flight here and nothing happened: read the peers this often
-IDLE_LOOK = 0.25  # idle: how often the loop looks whether it is busy again (no Redis)
+IDLE_LOOK = 0.25  # idle: how often the loop looks whether a pool is busy again (no Redis)
+DORMANT_AFTER = 10.0  # idle this long: the pool's peers are no longer read (see above)
 TTL_MS = 2000
 INDEX_EVERY = 1.0  # look for new instances this often
 IDLE_INDEX_EVERY = 5.0
 ANNOUNCE_EVERY = 10.0  # ZADD of this instance (and the pruning), well within FORGET_AFTER_MS
 FORGET_AFTER_MS = 60_000
+# Pools in one pipeline at most: building and reading a round holds the event loop, about
+# 20 us a pool; 1,000 pools due at once (the start) go in several round trips.
+POOLS_PER_ROUND = 250
+RETRY_AFTER = 1.0  # Redis failed: the next round after this long
 
 
 def encode(means: dict[str, float]) -> bytes:
@@ -75,97 +90,232 @@ def decode_into(raw: bytes, into: dict[str, float]) -> None:
             into[name] = into.get(name, 0.0) + value
 
 
-class InflightPublisher:
-    def __init__(
-        self, link: RedisLink, keys: Keys, load: LoadView, instance: str, timeout: float
-    ) -> None:
-        self.link = link
+class CountedPool:
+    """One pool's part in the publisher: its view, and when it last did what."""
+
+    __slots__ = (
+        "active_at",
+        "announced_at",
+        "indexed_at",
+        "interval",
+        "keys",
+        "latency_kept_since",
+        "load",
+        "others",
+        "published",
+        "publisher",
+        "round_at",
+    )
+
+    def __init__(self, publisher: InflightPublisher, keys: Keys, load: LoadView) -> None:
+        self.publisher = publisher
         self.keys = keys
         self.load = load
-        self.instance = instance
-        self.timeout = timeout
-        self.others: list[str] = []  # the other instances' keys, from the index
+        self.others: list[str] = []  # the other instances' names, from the index
         self.indexed_at = -INDEX_EVERY
         self.announced_at = -ANNOUNCE_EVERY
         self.round_at = -IDLE_INTERVAL
         self.interval = MIN_INTERVAL  # between busy rounds, from the last round's mean
         self.published = False  # the last SET had counts in it (an empty one clears them)
+        now = time.monotonic()
+        self.latency_kept_since = now
+        self.active_at = now  # last seen busy (a new pool counts as just used)
+
+    def leave(self) -> None:
+        """The pool stops counting (strategy change, retired, closed): its view is dropped."""
+        self.publisher.leave(self)
+
+    def busy(self) -> bool:
+        load = self.load
+        return bool(load.local_total or load.times)
+
+    def after_failure(self) -> None:
+        """Redis failed: drop the view, and look for the instances and announce again (Redis
+        may have lost the index)."""
+        self.load.set_others({})  # stale counts would steer picks for too long
+        self.indexed_at = -INDEX_EVERY
+        self.announced_at = -ANNOUNCE_EVERY
+
+
+class InflightPublisher:
+    """Every counting pool of one worker: one loop, one pipeline a round."""
+
+    def __init__(
+        self,
+        link: RedisLink,
+        instance: str,
+        timeout: float,
+        dormant_after: float = DORMANT_AFTER,
+    ) -> None:
+        self.link = link
+        self.instance = instance
+        self.timeout = timeout
+        self.dormant_after = dormant_after
+        # Insertion-ordered sets: awake pools are looked at every wakeup, dormant ones
+        # IDLE_LOOK apart, for a request that woke them.
+        self.awake: dict[CountedPool, None] = {}
+        self.dormant: dict[CountedPool, None] = {}
+        self.dormant_looked_at = 0.0
+        self.task: asyncio.Task[None] | None = None
         self.failing = False
-        self.latency_kept_since = time.monotonic()
+        self.wakeups = 0  # loop iterations, for tests and bench/inflight_cost.py
+
+    # Membership
+
+    def join(self, keys: Keys, load: LoadView) -> CountedPool:
+        pool = CountedPool(self, keys, load)
+        load.windowed = True
+        load.take_means()  # the first window starts now
+        self.awake[pool] = None
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self.run())
+        return pool
+
+    def leave(self, pool: CountedPool) -> None:
+        self.awake.pop(pool, None)
+        self.dormant.pop(pool, None)
+        pool.load.windowed = False
+        pool.load.set_others({})
+        if not self.awake and not self.dormant and self.task is not None:
+            self.task.cancel()  # and it ends on its own, should the cancel be lost
+            self.task = None
+            _PUBLISHERS.pop((id(self.link), self.instance), None)
+
+    # The loop
 
     async def run(self) -> None:
-        self.load.windowed = True
-        self.load.take_means()  # the first window starts now
-        try:
-            await self._loop()
-        finally:
-            self.load.windowed = False
-
-    async def _loop(self) -> None:
-        while True:
-            load = self.load
-            busy = bool(load.local_total or load.times)
-            if time.monotonic() - self.latency_kept_since >= MEAN_LATENCY_MEMORY:
-                self.latency_kept_since = time.monotonic()
-                load.forget_mean_latency()  # this loop is the view's only timer
-            if time.monotonic() - self.round_at >= (self.interval if busy else IDLE_INTERVAL):
+        while self.awake or self.dormant:
+            self.wakeups += 1
+            now = time.monotonic()
+            due, busy = self.look(now)
+            for start in range(0, len(due), POOLS_PER_ROUND):
                 try:
-                    await self.publish_once(busy)
+                    await self.publish(due[start : start + POOLS_PER_ROUND], now)
                     if self.failing:
-                        log.info("publishing in-flight counts for %r again", self.keys.pool)
+                        log.info("publishing in-flight counts again")
                         self.failing = False
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     if not self.failing:
-                        log.warning("cannot share in-flight counts for %r: %r", self.keys.pool, exc)
+                        log.warning("cannot share in-flight counts: %r", exc)
                         self.failing = True
-                    self.load.set_others({})  # stale counts would steer picks for too long
-                    self.indexed_at = -INDEX_EVERY  # Redis may have lost the index: look again
-                    self.announced_at = -ANNOUNCE_EVERY
-                    await asyncio.sleep(1.0)
+                    for pool in (*self.awake, *self.dormant):
+                        pool.after_failure()
+                    await asyncio.sleep(RETRY_AFTER)
+                    break
             await asyncio.sleep(MIN_INTERVAL if busy else IDLE_LOOK)
 
-    async def publish_once(self, busy: bool = True) -> None:
-        keys = self.keys
-        now = time.monotonic()
-        self.round_at = now
-        means = self.load.take_means()
-        self.interval = min(
-            MAX_INTERVAL, max(MIN_INTERVAL, INTERVAL_PER_REQUEST * sum(means.values()))
-        )
-        counts = encode(means)
+    def look(self, now: float) -> tuple[list[CountedPool], bool]:
+        """(the pools due for a round, whether any is busy); pools fall dormant or wake."""
+        due: list[CountedPool] = []
+        any_busy = False
+        if now - self.dormant_looked_at >= IDLE_LOOK and self.dormant:
+            self.dormant_looked_at = now
+            for pool in list(self.dormant):
+                if pool.busy():
+                    self.wake(pool, now)
+                else:
+                    # Nothing in flight, no event: the window can start now (its mean is
+                    # then over the time since, not diluted over the whole dormancy).
+                    pool.load.window_start = now
+        for pool in list(self.awake):
+            load = pool.load
+            busy = bool(load.local_total or load.times)
+            if busy:
+                pool.active_at = now
+                any_busy = True
+            elif now - pool.active_at >= self.dormant_after and not pool.published:
+                self.fall_dormant(pool)
+                continue
+            if now - pool.latency_kept_since >= MEAN_LATENCY_MEMORY:
+                pool.latency_kept_since = now
+                load.forget_mean_latency()  # this loop is the view's only timer
+            if now - pool.round_at >= (pool.interval if busy else IDLE_INTERVAL):
+                due.append(pool)
+        return due, any_busy
+
+    def fall_dormant(self, pool: CountedPool) -> None:
+        del self.awake[pool]
+        self.dormant[pool] = None
+        load = pool.load
+        load.set_others({})  # not read while dormant: no view rather than an old one
+        load.take_means()  # an empty window (nothing in flight): restarted while dormant
+        load.forget_mean_latency()  # as the loop would have by the time it wakes
+
+    def wake(self, pool: CountedPool, now: float) -> None:
+        del self.dormant[pool]
+        self.awake[pool] = None
+        pool.active_at = pool.latency_kept_since = now
+        pool.round_at = -IDLE_INTERVAL  # a round now
+        pool.indexed_at = -INDEX_EVERY  # with the index: peers came and went meanwhile
+
+    async def publish(self, pools: list[CountedPool], now: float) -> None:
+        """One round trip: each pool's counts, its peers' counts, the index when due."""
         pipe = self.link.client.pipeline(transaction=False)
-        publish = bool(self.others) and (bool(counts) or self.published)
-        if publish:
-            pipe.set(keys.inflight(self.instance), counts, px=TTL_MS)
-        if self.others:
-            pipe.mget([keys.inflight(other) for other in self.others])
-        announce = now - self.announced_at >= ANNOUNCE_EVERY
-        if announce:
-            wall_ms = int(time.time() * 1000)
-            pipe.zadd(keys.inflight_index, {self.instance: wall_ms})
-            pipe.zremrangebyscore(keys.inflight_index, "-inf", wall_ms - FORGET_AFTER_MS)
-        reindex = now - self.indexed_at >= (INDEX_EVERY if busy else IDLE_INDEX_EVERY)
-        if reindex:
-            pipe.zrange(keys.inflight_index, 0, -1)
-        replies = await asyncio.wait_for(pipe.execute(), self.timeout) if len(pipe) else []
-        if publish:
-            self.published = bool(counts)
-        if announce:
-            self.announced_at = now
-        others: dict[str, float] = {}
-        peers = 0
-        if self.others:
-            for raw in replies[1 if publish else 0]:
-                if raw is not None:  # a live instance (its key has not expired)
-                    peers += 1
-                    decode_into(raw, others)
-        # The baseline of "peers moved like me" is this instance's mean over the round, as
-        # the peers' counts are theirs: an instant's sample made the estimate of a fast
-        # backend jump by peers x 1 at random, and the slow one (steady) won the ties.
-        self.load.set_others(others, peers, means)
-        if reindex:
-            self.indexed_at = now
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in replies[-1]]
-            self.others = [n for n in names if n != self.instance]
+        instance = self.instance
+        plans: list[tuple[CountedPool, dict[str, float], bytes | None, bool, bool, bool]] = []
+        for pool in pools:
+            keys = pool.keys
+            busy = pool.busy()
+            pool.round_at = now
+            means = pool.load.take_means()
+            pool.interval = min(
+                MAX_INTERVAL, max(MIN_INTERVAL, INTERVAL_PER_REQUEST * sum(means.values()))
+            )
+            counts = encode(means)
+            peers = bool(pool.others)
+            written = counts if peers and (counts or pool.published) else None
+            if written is not None:
+                pipe.set(keys.inflight(instance), written, px=TTL_MS)
+            if peers:
+                pipe.mget([keys.inflight(other) for other in pool.others])
+            announce = now - pool.announced_at >= ANNOUNCE_EVERY
+            if announce:
+                wall_ms = int(time.time() * 1000)
+                pipe.zadd(keys.inflight_index, {instance: wall_ms})
+                pipe.zremrangebyscore(keys.inflight_index, "-inf", wall_ms - FORGET_AFTER_MS)
+            reindex = now - pool.indexed_at >= (INDEX_EVERY if busy else IDLE_INDEX_EVERY)
+            if reindex:
+                pipe.zrange(keys.inflight_index, 0, -1)
+            plans.append((pool, means, written, peers, announce, reindex))
+        if not len(pipe):
+            return
+        timeout = self.timeout + 0.001 * len(pools)
+        replies = iter(await asyncio.wait_for(pipe.execute(), timeout))
+        for pool, means, written, peers, announce, reindex in plans:
+            if written is not None:
+                next(replies)
+                pool.published = bool(written)
+            others: dict[str, float] = {}
+            live = 0
+            if peers:
+                for raw in next(replies):
+                    if raw is not None:  # a live instance (its key has not expired)
+                        live += 1
+                        decode_into(raw, others)
+            # The baseline of "peers moved like me" is this instance's mean over the round,
+            # as the peers' counts are theirs: an instant's sample made the estimate of a
+            # fast backend jump by peers x 1 at random, and the slow one (steady) won ties.
+            pool.load.set_others(others, live, means)
+            if announce:
+                next(replies)
+                next(replies)
+                pool.announced_at = now
+            if reindex:
+                names = [n.decode() if isinstance(n, bytes) else str(n) for n in next(replies)]
+                pool.others = [n for n in names if n != instance]
+                pool.indexed_at = now
+
+
+# One publisher per Redis link and instance (a worker has one of each).
+_PUBLISHERS: dict[tuple[int, str], InflightPublisher] = {}
+
+
+def publisher_for(link: RedisLink, instance: str, timeout: float) -> InflightPublisher:
+    """The worker's publisher; made by the first counting pool, ended by the last's leave."""
+    key = (id(link), instance)
+    publisher = _PUBLISHERS.get(key)
+    if publisher is None or publisher.link is not link:
+        publisher = _PUBLISHERS[key] = InflightPublisher(link, instance, timeout)
+    return publisher

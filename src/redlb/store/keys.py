@@ -60,7 +60,8 @@ Given a pool key ``P`` (default ``servers``):
     counts expire.
 ``redlb:{P}:inflight`` (ZSET instance -> last announce, ms)
     Which instances publish: read once a second, announced every 10 s, pruned of instances
-    silent for a minute.
+    silent for a minute.  Neither read nor announced by an instance whose pool is dormant
+    (no request there for 10 s): its next request announces it again.
 
 Routing (one hash for the whole fleet):
 
