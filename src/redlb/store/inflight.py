@@ -266,6 +266,10 @@ class InflightPublisher:
             counts = encode(means)
             peers = bool(pool.others)
             written = counts if peers and (counts or pool.published) else None
+            if not peers:
+                # Nobody reads it, and it expires within TTL_MS: else a pool whose peers
+                # left the index after a SET with counts would never fall dormant.
+                pool.published = False
             if written is not None:
                 pipe.set(keys.inflight(instance), written, px=TTL_MS)
             if peers:
@@ -297,7 +301,8 @@ class InflightPublisher:
             # The baseline of "peers moved like me" is this instance's mean over the round,
             # as the peers' counts are theirs: an instant's sample made the estimate of a
             # fast backend jump by peers x 1 at random, and the slow one (steady) won ties.
-            pool.load.set_others(others, live, means)
+            if pool in self.awake or pool in self.dormant:  # not left during the round trip
+                pool.load.set_others(others, live, means)
             if announce:
                 next(replies)
                 next(replies)

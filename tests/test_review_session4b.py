@@ -1,0 +1,125 @@
+"""Review of the shared in-flight publisher (store/inflight.py, one loop a worker).
+
+The publisher in this process on a real Redis (fake peers written by the test), as in
+tests/test_inflight_scale.py, and real `redlb serve` processes for shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+
+from redlb.address import Backend
+from redlb.balancer.load import LoadView
+from redlb.store.client import make_client
+from redlb.store.inflight import InflightPublisher
+from redlb.store.keys import Keys
+from redlb.store.link import RedisLink
+from support import request, wait_for
+
+
+async def _until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _peer(sync, pool: str, count: str = "2.00") -> None:  # type: ignore[no-untyped-def]
+    sync.zadd(f"redlb:{pool}:inflight", {"peer": int(time.time() * 1000)})
+    sync.set(f"redlb:{pool}:inflight:peer", f"127.0.0.1:1={count}", px=60_000)
+
+
+async def test_a_pool_whose_peers_vanish_while_it_published_still_goes_dormant(redis_server):
+    """Its last SET had counts, then its peers left the index (pruned after a scale-down, or
+    FLUSHALL): with no peer, nothing is written, and ``published`` stayed True for good, so
+    the pool never fell dormant (every such pool of an instance left alone kept its rounds
+    and index reads for ever)."""
+    sync = redis_server.client()
+    _peer(sync, "p")
+    link = RedisLink(make_client(redis_server.url, 0.5), "test")
+    publisher = InflightPublisher(link, "me", 0.5, dormant_after=1.0)
+    view = LoadView()
+    part = publisher.join(Keys("p"), view)
+    backend = Backend("127.0.0.1", 2)
+    try:
+        view.started(backend)
+        assert await _until(lambda: b"127.0.0.1:2=" in (sync.get("redlb:p:inflight:me") or b""), 3)
+        sync.zrem("redlb:p:inflight", "peer")  # the peer is gone from the index
+        sync.delete("redlb:p:inflight:peer")
+        assert await _until(lambda: part.others == [], 3)
+        view.finished(backend, 0.1)
+        assert await _until(lambda: part in publisher.dormant, 5), (part.published, part.others)
+    finally:
+        task = publisher.task
+        part.leave()
+        if task is not None:
+            await asyncio.wait([task], timeout=5)
+        await link.close()
+
+
+async def test_a_pool_that_leaves_mid_round_keeps_no_view(redis_server):
+    """A pool leaves (strategy changed, route removed) while a round with it is in flight:
+    the round's answer must not set the peers' counts on the view it left (``leave`` dropped
+    them; a view set after it stays until the pool joins again)."""
+    sync = redis_server.client()
+    for pool in ("a", "b"):
+        _peer(sync, pool)
+    link = RedisLink(make_client(redis_server.url, 2.0), "test")
+    publisher = InflightPublisher(link, "me", 2.0)
+    views = {pool: LoadView() for pool in ("a", "b")}
+    parts = {pool: publisher.join(Keys(pool), view) for pool, view in views.items()}
+    try:
+        assert await _until(lambda: all(v.others for v in views.values()), 3)
+        views["a"].started(Backend("127.0.0.1", 2))  # busy: rounds every 25 ms
+        views["b"].started(Backend("127.0.0.1", 2))
+        sleeper = redis_server.client()
+        blocked = asyncio.get_running_loop().run_in_executor(
+            None, lambda: sleeper.execute_command("DEBUG", "SLEEP", "1.0")
+        )
+        await asyncio.sleep(0.6)  # a round is waiting on Redis now (the loop looks 4 times a s)
+        parts["a"].leave()
+        assert views["a"].others == {}
+        await blocked
+        await asyncio.sleep(0.3)  # the round's answer, and more rounds for "b"
+        assert views["b"].others == {"127.0.0.1:1": 2.0}
+        assert views["a"].others == {}, views["a"].others
+        assert views["a"].peers == 0
+    finally:
+        task = publisher.task
+        for part in parts.values():
+            part.leave()
+        if task is not None:
+            await asyncio.wait([task], timeout=5)
+        await link.close()
+
+
+def test_sigterm_with_counting_pools_exits_cleanly(redis_server, backends, start_proxy):
+    """SIGTERM with the shared publisher running for several pools: prompt exit, and no
+    task destroyed pending."""
+    client = redis_server.client()
+    for p in range(5):
+        client.rpush(f"pool{p}", *[b.address for b in backends])
+    client.hset("redlb:routes", mapping={f"h{p}/": f"pool{p}" for p in range(5)})
+    proxy = start_proxy(redis_server.url, "--strategy", "least_outstanding", "--no-access-log")
+
+    def routed() -> bool:
+        return all(
+            request(proxy.port, "GET", "/", headers={"Host": f"h{p}"})[0] == 200 for p in range(5)
+        )
+
+    assert wait_for(routed, 20)
+    process = proxy.process
+    assert process is not None
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("redlb did not exit within 15 s of SIGTERM") from None
+    said = proxy.log()
+    assert "Task was destroyed" not in said, said[-2000:]
+    assert "Traceback" not in said, said[-2000:]
