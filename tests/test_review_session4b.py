@@ -123,3 +123,74 @@ def test_sigterm_with_counting_pools_exits_cleanly(redis_server, backends, start
     said = proxy.log()
     assert "Task was destroyed" not in said, said[-2000:]
     assert "Traceback" not in said, said[-2000:]
+
+
+async def test_a_round_timed_out_mid_reply_leaves_no_shifted_view(redis_server):
+    """Redis slower than the timeout (DEBUG SLEEP) while rounds are in flight: the round is
+    abandoned, the views dropped, and once Redis answers again every pool reads its own
+    peer's count (a connection left mid-reply would hand one pool another's answers)."""
+    sync = redis_server.client()
+    pools = [f"q{p}" for p in range(6)]
+    for p, pool in enumerate(pools):
+        _peer(sync, pool, f"{p + 1}.00")
+    link = RedisLink(make_client(redis_server.url, 0.3), "test")
+    publisher = InflightPublisher(link, "me", 0.3)
+    views = [LoadView() for _ in pools]
+    parts = [publisher.join(Keys(pool), view) for pool, view in zip(pools, views, strict=True)]
+
+    def right() -> bool:
+        return all(v.others == {"127.0.0.1:1": p + 1.0} for p, v in enumerate(views))
+
+    try:
+        assert await _until(right, 3)
+        for view in views:
+            view.started(Backend("127.0.0.1", 2))
+        sleeper = redis_server.client()
+        for _ in range(2):
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: sleeper.execute_command("DEBUG", "SLEEP", "1.0")
+            )
+            assert all(v.others == {} for v in views)  # dropped, not kept stale
+        assert await _until(right, 5), [v.others for v in views]
+        # and it stays right over many rounds
+        for _ in range(20):
+            await asyncio.sleep(0.05)
+            assert right(), [v.others for v in views]
+    finally:
+        task = publisher.task
+        for part in parts:
+            part.leave()
+        if task is not None:
+            await asyncio.wait([task], timeout=5)
+        await link.close()
+
+
+async def test_after_flushall_two_instances_find_each_other_soon(redis_server):
+    """FLUSHALL (the index gone) while two instances are busy on a pool: each reads an index
+    without itself in it; they must announce again then, not at their next 10 s announce
+    (until then each counts the other as idle: the herd the fleet view is there to stop)."""
+    links = [RedisLink(make_client(redis_server.url, 0.5), f"l{i}") for i in range(2)]
+    publishers = [InflightPublisher(link, name, 0.5) for link, name in zip(links, "AB")]
+    views = [LoadView(), LoadView()]
+    parts = [pub.join(Keys("f"), v) for pub, v in zip(publishers, views, strict=True)]
+    try:
+        views[0].started(Backend("127.0.0.1", 1))
+        views[1].started(Backend("127.0.0.1", 2))
+        assert await _until(lambda: views[0].others == {"127.0.0.1:2": 1.0}, 5)
+        assert await _until(lambda: views[1].others == {"127.0.0.1:1": 1.0}, 5)
+        await asyncio.sleep(1.5)  # past the announce at the start
+        redis_server.client().flushall()
+        await asyncio.sleep(1.5)  # each has read the empty index (once a second when busy)
+        assert await _until(
+            lambda: (
+                views[0].others == {"127.0.0.1:2": 1.0} and views[1].others == {"127.0.0.1:1": 1.0}
+            ),
+            4,
+        ), [v.others for v in views]
+    finally:
+        tasks = [pub.task for pub in publishers]
+        for part in parts:
+            part.leave()
+        await asyncio.wait([t for t in tasks if t is not None], timeout=5)
+        for link in links:
+            await link.close()

@@ -311,6 +311,10 @@ class InflightPublisher:
                 names = [n.decode() if isinstance(n, bytes) else str(n) for n in next(replies)]
                 pool.others = [n for n in names if n != instance]
                 pool.indexed_at = now
+                if len(pool.others) == len(names):
+                    # The index lost this instance (FLUSHALL, a failover to an empty
+                    # replica): announced again at the next round, not in up to 10 s.
+                    pool.announced_at = -ANNOUNCE_EVERY
 
 
 # One publisher per Redis link and instance (a worker has one of each).
