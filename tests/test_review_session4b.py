@@ -170,7 +170,9 @@ async def test_after_flushall_two_instances_find_each_other_soon(redis_server):
     without itself in it; they must announce again then, not at their next 10 s announce
     (until then each counts the other as idle: the herd the fleet view is there to stop)."""
     links = [RedisLink(make_client(redis_server.url, 0.5), f"l{i}") for i in range(2)]
-    publishers = [InflightPublisher(link, name, 0.5) for link, name in zip(links, "AB")]
+    publishers = [
+        InflightPublisher(link, name, 0.5) for link, name in zip(links, "AB", strict=True)
+    ]
     views = [LoadView(), LoadView()]
     parts = [pub.join(Keys("f"), v) for pub, v in zip(publishers, views, strict=True)]
     try:
