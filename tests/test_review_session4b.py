@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import threading
 import time
+from collections import Counter
 
 from redlb.address import Backend
 from redlb.balancer.load import LoadView
@@ -17,7 +19,7 @@ from redlb.store.client import make_client
 from redlb.store.inflight import InflightPublisher
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
-from support import request, wait_for
+from support import CountingBackend, request, wait_for
 
 
 async def _until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
@@ -196,3 +198,92 @@ async def test_after_flushall_two_instances_find_each_other_soon(redis_server):
         await asyncio.wait([t for t in tasks if t is not None], timeout=5)
         for link in links:
             await link.close()
+
+
+# Real `redlb serve` pairs: one holds a request on the slow backend, the other must avoid it.
+
+
+def _fleet_avoids_the_held_backend(redis_server, holder, quiet, slow) -> bool:  # type: ignore[no-untyped-def]
+    """The holder puts one request on the slow backend; the quiet instance's picks avoid it
+    within a deadline (the fleet view works)."""
+    deadline = time.monotonic() + 5
+    while slow.inflight == 0 and time.monotonic() < deadline:
+        threading.Thread(
+            target=request, args=(holder.port, "GET", "/"), kwargs={"timeout": 10}, daemon=True
+        ).start()
+        wait_for(lambda: slow.inflight > 0, 0.3)
+    if slow.inflight == 0:
+        return False
+
+    def picks() -> Counter[str]:
+        return Counter(request(quiet.port, "GET", "/")[1].split()[1].decode() for _ in range(5))
+
+    return wait_for(lambda: picks() == {"fast": 5}, 10)
+
+
+def test_the_fleet_view_works_again_after_redis_paused(redis_server, loop_thread, start_proxy):
+    """Redis stopped (SIGSTOP) longer than the timeout, then resumed: the loop survived,
+    the view came back, the busy slow backend avoided again."""
+    slow = CountingBackend(loop_thread, "slow", 3.0).start()
+    fast = CountingBackend(loop_thread, "fast", 0.0).start()
+    try:
+        redis_server.cli("RPUSH", "servers", slow.address, fast.address)
+        args = ("--strategy", "least_outstanding", "--no-access-log", "--redis-timeout", "0.5")
+        holder, quiet = (start_proxy(redis_server.url, *args) for _ in range(2))
+        assert _fleet_avoids_the_held_backend(redis_server, holder, quiet, slow)
+        assert wait_for(lambda: slow.inflight == 0, 10)
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        time.sleep(3.0)
+        redis_server.process.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: slow.inflight == 0, 10)
+        assert _fleet_avoids_the_held_backend(redis_server, holder, quiet, slow)
+        for proxy in (holder, quiet):
+            said = proxy.log()
+            assert said.count("cannot share in-flight counts") <= 1, said[-2000:]
+            assert "Traceback" not in said, said[-2000:]
+    finally:
+        slow.stop()
+        fast.stop()
+
+
+def test_a_pool_switched_off_and_on_counting_stops_and_resumes_publishing(
+    redis_server, loop_thread, start_proxy
+):
+    """Strategy set to round_robin in the pool's settings while a peer and a load are there:
+    this instance's counts key expires and is not written again; back to least_outstanding,
+    it is published again (the pool rejoined the shared loop)."""
+    slow = CountingBackend(loop_thread, "slow", 2.0).start()
+    try:
+        redis_server.cli("RPUSH", "servers", slow.address)
+        args = ("--strategy", "least_outstanding", "--no-access-log")
+        proxies = [start_proxy(redis_server.url, *args) for _ in range(2)]
+        client = redis_server.client()
+        assert wait_for(lambda: client.zcard("redlb:servers:inflight") == 2, 10)
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                request(proxies[0].port, "GET", "/", timeout=10)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+
+        def keys() -> list[bytes]:
+            return sorted(k for k in client.keys("redlb:servers:inflight:*") if client.get(k))
+
+        try:
+            assert wait_for(lambda: len(keys()) == 1, 5), keys()
+            client.hset("redlb:servers:settings", "strategy", "round_robin")
+            assert wait_for(lambda: keys() == [], 15), keys()
+            time.sleep(3.0)
+            assert keys() == [], keys()  # not written again while it does not count
+            client.hset("redlb:servers:settings", "strategy", "least_outstanding")
+            assert wait_for(lambda: len(keys()) == 1, 15), keys()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(15)
+    finally:
+        slow.stop()
