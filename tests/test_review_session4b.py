@@ -7,7 +7,9 @@ tests/test_inflight_scale.py, and real `redlb serve` processes for shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -19,7 +21,7 @@ from redlb.store.client import make_client
 from redlb.store.inflight import InflightPublisher
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
-from support import CountingBackend, request, wait_for
+from support import CountingBackend, ScriptedBackend, request, wait_for
 
 
 async def _until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
@@ -286,4 +288,63 @@ def test_a_pool_switched_off_and_on_counting_stops_and_resumes_publishing(
             for thread in threads:
                 thread.join(15)
     finally:
+        slow.stop()
+
+
+def test_fleet_counts_return_to_zero_after_errors_retries_timeouts_and_disconnects(
+    redis_server, loop_thread, backends, start_proxy
+):
+    """Two instances, a pool with a backend that closes at once (error, retried), one that
+    never answers (upstream timeout) and one slow (clients hang up first), and healthy ones:
+    once the clients are done, the counts published in Redis go back to nothing."""
+
+    async def closes(reader, writer, n) -> None:  # type: ignore[no-untyped-def]
+        await reader.readuntil(b"\r\n\r\n")
+
+    async def silent(reader, writer, n) -> None:  # type: ignore[no-untyped-def]
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)
+
+    closer = ScriptedBackend(loop_thread, closes).start()
+    hanger = ScriptedBackend(loop_thread, silent).start()
+    slow = CountingBackend(loop_thread, "slow", 3.0).start()
+    try:
+        addresses = [closer.address, hanger.address, slow.address, *(b.address for b in backends)]
+        redis_server.cli("RPUSH", "servers", *addresses)
+        args = ("--strategy", "least_outstanding", "--no-access-log", "--upstream-timeout", "0.5")
+        proxies = [start_proxy(redis_server.url, *args) for _ in range(2)]
+        client = redis_server.client()
+        assert wait_for(lambda: client.zcard("redlb:servers:inflight") == 2, 10)
+
+        def clients(port: int) -> None:
+            for i in range(30):
+                if i % 3 == 0:  # hang up before the answer
+                    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+                        sock.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+                        time.sleep(0.05)
+                else:
+                    with contextlib.suppress(OSError):
+                        request(port, "GET", "/", timeout=5)
+
+        threads = [
+            threading.Thread(target=clients, args=(p.port,), daemon=True)
+            for p in proxies
+            for _ in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+
+        def published() -> dict[bytes, bytes]:
+            return {k: v for k in client.keys("redlb:servers:inflight:*") if (v := client.get(k))}
+
+        assert wait_for(lambda: published() != {}, 5)  # counts were shared meanwhile
+        for thread in threads:
+            thread.join(60)
+        assert wait_for(lambda: slow.inflight == 0, 10)
+        assert wait_for(lambda: published() == {}, 5), published()
+        time.sleep(2.0)
+        assert published() == {}, published()
+    finally:
+        closer.stop()
+        hanger.stop()
         slow.stop()
