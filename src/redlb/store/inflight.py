@@ -210,7 +210,9 @@ class InflightPublisher:
         """(the pools due for a round, whether any is busy); pools fall dormant or wake."""
         due: list[CountedPool] = []
         any_busy = False
-        if now - self.dormant_looked_at >= IDLE_LOOK and self.dormant:
+        # Less than IDLE_LOOK: a sleep of IDLE_LOOK can read a few ms shorter here (uvloop
+        # times it from its cached time), and the dormant pools waited a whole look more.
+        if now - self.dormant_looked_at >= IDLE_LOOK - MIN_INTERVAL and self.dormant:
             self.dormant_looked_at = now
             for pool in list(self.dormant):
                 if pool.busy():
