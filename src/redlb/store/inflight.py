@@ -10,8 +10,9 @@ pipelined round trip for every pool due.  A pool's part of a round:
   slow backend whose requests (always visible) then looked no worse than the fast ones';
 - ``MGET`` of the other instances' keys, summed into ``LoadView.others``.
 The instances are found in ``redlb:{P}:inflight`` (ZSET instance -> last announce, ms):
-read once a second (every 5 s when idle), this instance announced every 10 s, instances
-silent for a minute pruned.
+read once a second (every 5 s when idle), this instance announced every 10 s (and at the
+next round when a read of the index lacks it: FLUSHALL, an empty replica), instances silent
+for a minute pruned.
 
 What it costs, per pool and worker:
 - busy with peers: a round every 25 ms per request in flight here, 25 to 100 ms, of 2
