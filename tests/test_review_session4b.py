@@ -376,3 +376,37 @@ async def test_a_dormant_pool_is_woken_at_the_next_idle_look(redis_server):
     finally:
         part.leave()
         await link.close()
+
+
+async def test_the_last_leave_and_a_join_in_the_same_turn_keep_publishing(redis_server):
+    """A worker's only counting pool switches strategy (least_outstanding to peak_ewma):
+    ``leave`` ends the loop and a ``join`` follows in the same turn: the pool is published
+    by a running loop, and only one loop runs."""
+    from redlb.store.inflight import publisher_for
+
+    sync = redis_server.client()
+    _peer(sync, "s")
+    link = RedisLink(make_client(redis_server.url, 0.5), "test")
+    view = LoadView()
+    first = publisher_for(link, "me", 0.5)
+    part = first.join(Keys("s"), view)
+    old_task = first.task
+    try:
+        assert await _until(lambda: view.others == {"127.0.0.1:1": 2.0}, 3)
+        part.leave()
+        second = publisher_for(link, "me", 0.5)
+        part = second.join(Keys("s"), view)
+        assert old_task is not None
+        await asyncio.wait([old_task], timeout=2)
+        assert old_task.done()
+        assert second.task is not None and not second.task.done()
+        assert publisher_for(link, "me", 0.5) is second
+        view.started(Backend("127.0.0.1", 2))
+        assert await _until(lambda: b"127.0.0.1:2=" in (sync.get("redlb:s:inflight:me") or b""), 3)
+        assert view.others == {"127.0.0.1:1": 2.0}
+    finally:
+        task = part.publisher.task
+        part.leave()
+        if task is not None:
+            await asyncio.wait([task], timeout=5)
+        await link.close()
