@@ -10,8 +10,9 @@ pipelined round trip for every pool due.  A pool's part of a round:
   slow backend whose requests (always visible) then looked no worse than the fast ones';
 - ``MGET`` of the other instances' keys, summed into ``LoadView.others``.
 The instances are found in ``redlb:{P}:inflight`` (ZSET instance -> last announce, ms):
-read once a second (every 5 s when idle), this instance announced every 10 s, instances
-silent for a minute pruned.
+read once a second (every 5 s when idle), this instance announced every 10 s (and at the
+next round when a read of the index lacks it: FLUSHALL, an empty replica), instances silent
+for a minute pruned.
 
 What it costs, per pool and worker:
 - busy with peers: a round every 25 ms per request in flight here, 25 to 100 ms, of 2
@@ -210,7 +211,9 @@ class InflightPublisher:
         """(the pools due for a round, whether any is busy); pools fall dormant or wake."""
         due: list[CountedPool] = []
         any_busy = False
-        if now - self.dormant_looked_at >= IDLE_LOOK and self.dormant:
+        # Less than IDLE_LOOK: a sleep of IDLE_LOOK can read a few ms shorter here (uvloop
+        # times it from its cached time), and the dormant pools waited a whole look more.
+        if now - self.dormant_looked_at >= IDLE_LOOK - MIN_INTERVAL and self.dormant:
             self.dormant_looked_at = now
             for pool in list(self.dormant):
                 if pool.busy():
@@ -266,6 +269,10 @@ class InflightPublisher:
             counts = encode(means)
             peers = bool(pool.others)
             written = counts if peers and (counts or pool.published) else None
+            if not peers:
+                # Nobody reads it, and it expires within TTL_MS: else a pool whose peers
+                # left the index after a SET with counts would never fall dormant.
+                pool.published = False
             if written is not None:
                 pipe.set(keys.inflight(instance), written, px=TTL_MS)
             if peers:
@@ -297,7 +304,8 @@ class InflightPublisher:
             # The baseline of "peers moved like me" is this instance's mean over the round,
             # as the peers' counts are theirs: an instant's sample made the estimate of a
             # fast backend jump by peers x 1 at random, and the slow one (steady) won ties.
-            pool.load.set_others(others, live, means)
+            if pool in self.awake or pool in self.dormant:  # not left during the round trip
+                pool.load.set_others(others, live, means)
             if announce:
                 next(replies)
                 next(replies)
@@ -306,6 +314,10 @@ class InflightPublisher:
                 names = [n.decode() if isinstance(n, bytes) else str(n) for n in next(replies)]
                 pool.others = [n for n in names if n != instance]
                 pool.indexed_at = now
+                if len(pool.others) == len(names):
+                    # The index lost this instance (FLUSHALL, a failover to an empty
+                    # replica): announced again at the next round, not in up to 10 s.
+                    pool.announced_at = -ANNOUNCE_EVERY
 
 
 # One publisher per Redis link and instance (a worker has one of each).
