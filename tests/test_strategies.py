@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,7 @@ from redlb.balancer.first import FirstAvailable
 from redlb.balancer.least import LeastOutstanding
 from redlb.balancer.leastconn import LeastConnections
 from redlb.balancer.load import LoadView
-from redlb.balancer.maglev import MaglevHash
+from redlb.balancer.maglev import TABLE_SIZE, MaglevHash, build_table
 from redlb.balancer.random_choice import RandomChoice
 from redlb.balancer.requestkey import KeySpec, cookie, parse_key_spec, request_key
 from redlb.balancer.snapshot import Snapshot
@@ -326,6 +327,23 @@ def test_maglev_moves_few_keys_when_one_backend_leaves(
         if before.pick(full, key) != gone:
             continue
         assert after.pick(reduced, key) != gone
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Maglev's disruption is not bounded by 1/N + 1% for every membership: with "
+    "backends 10.0.0.0-7:80, removing the last moves 1/8 + 1.65% of the table (7 of 464 "
+    "removals over N = 2..30 of this address family exceed the bar; none of 127.0.0.1:port)",
+)
+def test_maglev_disruption_bound_holds_for_other_addresses() -> None:
+    """The property test above draws the count and the leaver, but always over the same
+    addresses (127.0.0.1:port): another address family finds removals over the bar."""
+    names = [f"10.0.0.{i}:80" for i in range(8)]
+    before = build_table(names, [1] * 8, TABLE_SIZE)
+    reduced = names[:7]
+    after = build_table(reduced, [1] * 7, TABLE_SIZE)
+    moved = sum(1 for a, b in zip(before, after, strict=True) if names[a] != reduced[b])
+    assert moved / TABLE_SIZE <= 1 / 8 + 0.01
 
 
 @given(st.integers(1, 40))
