@@ -72,23 +72,17 @@ class RouteMetrics:
                 ]
                 yield b""
             self.table, self.lines = table, lines
+        yield from self._gauge(b"members", b"Valid entries of the route's pool", False)
+        yield from self._gauge(b"healthy", b"Backends of the route's pool taking traffic", True)
+
+    def _gauge(self, name: bytes, help_text: bytes, healthy: bool) -> Iterator[bytes]:
+        """One per-route gauge of the pool's size: its members, or its healthy backends."""
         lines = self.lines
-        yield (
-            b"# HELP redlb_route_members Valid entries of the route's pool\n"
-            b"# TYPE redlb_route_members gauge\n"
-        )
+        yield b"# HELP redlb_route_%b %b\n# TYPE redlb_route_%b gauge\n" % (name, help_text, name)
         for start in range(0, len(lines), ROUTE_SLICE):
             yield b"".join(
-                b"redlb_route_members%b%d.0\n" % (k, len(s.pool.members))
-                for k, s in lines[start : start + ROUTE_SLICE]
-            )
-        yield (
-            b"# HELP redlb_route_healthy Backends of the route's pool taking traffic\n"
-            b"# TYPE redlb_route_healthy gauge\n"
-        )
-        for start in range(0, len(lines), ROUTE_SLICE):
-            yield b"".join(
-                b"redlb_route_healthy%b%d.0\n" % (k, len(s.pool.healthy))
+                b"redlb_route_%b%b%d.0\n"
+                % (name, k, len(s.pool.healthy if healthy else s.pool.members))
                 for k, s in lines[start : start + ROUTE_SLICE]
             )
 
