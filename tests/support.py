@@ -46,6 +46,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
     return predicate()
 
 
+async def wait_for_async(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """wait_for() inside a running event loop: the loop keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
 # Redis
 
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 
-from support import CountingBackend, Load, raw_exchange, request, wait_for
+from support import CountingBackend, Load, raw_exchange, request, wait_for, wait_for_async
 
 POOLS = 1000
 # A pool with nothing here for this long is dormant (store/inflight.py DORMANT_AFTER), and
@@ -165,14 +165,6 @@ async def test_one_loop_for_all_pools_dormancy_and_redis_down(redis_server, capl
             pipe.set(f"redlb:p{p}:inflight:peer", f"127.0.0.1:1={count}", px=2000)
         pipe.execute()
 
-    async def until(predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
     peer_publishes("2.00")
     link = RedisLink(make_client(redis_server.url, 0.5), "test")
     publisher = InflightPublisher(link, "me", 0.5, dormant_after=1.5)
@@ -180,30 +172,32 @@ async def test_one_loop_for_all_pools_dormancy_and_redis_down(redis_server, capl
     parts = [publisher.join(Keys(f"p{p}"), view) for p, view in enumerate(views)]
     try:
         # Every pool reads its peer within its first round or two (index, then counts).
-        assert await until(lambda: all(v.others == {"127.0.0.1:1": 2.0} for v in views), 3)
+        assert await wait_for_async(lambda: all(v.others == {"127.0.0.1:1": 2.0} for v in views), 3)
         # One loop: over 1 s idle, about 1 / IDLE_LOOK wakeups, whatever the pools.
         woken = publisher.wakeups
         await asyncio.sleep(1.0)
         assert publisher.wakeups - woken <= 2 / IDLE_LOOK
         # Idle 1.5 s: dormant, the view dropped, and nothing sent for them any more.
-        assert await until(lambda: all(v.others == {} for v in views), 3)
+        assert await wait_for_async(lambda: all(v.others == {} for v in views), 3)
         seen = await asyncio.to_thread(_inflight_commands, redis_server, 1.5)
         assert seen == [], seen[:3]
         # A request on one pool wakes it: its peers are read again, the others stay dormant.
         peer_publishes("3.00")
         views[7].started(Backend("127.0.0.1", 2))
-        assert await until(lambda: views[7].others == {"127.0.0.1:1": 3.0}, 2)
+        assert await wait_for_async(lambda: views[7].others == {"127.0.0.1:1": 3.0}, 2)
         assert all(v.others == {} for i, v in enumerate(views) if i != 7)
-        assert await until(lambda: b"127.0.0.1:2=" in (sync.get("redlb:p7:inflight:me") or b""), 2)
+        assert await wait_for_async(
+            lambda: b"127.0.0.1:2=" in (sync.get("redlb:p7:inflight:me") or b""), 2
+        )
         # Redis down: the woken pool's view is dropped, said once; back, it is read again.
         redis_server.kill()
-        assert await until(lambda: views[7].others == {}, 3)
+        assert await wait_for_async(lambda: views[7].others == {}, 3)
         await asyncio.sleep(1.5)
         warned = [r for r in caplog.records if "cannot share in-flight counts" in r.message]
         assert len(warned) == 1, warned
         redis_server.start()
         peer_publishes("4.00")
-        assert await until(lambda: views[7].others == {"127.0.0.1:1": 4.0}, 5)
+        assert await wait_for_async(lambda: views[7].others == {"127.0.0.1:1": 4.0}, 5)
         assert any("publishing in-flight counts again" in r.message for r in caplog.records)
     finally:
         task = publisher.task

@@ -21,16 +21,7 @@ from redlb.store.client import make_client
 from redlb.store.inflight import InflightPublisher
 from redlb.store.keys import Keys
 from redlb.store.link import RedisLink
-from support import CountingBackend, ScriptedBackend, request, wait_for
-
-
-async def _until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
+from support import CountingBackend, ScriptedBackend, request, wait_for, wait_for_async
 
 
 def _peer(sync, pool: str, count: str = "2.00") -> None:  # type: ignore[no-untyped-def]
@@ -52,12 +43,17 @@ async def test_a_pool_whose_peers_vanish_while_it_published_still_goes_dormant(r
     backend = Backend("127.0.0.1", 2)
     try:
         view.started(backend)
-        assert await _until(lambda: b"127.0.0.1:2=" in (sync.get("redlb:p:inflight:me") or b""), 3)
+        assert await wait_for_async(
+            lambda: b"127.0.0.1:2=" in (sync.get("redlb:p:inflight:me") or b""), 3
+        )
         sync.zrem("redlb:p:inflight", "peer")  # the peer is gone from the index
         sync.delete("redlb:p:inflight:peer")
-        assert await _until(lambda: part.others == [], 3)
+        assert await wait_for_async(lambda: part.others == [], 3)
         view.finished(backend, 0.1)
-        assert await _until(lambda: part in publisher.dormant, 5), (part.published, part.others)
+        assert await wait_for_async(lambda: part in publisher.dormant, 5), (
+            part.published,
+            part.others,
+        )
     finally:
         task = publisher.task
         part.leave()
@@ -78,7 +74,7 @@ async def test_a_pool_that_leaves_mid_round_keeps_no_view(redis_server):
     views = {pool: LoadView() for pool in ("a", "b")}
     parts = {pool: publisher.join(Keys(pool), view) for pool, view in views.items()}
     try:
-        assert await _until(lambda: all(v.others for v in views.values()), 3)
+        assert await wait_for_async(lambda: all(v.others for v in views.values()), 3)
         views["a"].started(Backend("127.0.0.1", 2))  # busy: rounds every 25 ms
         views["b"].started(Backend("127.0.0.1", 2))
         sleeper = redis_server.client()
@@ -146,7 +142,7 @@ async def test_a_round_timed_out_mid_reply_leaves_no_shifted_view(redis_server):
         return all(v.others == {"127.0.0.1:1": p + 1.0} for p, v in enumerate(views))
 
     try:
-        assert await _until(right, 3)
+        assert await wait_for_async(right, 3)
         for view in views:
             view.started(Backend("127.0.0.1", 2))
         sleeper = redis_server.client()
@@ -155,7 +151,7 @@ async def test_a_round_timed_out_mid_reply_leaves_no_shifted_view(redis_server):
                 None, lambda: sleeper.execute_command("DEBUG", "SLEEP", "1.0")
             )
             assert all(v.others == {} for v in views)  # dropped, not kept stale
-        assert await _until(right, 5), [v.others for v in views]
+        assert await wait_for_async(right, 5), [v.others for v in views]
         # and it stays right over many rounds
         for _ in range(20):
             await asyncio.sleep(0.05)
@@ -182,12 +178,12 @@ async def test_after_flushall_two_instances_find_each_other_soon(redis_server):
     try:
         views[0].started(Backend("127.0.0.1", 1))
         views[1].started(Backend("127.0.0.1", 2))
-        assert await _until(lambda: views[0].others == {"127.0.0.1:2": 1.0}, 5)
-        assert await _until(lambda: views[1].others == {"127.0.0.1:1": 1.0}, 5)
+        assert await wait_for_async(lambda: views[0].others == {"127.0.0.1:2": 1.0}, 5)
+        assert await wait_for_async(lambda: views[1].others == {"127.0.0.1:1": 1.0}, 5)
         await asyncio.sleep(1.5)  # past the announce at the start
         redis_server.client().flushall()
         await asyncio.sleep(1.5)  # each has read the empty index (once a second when busy)
-        assert await _until(
+        assert await wait_for_async(
             lambda: (
                 views[0].others == {"127.0.0.1:2": 1.0} and views[1].others == {"127.0.0.1:1": 1.0}
             ),
@@ -392,7 +388,7 @@ async def test_the_last_leave_and_a_join_in_the_same_turn_keep_publishing(redis_
     part = first.join(Keys("s"), view)
     old_task = first.task
     try:
-        assert await _until(lambda: view.others == {"127.0.0.1:1": 2.0}, 3)
+        assert await wait_for_async(lambda: view.others == {"127.0.0.1:1": 2.0}, 3)
         part.leave()
         second = publisher_for(link, "me", 0.5)
         part = second.join(Keys("s"), view)
@@ -402,7 +398,9 @@ async def test_the_last_leave_and_a_join_in_the_same_turn_keep_publishing(redis_
         assert second.task is not None and not second.task.done()
         assert publisher_for(link, "me", 0.5) is second
         view.started(Backend("127.0.0.1", 2))
-        assert await _until(lambda: b"127.0.0.1:2=" in (sync.get("redlb:s:inflight:me") or b""), 3)
+        assert await wait_for_async(
+            lambda: b"127.0.0.1:2=" in (sync.get("redlb:s:inflight:me") or b""), 3
+        )
         assert view.others == {"127.0.0.1:1": 2.0}
     finally:
         task = part.publisher.task
