@@ -1,11 +1,26 @@
-"""Consistent hashing: Maglev's lookup table, with Google's bounded loads on top.
+"""Consistent hashing: a rendezvous lookup table, with Google's bounded loads on top.
 
-Maglev (Eisenbud et al., NSDI 2016): every backend has its own permutation of the M table
-slots (from hashes of its name, so every instance builds the same table); backends take
-turns claiming their next free slot (more turns for more weight) until the table is full.
-A request's key hashes to one slot.  When a backend leaves, its slots go to others and
-few other slots change: about 1/N of the keys move, which the property tests hold to
-<= 1/N + 1%.  M = 65537 slots: shares within 1% of the weights up to 512 backends.
+Rendezvous (highest random weight) hashing, Thaler and Ravishankar 1998, over a table: each
+of M = 65536 slots (key ranges) ranks every backend at random, and goes to the present
+backend that ranks it first.  So when a backend leaves, exactly its slots move (each to its
+next choice) and no other slot changes; when one joins, it only takes slots; a weight raised
+only takes slots, a weight lowered only gives.  The share that moves when one of N leaves is
+its own: 1/N within sampling noise (sd = sqrt((1/N)(1 - 1/N) / M) <= 0.2%), which holds the
+bound "<= 1/N + 1% of keys move" five standard deviations clear for every membership.
+
+Maglev (Eisenbud et al., NSDI 2016), which this module used first, balances its table
+exactly, but a departure reshuffles other slots too: with backends 10.0.0.0-7:80, removing
+one moved 1/8 + 1.65% of the keys.  The price of exact disruption is sampling noise in the
+shares: +-1% of a backend's weighted share at 2 backends, +-4% at 100, +-25% at 1,000 (M / N
+slots each).  Bounded loads, on by default, cap what that costs in load.
+
+The ranks, cheaply: every backend draws slots at random from its own stream (a Mersenne
+Twister seeded by a hash of its name, so every instance draws the same), w draws per unit of
+time for weight w.  A slot ranks the backends by when each first draws it; merging the
+present backends' draws in time order (ties by a hash of the name, never by pool order) and
+giving each slot to its first drawer builds the table.  That takes about M (ln M + 1) draws
+whatever N (the coupon collector's), every step of which runs in C: random bytes read as
+16-bit slots, the streams interleaved by zip, the first drawer kept by a dict.
 
 Bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018): with ``balance`` = epsilon > 0, no
 backend takes a request while it has ceil((1 + epsilon) x (in flight + 1) / N) in flight
@@ -20,9 +35,13 @@ backend.
 
 from __future__ import annotations
 
+import sys
+from array import array
+from collections import deque
 from collections.abc import Sequence
 from hashlib import blake2b
-from heapq import heapify, heapreplace
+from math import ceil, gcd, log
+from random import Random
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy, weights_of
@@ -46,51 +65,80 @@ def rehash(value: int, attempt: int) -> int:
     return z ^ (z >> 31)
 
 
-# The table size (a prime): fixed, since a size that followed the membership would remap
-# every key on each change.  128 slots per backend up to 512 backends (shares within 1%);
-# a build takes a few tens of ms, once per snapshot change.
-TABLE_SIZE = 65537
+# The table size: fixed, since a size that followed the membership would remap every key on
+# each change; >= 62,500 for the disruption bound (its sd <= 0.2%), and 2**16 so that slots
+# are the random bytes' own 16-bit words (no arithmetic per draw).
+TABLE_SIZE = 1 << 16
+# Draws per block: the table fills in about TABLE_SIZE x (ln TABLE_SIZE + 1) = 790,000.
+BLOCK = 1 << 16
 
 
-def build_table(names: Sequence[str], weights: Sequence[int], size: int) -> list[int]:
-    """Slot -> index into names; each name's share of slots follows its weight."""
+def slot_stream(name: str) -> Random:
+    """A backend's stream of slots, the same for a name in every process and Python version
+    (Random's seeding and randbytes are stable)."""
+    seed = blake2b(name.encode(), digest_size=16, person=b"slots").digest()
+    return Random(int.from_bytes(seed, "little"))
+
+
+def _tiebreak(name: str) -> bytes:
+    return blake2b(name.encode(), digest_size=8, person=b"tie").digest()
+
+
+def build_table(names: Sequence[str], weights: Sequence[int]) -> list[int]:
+    """Slot -> index into names: each slot's first drawer among ``names`` (module doc)."""
     n = len(names)
-    offsets = []
-    skips = []
-    for name in names:
-        raw = name.encode()
-        offsets.append(int.from_bytes(blake2b(raw, digest_size=8, person=b"offset").digest(),
-                                      "little") % size)  # fmt: skip
-        skips.append(int.from_bytes(blake2b(raw, digest_size=8, person=b"skip").digest(),
-                                    "little") % (size - 1) + 1)  # fmt: skip
-    # Backends take turns by weight: backend i's k-th turn comes in round ceil(k x heaviest /
-    # weight), ties in pool order (so equal weights take turns in order, round by round).  A
-    # heap of next turns hands them out in O(log n) each: stepping every backend through
-    # every round cost rounds x n, seconds for one weight of 1000 among 1,000 of weight 1.
+    if n == 1:
+        return [0] * TABLE_SIZE
     sizes = list(weights) if weights else [1] * n
-    heaviest = max(sizes)
-    turns = [(-(-heaviest // w), i, 1) for i, w in enumerate(sizes)]
-    heapify(turns)
-    nexts = [0] * n
-    table = [-1] * size
-    filled = 0
-    while True:
-        _, i, turn = turns[0]
-        offset, skip, j = offsets[i], skips[i], nexts[i]
-        slot = (offset + j * skip) % size
-        while table[slot] >= 0:
-            j += 1
-            slot = (offset + j * skip) % size
-        table[slot] = i
-        nexts[i] = j + 1
-        filled += 1
-        if filled == size:
-            return table
-        turn += 1
-        heapreplace(turns, (-(-turn * heaviest // sizes[i]), i, turn))
+    common = gcd(*sizes)  # time's unit is arbitrary: the order of the draws stays
+    sizes = [w // common for w in sizes]
+    # One unit of time: backend i's draws at j / w_i (j < w_i), in time order, ties by a hash
+    # of the name.  Floats order these exactly: two different fractions with denominators
+    # <= MAX_WEIGHT differ far above a double's rounding, and equal ones round alike.
+    ties = [_tiebreak(name) for name in names]
+    schedule = sorted((j / w, ties[i], i, j) for i, w in enumerate(sizes) for j in range(w))
+    # Whole units of time per block, an even number: each stream is read 4 bytes at a time
+    # (randbytes(a) then randbytes(b) is randbytes(a + b) only in whole 32-bit words), so a
+    # stream does not depend on where the blocks cut it, nor on the membership.
+    units = max(2, BLOCK // len(schedule) & ~1)
+    streams = [slot_stream(name) for name in names]
+    owners = [i for _, _, i, _ in schedule] * units
+    owners.reverse()
+    place = [[0] * w for w in sizes]  # backend i's j-th draw of a unit: its place in the unit
+    for p, (_, _, i, j) in enumerate(schedule):
+        place[i][j] = p
+    swap = sys.byteorder == "big"  # the slots are little-endian words on every machine
+
+    def next_block() -> array[int]:
+        """The next units of time's draws of every stream, in time order."""
+        block = array("H", bytes(2 * len(owners)))
+        width = len(schedule)
+        for stream, i, w in zip(streams, range(n), sizes, strict=True):
+            drawn = array("H", stream.randbytes(2 * units * w))
+            if swap:
+                drawn.byteswap()
+            for j in range(w):  # its j-th draw of each unit goes to its place in the schedule
+                block[place[i][j] :: width] = drawn[j::w]
+        return block
+
+    # The blocks that usually fill the table, applied last to first: the last write to a
+    # slot is its first draw.
+    expected = ceil(TABLE_SIZE * (log(TABLE_SIZE) + 1) / len(owners))
+    blocks = [next_block() for _ in range(expected)]
+    table = [-1] * TABLE_SIZE
+    claim = table.__setitem__
+    for block in reversed(blocks):
+        deque(map(claim, reversed(block), owners), maxlen=0)
+    while -1 in table:  # the last few slots, from later blocks
+        later = [-1] * TABLE_SIZE
+        deque(map(later.__setitem__, reversed(next_block()), owners), maxlen=0)
+        for slot, owner in enumerate(table):
+            if owner < 0:
+                table[slot] = later[slot]
+    return table
 
 
-class MaglevHash(Strategy):
+class RendezvousHash(Strategy):
     name = "hash"
 
     def __init__(self, load: LoadView, balance: float = 0.25) -> None:
@@ -119,7 +167,7 @@ class MaglevHash(Strategy):
             names.append(backend.key if copy == 1 else f"{backend.key}#{copy}")
         self.weights = weights_of(candidates)
         self.weight_sum = sum(self.weights) or 1
-        self.table = build_table(names, self.weights, self.size)
+        self.table = build_table(names, self.weights)
         self.keys = tuple(backend.key for backend in candidates)
         self.routes = {}
         self.seen = candidates
