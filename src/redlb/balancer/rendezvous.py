@@ -14,13 +14,14 @@ one moved 1/8 + 1.65% of the keys.  The price of exact disruption is sampling no
 shares: +-1% of a backend's weighted share at 2 backends, +-4% at 100, +-25% at 1,000 (M / N
 slots each).  Bounded loads, on by default, cap what that costs in load.
 
-The ranks, cheaply: every backend draws slots at random from its own stream (a Mersenne
-Twister seeded by a hash of its name, so every instance draws the same), w draws per unit of
-time for weight w.  A slot ranks the backends by when each first draws it; merging the
-present backends' draws in time order (ties by a hash of the name, never by pool order) and
-giving each slot to its first drawer builds the table.  That takes about M (ln M + 1) draws
-whatever N (the coupon collector's), every step of which runs in C: random bytes read as
-16-bit slots, the streams interleaved by zip, the first drawer kept by a dict.
+The ranks, cheaply: every backend draws slots at random from its own stream (SHAKE-128 of
+its name and a counter, so every instance, machine and Python version draws the same), w
+draws per unit of time for weight w.  A slot ranks the backends by when each first draws it;
+merging the present backends' draws in time order (ties by a hash of the name, never by
+pool order) and giving each slot to its first drawer builds the table.  That takes about
+M (ln M + 1) draws whatever N (the coupon collector's), every step of which runs in C:
+hashed bytes read as 16-bit slots, the streams interleaved by slice assignment, the draws
+written into the table last to first so that each slot keeps its first.
 
 Bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018): with ``balance`` = epsilon > 0, no
 backend takes a request while it has ceil((1 + epsilon) x (in flight + 1) / N) in flight
@@ -39,9 +40,8 @@ import sys
 from array import array
 from collections import deque
 from collections.abc import Sequence
-from hashlib import blake2b
+from hashlib import blake2b, shake_128
 from math import ceil, gcd, log
-from random import Random
 
 from redlb.address import Backend
 from redlb.balancer.base import Strategy, weights_of
@@ -71,13 +71,36 @@ def rehash(value: int, attempt: int) -> int:
 TABLE_SIZE = 1 << 16
 # Draws per block: the table fills in about TABLE_SIZE x (ln TABLE_SIZE + 1) = 790,000.
 BLOCK = 1 << 16
+CHUNK_BYTES = 4096  # a stream's bytes are hashed in chunks of this size
 
 
-def slot_stream(name: str) -> Random:
-    """A backend's stream of slots, the same for a name in every process and Python version
-    (Random's seeding and randbytes are stable)."""
-    seed = blake2b(name.encode(), digest_size=16, person=b"slots").digest()
-    return Random(int.from_bytes(seed, "little"))
+class SlotStream:
+    """One backend's draws: 16-bit little-endian words of SHAKE-128 over its name and a chunk
+    counter, the same on every machine and however the draws are taken."""
+
+    __slots__ = ("chunks", "name", "pending")
+
+    def __init__(self, name: str) -> None:
+        self.name = name.encode()
+        self.chunks = 0
+        self.pending = b""
+
+    def take(self, count: int) -> array[int]:
+        """The next ``count`` slots."""
+        size = 2 * count
+        parts = [self.pending]
+        have = len(self.pending)
+        while have < size:
+            counter = self.chunks.to_bytes(8, "little")
+            parts.append(shake_128(self.name + counter).digest(CHUNK_BYTES))
+            self.chunks += 1
+            have += CHUNK_BYTES
+        data = b"".join(parts)
+        self.pending = data[size:]
+        drawn = array("H", data[:size])
+        if sys.byteorder == "big":
+            drawn.byteswap()
+        return drawn
 
 
 def _tiebreak(name: str) -> bytes:
@@ -97,26 +120,20 @@ def build_table(names: Sequence[str], weights: Sequence[int]) -> list[int]:
     # <= MAX_WEIGHT differ far above a double's rounding, and equal ones round alike.
     ties = [_tiebreak(name) for name in names]
     schedule = sorted((j / w, ties[i], i, j) for i, w in enumerate(sizes) for j in range(w))
-    # Whole units of time per block, an even number: each stream is read 4 bytes at a time
-    # (randbytes(a) then randbytes(b) is randbytes(a + b) only in whole 32-bit words), so a
-    # stream does not depend on where the blocks cut it, nor on the membership.
-    units = max(2, BLOCK // len(schedule) & ~1)
-    streams = [slot_stream(name) for name in names]
+    units = max(1, BLOCK // len(schedule))  # of time per block
+    streams = [SlotStream(name) for name in names]
     owners = [i for _, _, i, _ in schedule] * units
     owners.reverse()
     place = [[0] * w for w in sizes]  # backend i's j-th draw of a unit: its place in the unit
     for p, (_, _, i, j) in enumerate(schedule):
         place[i][j] = p
-    swap = sys.byteorder == "big"  # the slots are little-endian words on every machine
 
     def next_block() -> array[int]:
         """The next units of time's draws of every stream, in time order."""
         block = array("H", bytes(2 * len(owners)))
         width = len(schedule)
         for stream, i, w in zip(streams, range(n), sizes, strict=True):
-            drawn = array("H", stream.randbytes(2 * units * w))
-            if swap:
-                drawn.byteswap()
+            drawn = stream.take(units * w)
             for j in range(w):  # its j-th draw of each unit goes to its place in the schedule
                 block[place[i][j] :: width] = drawn[j::w]
         return block
