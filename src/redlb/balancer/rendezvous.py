@@ -107,11 +107,13 @@ def _tiebreak(name: str) -> bytes:
     return blake2b(name.encode(), digest_size=8, person=b"tie").digest()
 
 
-def build_table(names: Sequence[str], weights: Sequence[int]) -> list[int]:
-    """Slot -> index into names: each slot's first drawer among ``names`` (module doc)."""
+def build_table(names: Sequence[str], weights: Sequence[int]) -> array[int]:
+    """Slot -> index into names: each slot's first drawer among ``names`` (module doc).
+    Two bytes a slot (a list would take eight): 128 KB per hashing pool."""
     n = len(names)
+    typecode = "H" if n <= 1 << 16 else "I"
     if n == 1:
-        return [0] * TABLE_SIZE
+        return array(typecode, bytes(TABLE_SIZE * array(typecode).itemsize))
     sizes = list(weights) if weights else [1] * n
     common = gcd(*sizes)  # time's unit is arbitrary: the order of the draws stays
     sizes = [w // common for w in sizes]
@@ -152,7 +154,7 @@ def build_table(names: Sequence[str], weights: Sequence[int]) -> list[int]:
         for slot, owner in enumerate(table):
             if owner < 0:
                 table[slot] = later[slot]
-    return table
+    return array(typecode, table)
 
 
 class RendezvousHash(Strategy):
@@ -164,7 +166,7 @@ class RendezvousHash(Strategy):
         self.permille = 1000 + round(balance * 1000)  # 1 + epsilon, in integers: exact caps
         self.counts = self.fleet = balance > 0
         self.seen: tuple[Backend, ...] | None = None
-        self.table: list[int] = []
+        self.table: array[int] = array("H")
         self.size = 1
         self.keys: tuple[str, ...] = ()
         # Each entry's weight ((): all equal) and their sum: a bound is on a weighted share.
@@ -179,7 +181,7 @@ class RendezvousHash(Strategy):
         self.size = TABLE_SIZE
         copies: dict[str, int] = {}
         names = []
-        for backend in candidates:  # a duplicated entry is one more share, its own permutation
+        for backend in candidates:  # a duplicated entry is one more share, its own stream
             copy = copies[backend.key] = copies.get(backend.key, 0) + 1
             names.append(backend.key if copy == 1 else f"{backend.key}#{copy}")
         self.weights = weights_of(candidates)
