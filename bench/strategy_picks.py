@@ -27,8 +27,8 @@ from redlb.balancer.leased import LeasedRoundRobin
 from redlb.balancer.least import LeastOutstanding
 from redlb.balancer.leastconn import LeastConnections
 from redlb.balancer.load import LoadView
-from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
+from redlb.balancer.rendezvous import RendezvousHash
 from redlb.balancer.requestkey import cookie, parse_key_spec, request_key
 from redlb.balancer.snapshot import Snapshot
 from redlb.store.rotation import _END, CounterLease, Cursor
@@ -54,8 +54,8 @@ BUILDERS: dict[str, Callable[[LoadView], Strategy]] = {
     "least_outstanding": LeastOutstanding,
     "least_conn": LeastConnections,
     "peak_ewma": PeakEwma,
-    "hash": lambda load: MaglevHash(load, 0.25),
-    "hash, 50 clients": lambda load: MaglevHash(load, 0.25),
+    "hash": lambda load: RendezvousHash(load, 0.25),
+    "hash, 50 clients": lambda load: RendezvousHash(load, 0.25),
     "random": lambda load: RandomChoice(),
     "first": lambda load: FirstAvailable(load, 20),
 }

@@ -17,7 +17,7 @@ import redlb
 from redlb import build
 from redlb.address import Backend
 from redlb.balancer.load import LoadView
-from redlb.balancer.maglev import MaglevHash
+from redlb.balancer.rendezvous import RendezvousHash
 from redlb.balancer.snapshot import Snapshot
 from support import (
     ScriptedBackend,
@@ -337,7 +337,7 @@ def test_bounded_loads_keep_the_weights() -> None:
     the plain average, so the heavy one was held to 62.5% of the requests in flight, not
     its 75% (the bound is on each backend's weighted share of the load)."""
     load = LoadView()
-    strategy = MaglevHash(load, balance=0.25)
+    strategy = RendezvousHash(load, balance=0.25)
     heavy, light = Backend("10.0.0.1", 80), Backend("10.0.0.2", 80)
     candidates = Snapshot.of([heavy, light], [3, 1])
     for i in range(4000):

@@ -70,7 +70,7 @@ def test_sticky_sessions_survive_a_redis_that_lost_its_data(redis_server, backen
         assert served_by(proxy.port, {"Cookie": f"lbs={value}"}) == (home, None)
 
 
-def test_maglev_table_build_with_skewed_weights_keeps_the_loop_answering(
+def test_hash_table_build_with_skewed_weights_keeps_the_loop_answering(
     redis_server, backends, start_proxy
 ):
     """1,000 backends, one of weight 1000: the table build ran 33 M Python steps (turns were

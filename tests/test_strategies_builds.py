@@ -22,7 +22,7 @@ from redlb.balancer.first import FirstAvailable
 from redlb.balancer.least import LeastOutstanding
 from redlb.balancer.leastconn import LeastConnections
 from redlb.balancer.load import LoadView
-from redlb.balancer.maglev import MaglevHash
+from redlb.balancer.rendezvous import RendezvousHash
 from redlb.balancer.random_choice import RandomChoice
 from redlb.balancer.snapshot import Snapshot
 
@@ -38,7 +38,7 @@ for name in ("least_outstanding", "peak_ewma", "least_conn", "hash", "random", "
         "least_outstanding": lambda: LeastOutstanding(load, rand),
         "peak_ewma": lambda: PeakEwma(load, rand),
         "least_conn": lambda: LeastConnections(load),
-        "hash": lambda: MaglevHash(load, 0.25),
+        "hash": lambda: RendezvousHash(load, 0.25),
         "random": lambda: RandomChoice(rand),
         "first": lambda: FirstAvailable(load, 2),
     }[name]()

@@ -42,7 +42,7 @@ COMPILED = (
     "redlb.balancer.least",
     "redlb.balancer.leastconn",
     "redlb.balancer.load",
-    "redlb.balancer.maglev",
+    "redlb.balancer.rendezvous",
     "redlb.balancer.random_choice",
     "redlb.balancer.requestkey",
     "redlb.balancer.sticky",

@@ -12,8 +12,8 @@ from redlb.balancer.first import FirstAvailable
 from redlb.balancer.leased import LeasedRoundRobin
 from redlb.balancer.least import LeastOutstanding
 from redlb.balancer.leastconn import LeastConnections
-from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
+from redlb.balancer.rendezvous import RendezvousHash
 from redlb.balancer.strict import StrictRoundRobin
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -24,7 +24,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         LeastOutstanding,
         LeastConnections,
         PeakEwma,
-        MaglevHash,
+        RendezvousHash,
         RandomChoice,
         FirstAvailable,
     )
@@ -36,9 +36,9 @@ __all__ = [
     "LeasedRoundRobin",
     "LeastConnections",
     "LeastOutstanding",
-    "MaglevHash",
     "PeakEwma",
     "RandomChoice",
+    "RendezvousHash",
     "Strategy",
     "StrictRoundRobin",
 ]

@@ -20,8 +20,8 @@ from redlb.balancer.leased import LeasedRoundRobin
 from redlb.balancer.least import LeastOutstanding
 from redlb.balancer.leastconn import LeastConnections
 from redlb.balancer.load import LoadView
-from redlb.balancer.maglev import MaglevHash
 from redlb.balancer.random_choice import RandomChoice
+from redlb.balancer.rendezvous import RendezvousHash
 from redlb.balancer.requestkey import KeySpec, cookie, parse_key_spec, request_key
 from redlb.balancer.sticky import StickyCookie
 from redlb.balancer.strict import StrictRoundRobin
@@ -117,7 +117,7 @@ class PoolState:
         if name == "peak_ewma":
             return PeakEwma(self.load)
         if name == "hash":
-            return MaglevHash(self.load, config.hash_balance)
+            return RendezvousHash(self.load, config.hash_balance)
         if name == "random":
             return RandomChoice()
         if name == "first":
