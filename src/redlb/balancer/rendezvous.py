@@ -169,7 +169,8 @@ class RendezvousHash(Strategy):
         self.table: array[int] = array("H")
         self.size = 1
         self.keys: tuple[str, ...] = ()
-        # Each entry's weight ((): all equal) and their sum: a bound is on a weighted share.
+        # Each entry's backend's weight, all its entries' together ((): all equal), and the
+        # entries' sum: a bound is on a backend's weighted share.
         self.weights: tuple[int, ...] = ()
         self.weight_sum = 1
         # Recent keys' routes (clients repeat their address, cookie or header), for this
@@ -184,9 +185,18 @@ class RendezvousHash(Strategy):
         for backend in candidates:  # a duplicated entry is one more share, its own stream
             copy = copies[backend.key] = copies.get(backend.key, 0) + 1
             names.append(backend.key if copy == 1 else f"{backend.key}#{copy}")
-        self.weights = weights_of(candidates)
-        self.weight_sum = sum(self.weights) or 1
-        self.table = build_table(names, self.weights)
+        entries = weights_of(candidates)
+        self.table = build_table(names, entries)
+        self.weights = entries
+        if len(copies) < len(candidates):
+            # The load is counted per backend, all its entries' keys together: so is its cap.
+            each = entries or (1,) * len(candidates)
+            shares: dict[str, int] = {}
+            for backend, weight in zip(candidates, each, strict=True):
+                shares[backend.key] = shares.get(backend.key, 0) + weight
+            self.weights = tuple(shares[backend.key] for backend in candidates)
+            entries = each
+        self.weight_sum = sum(entries) or 1
         self.keys = tuple(backend.key for backend in candidates)
         self.routes = {}
         self.seen = candidates
