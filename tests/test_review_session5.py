@@ -84,3 +84,66 @@ def test_hash_table_build_with_many_distinct_weights_keeps_the_loop_answering(
         stop.set()
         thread.join(70)
     assert answered and set(answered) == {200}, Counter(answered)
+
+
+def _views(ports: list[int], users: list[str]) -> list[dict[str, str]]:
+    """Each instance's backend for each user."""
+    views = []
+    for port in ports:
+        view = {}
+        for user in users:
+            status, body, _ = request(port, "GET", "/", headers={"Host": "h", "X-User": user})
+            assert status == 200, (status, body)
+            view[user] = body.split()[1].decode()
+        views.append(view)
+    return views
+
+
+def _homes(ports: list[int], users: list[str]) -> dict[str, str]:
+    """Each user's backend, the same from every instance (asserted)."""
+    first, *others = _views(ports, users)
+    for other in others:
+        assert other == first, {u: (first[u], other[u]) for u in users if first[u] != other[u]}
+    return first
+
+
+def test_hash_homes_hold_through_order_weights_health_and_a_redis_restart(
+    redis_server, backends, start_proxy
+):
+    """Two real instances on one Redis: the same key reaches the same backend from both,
+    whatever the list order, with explicit equal weights as without, and across a Redis
+    restart; a backend that fails its health checks moves exactly its own keys, and they
+    come back to it when it recovers."""
+    from support import wait_for
+
+    addresses = [b.address for b in backends]
+    redis_server.cli("RPUSH", "servers", *addresses)
+    redis_server.cli("HSET", "redlb:servers:settings", "strategy", "hash",
+                     "hash_key", "header:X-User")  # fmt: skip
+    health = ("--health-path", "/", "--health-interval", "0.2", "--health-fall", "1",
+              "--health-rise", "1", "--eject-base-time", "1", "--no-access-log")  # fmt: skip
+    ports = [start_proxy(redis_server.url, *health).port for _ in range(2)]
+    users = [f"user-{i}" for i in range(80)]
+    homes = _homes(ports, users)
+    assert len(set(homes.values())) == len(backends)
+    # Explicit equal weights are no weights; another order is the same membership.
+    redis_server.cli("HSET", "redlb:servers:weights", *[x for a in addresses for x in (a, "5")])
+    redis_server.cli("RPUSH", "reordered", *reversed(addresses))
+    redis_server.cli("RENAME", "reordered", "servers")
+    time.sleep(1.5)
+    assert _homes(ports, users) == homes
+    # A backend fails its health checks: only its users move, the same way on both.
+    gone = backends[-1]
+    gone.stop()
+    assert wait_for(lambda: all(gone.name not in v.values() for v in _views(ports, users)), 10)
+    moved = _homes(ports, users)
+    assert {u for u in users if moved[u] != homes[u]} == {
+        u for u in users if homes[u] == gone.name
+    }
+    gone.start()  # recovers (health, then the ejection's 1 s): its users come back
+    assert wait_for(lambda: all(v == homes for v in _views(ports, users)), 20)
+    # Redis restarts (AOF: the data is kept): nothing moves.
+    redis_server.kill()
+    redis_server.start()
+    time.sleep(2.0)
+    assert _homes(ports, users) == homes
