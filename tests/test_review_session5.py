@@ -137,9 +137,7 @@ def test_hash_homes_hold_through_order_weights_health_and_a_redis_restart(
     gone.stop()
     assert wait_for(lambda: all(gone.name not in v.values() for v in _views(ports, users)), 10)
     moved = _homes(ports, users)
-    assert {u for u in users if moved[u] != homes[u]} == {
-        u for u in users if homes[u] == gone.name
-    }
+    assert {u for u in users if moved[u] != homes[u]} == {u for u in users if homes[u] == gone.name}
     gone.start()  # recovers (health, then the ejection's 1 s): its users come back
     assert wait_for(lambda: all(v == homes for v in _views(ports, users)), 20)
     # Redis restarts (AOF: the data is kept): nothing moves.
@@ -147,3 +145,24 @@ def test_hash_homes_hold_through_order_weights_health_and_a_redis_restart(
     redis_server.start()
     time.sleep(2.0)
     assert _homes(ports, users) == homes
+
+
+def test_windows_of_time_merge_the_draws_as_units_do() -> None:
+    """The fix for the stall above merges big weights' draws by windows of time: the same
+    table as by units (the same first drawer of every slot), so every instance agrees
+    whichever path its build takes."""
+    from redlb.balancer.rendezvous import build_table
+
+    rng = random.Random(7)
+    for n in (2, 3, 17, 300):  # 300 weighted 1..1000: a unit holds about 150,000 draws
+        names = [f"10.2.{i // 256}.{i % 256}:{80 + i}" for i in range(n)]
+        spread = [rng.randint(1, 1000) for _ in range(n)]
+        for weights in (
+            [],
+            [rng.randint(1, 9) for _ in range(n)],
+            [(5, 10, 15)[i % 3] for i in range(n)],
+            spread,
+        ):
+            assert build_table(names, weights, by_window=False) == build_table(
+                names, weights, by_window=True
+            ), (n, weights)
