@@ -21,7 +21,10 @@ merging the present backends' draws in time order (ties by a hash of the name, n
 pool order) and giving each slot to its first drawer builds the table.  That takes about
 M (ln M + 1) draws whatever N (the coupon collector's), every step of which runs in C:
 hashed bytes read as 16-bit slots, the streams interleaved by slice assignment, the draws
-written into the table last to first so that each slot keeps its first.
+written into the table last to first so that each slot keeps its first.  Weights whose unit
+of time holds more draws than a block (1,000 backends weighted 999 and 1000, or any weights
+during a slow-start ramp) are merged by windows of time instead, sorted by a C sort: the
+same table, at a cost that no longer grows with the weights' sum.
 
 Bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018): with ``balance`` = epsilon > 0, no
 backend takes a request while it has ceil((1 + epsilon) x (in flight + 1) / N) in flight
@@ -39,7 +42,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from hashlib import blake2b, shake_128
 from math import ceil, gcd, log
 
@@ -107,9 +110,14 @@ def _tiebreak(name: str) -> bytes:
     return blake2b(name.encode(), digest_size=8, person=b"tie").digest()
 
 
-def build_table(names: Sequence[str], weights: Sequence[int]) -> array[int]:
+def build_table(
+    names: Sequence[str], weights: Sequence[int], by_window: bool | None = None
+) -> array[int]:
     """Slot -> index into names: each slot's first drawer among ``names`` (module doc).
-    Two bytes a slot (a list would take eight): 128 KB per hashing pool."""
+    Two bytes a slot (a list would take eight): 128 KB per hashing pool.
+
+    ``by_window`` chooses how the draws are merged (None: units of time while a unit's
+    draws fit in a block, windows of time past that); both give the same table."""
     n = len(names)
     typecode = "H" if n <= 1 << 16 else "I"
     if n == 1:
@@ -117,44 +125,83 @@ def build_table(names: Sequence[str], weights: Sequence[int]) -> array[int]:
     sizes = list(weights) if weights else [1] * n
     common = gcd(*sizes)  # time's unit is arbitrary: the order of the draws stays
     sizes = [w // common for w in sizes]
-    # One unit of time: backend i's draws at j / w_i (j < w_i), in time order, ties by a hash
-    # of the name.  Floats order these exactly: two different fractions with denominators
-    # <= MAX_WEIGHT differ far above a double's rounding, and equal ones round alike.
     ties = [_tiebreak(name) for name in names]
-    schedule = sorted((j / w, ties[i], i, j) for i, w in enumerate(sizes) for j in range(w))
-    units = max(1, BLOCK // len(schedule))  # of time per block
-    streams = [SlotStream(name) for name in names]
-    owners = [i for _, _, i, _ in schedule] * units
-    owners.reverse()
-    place = [[0] * w for w in sizes]  # backend i's j-th draw of a unit: its place in the unit
-    for p, (_, _, i, j) in enumerate(schedule):
-        place[i][j] = p
-
-    def next_block() -> array[int]:
-        """The next units of time's draws of every stream, in time order."""
-        block = array("H", bytes(2 * len(owners)))
-        width = len(schedule)
-        for stream, i, w in zip(streams, range(n), sizes, strict=True):
-            drawn = stream.take(units * w)
-            for j in range(w):  # its j-th draw of each unit goes to its place in the schedule
-                block[place[i][j] :: width] = drawn[j::w]
-        return block
-
+    if by_window is None:
+        by_window = sum(sizes) > BLOCK
+    blocks = _window_blocks(names, sizes, ties) if by_window else _unit_blocks(names, sizes, ties)
     # The blocks that usually fill the table, applied last to first: the last write to a
     # slot is its first draw.
-    expected = ceil(TABLE_SIZE * (log(TABLE_SIZE) + 1) / len(owners))
-    blocks = [next_block() for _ in range(expected)]
+    expected = [next(blocks)]
+    draws = len(expected[0][1])
+    expected += [next(blocks) for _ in range(ceil(TABLE_SIZE * (log(TABLE_SIZE) + 1) / draws) - 1)]
     table = [-1] * TABLE_SIZE
     claim = table.__setitem__
-    for block in reversed(blocks):
-        deque(map(claim, reversed(block), owners), maxlen=0)
+    for slots, owners in reversed(expected):
+        deque(map(claim, reversed(slots), reversed(owners)), maxlen=0)
     while -1 in table:  # the last few slots, from later blocks
         later = [-1] * TABLE_SIZE
-        deque(map(later.__setitem__, reversed(next_block()), owners), maxlen=0)
+        slots, owners = next(blocks)
+        deque(map(later.__setitem__, reversed(slots), reversed(owners)), maxlen=0)
         for slot, owner in enumerate(table):
             if owner < 0:
                 table[slot] = later[slot]
     return array(typecode, table)
+
+
+def _unit_blocks(
+    names: Sequence[str], sizes: list[int], ties: list[bytes]
+) -> Iterator[tuple[array[int], list[int]]]:
+    """Blocks of whole units of time: every stream's draws in time order, with their owners.
+
+    One unit of time: backend i's draws at j / w_i (j < w_i), in time order, ties by a hash
+    of the name.  Floats order these exactly: two different fractions with denominators
+    <= MAX_WEIGHT differ far above a double's rounding, and equal ones round alike."""
+    n = len(names)
+    schedule = sorted((j / w, ties[i], i, j) for i, w in enumerate(sizes) for j in range(w))
+    units = max(1, BLOCK // len(schedule))  # of time per block
+    streams = [SlotStream(name) for name in names]
+    owners = [i for _, _, i, _ in schedule] * units
+    place = [[0] * w for w in sizes]  # backend i's j-th draw of a unit: its place in the unit
+    for p, (_, _, i, j) in enumerate(schedule):
+        place[i][j] = p
+    width = len(schedule)
+    while True:
+        block = array("H", bytes(2 * len(owners)))
+        for stream, i, w in zip(streams, range(n), sizes, strict=True):
+            drawn = stream.take(units * w)
+            for j in range(w):  # its j-th draw of each unit goes to its place in the schedule
+                block[place[i][j] :: width] = drawn[j::w]
+        yield block, owners
+
+
+def _window_blocks(
+    names: Sequence[str], sizes: list[int], ties: list[bytes]
+) -> Iterator[tuple[array[int], list[int]]]:
+    """Blocks of about BLOCK draws each, for weights whose unit of time holds more than a
+    block (a schedule of one entry per draw of a unit would cost seconds and hundreds of
+    MB): window m holds the draws at times in [(m - 1) B / W, m B / W), W the sum of the
+    weights, sorted by time (backend i's k-th draw at k / w_i), ties by the name's hash.
+    The times stay below ~13 units: floats order them exactly, as in a unit."""
+    total = sum(sizes)
+    by_tie = sorted(range(len(names)), key=lambda i: (ties[i], i))
+    streams = [SlotStream(names[i]) for i in by_tie]
+    taken = [0] * len(names)
+    window = 0
+    while True:
+        window += 1
+        slots = array("H")
+        times: list[float] = []
+        owners: list[int] = []
+        for position, i in enumerate(by_tie):
+            w = sizes[i]
+            low, high = taken[position], -(-(window * BLOCK * w) // total)  # draws before
+            if high > low:
+                slots.extend(streams[position].take(high - low))
+                times.extend([k / w for k in range(low, high)])
+                owners.extend([i] * (high - low))
+                taken[position] = high
+        order = sorted(range(len(times)), key=times.__getitem__)  # stable: ties keep by_tie
+        yield array("H", map(slots.__getitem__, order)), list(map(owners.__getitem__, order))
 
 
 class RendezvousHash(Strategy):
@@ -169,7 +216,8 @@ class RendezvousHash(Strategy):
         self.table: array[int] = array("H")
         self.size = 1
         self.keys: tuple[str, ...] = ()
-        # Each entry's weight ((): all equal) and their sum: a bound is on a weighted share.
+        # Each entry's backend's weight, all its entries' together ((): all equal), and the
+        # entries' sum: a bound is on a backend's weighted share.
         self.weights: tuple[int, ...] = ()
         self.weight_sum = 1
         # Recent keys' routes (clients repeat their address, cookie or header), for this
@@ -184,9 +232,18 @@ class RendezvousHash(Strategy):
         for backend in candidates:  # a duplicated entry is one more share, its own stream
             copy = copies[backend.key] = copies.get(backend.key, 0) + 1
             names.append(backend.key if copy == 1 else f"{backend.key}#{copy}")
-        self.weights = weights_of(candidates)
-        self.weight_sum = sum(self.weights) or 1
-        self.table = build_table(names, self.weights)
+        entries = weights_of(candidates)
+        self.table = build_table(names, entries)
+        self.weights = entries
+        if len(copies) < len(candidates):
+            # The load is counted per backend, all its entries' keys together: so is its cap.
+            each = entries or (1,) * len(candidates)
+            shares: dict[str, int] = {}
+            for backend, weight in zip(candidates, each, strict=True):
+                shares[backend.key] = shares.get(backend.key, 0) + weight
+            self.weights = tuple(shares[backend.key] for backend in candidates)
+            entries = each
+        self.weight_sum = sum(entries) or 1
         self.keys = tuple(backend.key for backend in candidates)
         self.routes = {}
         self.seen = candidates
