@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from redlb.slices import slices
+
 if TYPE_CHECKING:
     from redlb.metrics.looplag import LoopLag
     from redlb.pool import Pool
@@ -55,8 +57,14 @@ _SHAPE = (("requests", list), ("connect", list), ("counters", dict), ("gauges", 
 # A snapshot is encoded a slice at a time, the event loop free in between (take_in_steps):
 # a thousand pools, or a few hundred request series of 36 floats each, encoded in one go
 # held the loop for milliseconds every second, the tail latency every request waits behind.
-POOL_SLICE = 100
-SERIES_SLICE = 100
+# Sized for a loaded worker, whose caches the requests keep cold: 100 pools took 0.16 ms a
+# slice there (bench/loop_turns.py), and every slice delays the ~50 requests in flight.
+POOL_SLICE = 25
+SERIES_SLICE = 50
+# Listing /proc/self/fd costs ~0.5-1.5 us a descriptor, in system calls of a thousand that
+# cannot be sliced (20,000 descriptors: 10-30 ms with the loop held): counted at most this
+# often; the gauge is that old at most.
+FDS_MAX_AGE = 10.0
 
 
 def take(
@@ -86,29 +94,29 @@ def take_in_steps(
     share never goes backwards.  The pools are those of the table when it began."""
     rec = ctx.recorder
     stats = ctx.stats
-    pools = list(ctx.pools.items())
+    pools = ctx.pools  # replaced by a new table, never edited: this one is walked whole
     ejections = 0
     pool_parts: list[str] = []
-    for start in range(0, len(pools), POOL_SLICE):
+    for chunk in slices(pools, POOL_SLICE):
         rows = []
-        for name, state in pools[start : start + POOL_SLICE]:
+        for name, state in chunk:
             ejections += state.pool.ejections
             rows.append(f"{_pool_counts(name, state.pool)}{int(state.budget.active_requests)}]")
         pool_parts.append(",".join(rows))
         yield None
     if len(_counted) > 2 * len(pools) + 100:  # pools gone from the table
-        names = dict(pools)
-        for name in [n for n in _counted if n not in names]:
+        for name in [n for n in _counted if n not in pools]:
             del _counted[name]
-    series = list(rec.requests.items())
     request_parts: list[str] = []
-    for start in range(0, len(series), SERIES_SLICE):
+    for series in slices(rec.requests, SERIES_SLICE):
         labelled = [
-            [k[0].decode("latin-1"), k[1], k[2], k[3].decode("latin-1"), k[4], v]
-            for k, v in series[start : start + SERIES_SLICE]
+            [k[0].decode("latin-1"), k[1], k[2], k[3].decode("latin-1"), k[4], v] for k, v in series
         ]
         request_parts.append(_dumps(labelled)[1:-1])
         yield None
+    fds = _open_fds(time.monotonic())
+    yield None
+    rss = _rss()
     counters = {name: getattr(stats, name) for name in STATS_COUNTERS}
     counters["ejections"] = ejections
     counters["redis_reconnects"] = link.reconnects
@@ -129,11 +137,12 @@ def take_in_steps(
             "open_tunnels": ctx.open_tunnels,
             "redis_up": int(link.up),
             "redis_latency_seconds": redis_latency,
-            "resident_memory_bytes": _rss(),
-            "open_fds": _open_fds(),
+            "resident_memory_bytes": rss,
+            "open_fds": fds,
         },
         "loop_lag": lag.snapshot() if lag is not None else None,
     }
+    yield None
     yield (
         _dumps(rest)[:-1]
         + ',"requests":['
@@ -188,20 +197,35 @@ def _rss() -> int:
         return 0
 
 
-def _open_fds() -> int:
+# The last count of open descriptors: [count, monotonic time taken, pid it is of].
+_fds: list[float] = [0, float("-inf"), 0]
+
+
+def _open_fds(now: float) -> int:
+    """Open descriptors of this process, counted again when older than FDS_MAX_AGE."""
+    if now - _fds[1] < FDS_MAX_AGE and _fds[2] == os.getpid():
+        return int(_fds[0])
     try:
-        return len(os.listdir("/proc/self/fd"))
+        count = len(os.listdir("/proc/self/fd"))
     except OSError:
-        return 0
+        count = 0
+    _fds[:] = [count, now, os.getpid()]
+    return count
 
 
 def write(directory: Path, document: str) -> None:
     """Replace this process's file in one rename: a reader sees the old or the new one."""
+    for _ in write_in_steps(directory, document):
+        pass
+
+
+def write_in_steps(directory: Path, document: str) -> Iterator[None]:
+    """write(), the rename in a step of its own (each about 0.1 ms of system calls)."""
     pid = os.getpid()
-    path = directory / f"{pid}.json"
     tmp = directory / f".{pid}.tmp"
-    tmp.write_text(document)
-    os.replace(tmp, path)
+    tmp.write_bytes(document.encode())
+    yield None
+    os.replace(tmp, directory / f"{pid}.json")
 
 
 @dataclass

@@ -379,6 +379,7 @@ class RouteSync(PoolSync):
         cap = self.config.max_pool_entries
         changed: list[str] = []
         for start in range(0, len(wanted), DIGEST_SLICE):
+            await asyncio.sleep(0)  # building the keys and the round trip's start: two turns
             names = wanted[start : start + DIGEST_SLICE]
             keys: list[str] = []
             args: list[int] = []

@@ -1,0 +1,161 @@
+"""Periodic work in small slices (issue 14's p99): every slice's work still done, exactly.
+
+The sweeper, the metrics snapshot and the heartbeat walk the pools a slice at a time without
+copying them whole first (redlb/slices.py), and split their system calls and encodings over
+turns of the loop (bench/loop_turns.py measured each turn).  Behaviour only: every pool is
+reached, the documents are the ones a walk in one go makes, the loop runs in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from types import SimpleNamespace
+
+from redlb import server
+from redlb.fleet.publisher import Publisher, add_in_flight
+from redlb.metrics import snapshot
+from redlb.slices import slices
+
+
+def test_slices_give_every_item_once_in_order():
+    mapping = {f"k{n}": n for n in range(103)}
+    chunks = list(slices(mapping, 25))
+    assert [len(c) for c in chunks] == [25, 25, 25, 25, 3]
+    assert [kv for c in chunks for kv in c] == list(mapping.items())
+    assert list(slices({}, 25)) == []
+
+
+def test_slices_of_a_mapping_that_grows_meanwhile_still_walk_it_whole():
+    """The recorder gains a series while its series are being walked (a request of a new
+    label set between two slices): nothing is skipped or given twice."""
+    mapping = {n: n for n in range(60)}
+    seen = []
+    for chunk in slices(mapping, 25):
+        seen += [k for k, _ in chunk]
+        if len(seen) == 25:
+            mapping[1000] = 1000  # changes the size: iterating on would raise
+            mapping[1001] = 1001
+    assert seen == [*range(60), 1000, 1001]
+
+
+class _Conns:
+    def __init__(self, key: str, busy: int, waiters: int = 0) -> None:
+        self.backend = SimpleNamespace(key=key)
+        self.busy = busy
+        self.waiters = [None] * waiters
+
+
+class _State:
+    def __init__(self, n: int) -> None:
+        self.conns = {"a": _Conns("b:1", n % 3, n % 2), "b": _Conns("b:2", 0)}
+        self.expired: list[float] = []
+
+    def expire(self, now: float) -> None:
+        self.expired.append(now)
+
+
+def _pools(count: int) -> dict[str, _State]:
+    return {f"pool{n}": _State(n) for n in range(count)}
+
+
+async def _count_turns(body) -> tuple[object, int]:
+    """Run ``body`` (a coroutine) and count the loop's turns meanwhile."""
+    turns = 0
+
+    async def counter() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    task = asyncio.get_running_loop().create_task(counter())
+    try:
+        return await body, turns
+    finally:
+        task.cancel()
+
+
+def test_the_heartbeat_counts_in_flight_a_slice_of_pools_a_turn():
+    pools = _pools(230)
+    ctx = SimpleNamespace(pools=pools)
+    pub = Publisher(ctx, SimpleNamespace(up=False), SimpleNamespace(id="i"), 0)  # type: ignore[arg-type]
+    in_flight, turns = asyncio.run(_count_turns(pub._in_flight_in_steps()))
+    at_once: dict = {}
+    add_in_flight(pools.items(), at_once)
+    assert in_flight == at_once
+    assert in_flight[("pool4", "b:1")] == 4 % 3 + 4 % 2  # busy and waiting, summed
+    assert ("pool6", "b:1") not in in_flight and ("pool4", "b:2") not in in_flight  # idle
+    assert turns >= 230 // 50
+
+
+def test_the_heartbeat_encodes_the_table_once_and_the_same_json():
+    """The heartbeat splices the table's part (1,000 pool names) encoded once per table: the
+    text parses to the very document an encoding in one go makes, table changes included."""
+    routes = [SimpleNamespace(label=f"host{n}.example.com/".encode()) for n in range(150)]
+    table = SimpleNamespace(single=None, routes=routes)
+    ctx = SimpleNamespace(pools=_pools(40), table=table, active_exchanges=3, clients={1, 2},
+                          draining=False, config=SimpleNamespace(redis_timeout=1.0))  # fmt: skip
+    instance = SimpleNamespace(id="i", host="h", pid=1, version="v", started=0.0, listen="l",
+                               admin_listen=None)  # fmt: skip
+    pub = Publisher(ctx, SimpleNamespace(up=False), instance, 0)  # type: ignore[arg-type]
+    document = pub.document({})
+    assert json.loads(pub.encode(document)) == json.loads(json.dumps(document))
+    assert document["route_count"] == 150 and len(document["routes"]) == 100
+    ctx.table = SimpleNamespace(single=None, routes=routes[:7])  # a new table
+    ctx.pools = _pools(5)
+    document = pub.document({})
+    parsed = json.loads(pub.encode(document))
+    assert parsed == json.loads(json.dumps(document))
+    assert parsed["route_count"] == 7 and parsed["pools"] == sorted(_pools(5))
+    document["pools"] = ["edited"]  # not the table's own list: encoded as it is
+    assert json.loads(pub.encode(document))["pools"] == ["edited"]
+
+
+def test_the_sweeper_expires_every_pool_a_slice_a_turn(monkeypatch):
+    monkeypatch.setattr(server, "SWEEP_INTERVAL", 0.01)
+    pools = _pools(2 * server.SWEEP_POOLS_SLICE + 7)
+    ctx = SimpleNamespace(pools=pools, clients=set())
+
+    async def until_swept() -> None:
+        sweeper = asyncio.get_running_loop().create_task(server._sweep(ctx))  # type: ignore[arg-type]
+        try:
+            while not all(state.expired for state in pools.values()):
+                await asyncio.sleep(0.005)
+        finally:
+            sweeper.cancel()
+
+    _, turns = asyncio.run(asyncio.wait_for(_count_turns(until_swept()), 10))
+    assert all(state.expired for state in pools.values())
+    first = [state.expired[0] for state in pools.values()]
+    assert len(set(first)) == 1  # one sweep, one clock reading, across its slices
+    assert turns >= 3
+
+
+def test_open_descriptors_are_counted_again_once_the_count_is_old(monkeypatch):
+    """The gauge is a real count, at most FDS_MAX_AGE old (listing /proc/self/fd every
+    second held a busy worker's loop for milliseconds)."""
+    monkeypatch.setattr(snapshot, "_fds", [0, float("-inf"), 0])
+    first = snapshot._open_fds(100.0)
+    assert first == len(os.listdir("/proc/self/fd"))
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(5)]
+    try:
+        assert snapshot._open_fds(100.0 + snapshot.FDS_MAX_AGE / 2) == first  # still fresh
+        assert snapshot._open_fds(100.0 + snapshot.FDS_MAX_AGE) == first + 5
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def test_the_snapshot_file_is_replaced_whole(tmp_path):
+    """Written in two steps (the file, then the rename): a reader sees the old document or
+    the new one, never a part."""
+    snapshot.write(tmp_path, '{"a": 1}')
+    steps = snapshot.write_in_steps(tmp_path, '{"a": 2}')
+    next(steps)  # the loop runs here
+    assert json.loads((tmp_path / f"{os.getpid()}.json").read_text()) == {"a": 1}
+    for _ in steps:
+        pass
+    assert json.loads((tmp_path / f"{os.getpid()}.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == [f"{os.getpid()}.json"]
