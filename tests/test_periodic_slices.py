@@ -159,3 +159,39 @@ def test_the_snapshot_file_is_replaced_whole(tmp_path):
         pass
     assert json.loads((tmp_path / f"{os.getpid()}.json").read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == [f"{os.getpid()}.json"]
+
+
+def test_the_access_log_keeps_one_flush_timer_whatever_the_batches(tmp_path):
+    """A batch handed over for its size leaves the pending timer as it is: a new timer after
+    each such flush made a second, small batch for every full one under load (each batch
+    wakes the writer thread on the loop's core).  Every line is still written."""
+    from redlb.accesslog import FLUSH_DELAY, FLUSH_LINES, AccessLog
+
+    path = tmp_path / "access.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    timers: list[float] = []
+    sent = FLUSH_LINES + FLUSH_LINES // 2
+
+    async def burst() -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.call_later
+
+        def counted(delay, callback, *args):  # type: ignore[no-untyped-def]
+            timers.append(delay)
+            return real(delay, callback, *args)
+
+        loop.call_later = counted  # type: ignore[method-assign]
+        log = AccessLog(True, fd=fd)
+        for n in range(sent):  # one turn of the loop: no timer can fire meanwhile
+            log.request(b"GET", b"/%d" % n, 200, b"OK", None, 0.001, 2)
+        assert len(timers) == 1, timers
+        await asyncio.sleep(FLUSH_DELAY * 4)  # the one timer hands over the rest
+        assert not log.lines
+        log.close()
+
+    try:
+        asyncio.run(burst())
+    finally:
+        os.close(fd)
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == sent and lines[-1].startswith(b"GET /%d => 200" % (sent - 1))
