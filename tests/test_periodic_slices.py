@@ -195,3 +195,20 @@ def test_the_access_log_keeps_one_flush_timer_whatever_the_batches(tmp_path):
         os.close(fd)
     lines = path.read_bytes().splitlines()
     assert len(lines) == sent and lines[-1].startswith(b"GET /%d => 200" % (sent - 1))
+
+
+def test_the_resync_slices_wrap_around_every_pool():
+    """The backstop's and the no-script resync's slices of pools, taken without copying the
+    whole list: the same slices as the rotated copy gave, every pool within a lap."""
+    from redlb.store.routes import _wrapping
+
+    names = [f"pool{n}" for n in range(23)]
+    for start in range(len(names)):
+        for count in (1, 5, 22):
+            assert _wrapping(names, start, count) == (names[start:] + names[:start])[:count]
+    seen: set[str] = set()
+    cursor = 0
+    for _ in range(-(-len(names) // 5)):
+        seen.update(_wrapping(names, cursor % len(names), 5))
+        cursor += 5
+    assert seen == set(names)

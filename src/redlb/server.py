@@ -487,7 +487,8 @@ async def _sweep(ctx: ProxyContext, tick: Callable[[float], None] | None = None)
                 await asyncio.sleep(0)
             if client in clients:  # not closed while the loop ran
                 client.check_timeouts(now)
+        await asyncio.sleep(0)  # the connections, then each slice of pools: a turn each
         for chunk in slices(ctx.pools, SWEEP_POOLS_SLICE):
-            await asyncio.sleep(0)  # the connections and each slice of pools: a turn each
             for _, state in chunk:
                 state.expire(now)
+            await asyncio.sleep(0)
