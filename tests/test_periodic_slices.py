@@ -212,3 +212,40 @@ def test_the_resync_slices_wrap_around_every_pool():
         seen.update(_wrapping(names, cursor % len(names), 5))
         cursor += 5
     assert seen == set(names)
+
+
+def test_the_snapshot_encodes_only_the_series_that_moved_and_stays_exact():
+    """A request series is encoded again only when its count moved (its other fields move
+    with it); between two snapshots some series move, some do not: the second document holds
+    every series as it is now, and encoding gives the loop a turn every ENCODE_SLICE."""
+    from redlb.metrics.recorder import Recorder
+    from redlb.proxy.context import Stats
+
+    recorder = Recorder()
+
+    def serve(n: int, seconds: float) -> None:
+        recorder.count((b"/r%d" % n, "p", "b:1", b"GET", 2), 5, 10 + n, seconds, seconds / 2)
+
+    for n in range(37):
+        serve(n, 0.002)
+    ctx = SimpleNamespace(recorder=recorder, stats=Stats(), pools={}, clients=set(),
+                          access_log=SimpleNamespace(dropped=0), active_exchanges=0,
+                          open_tunnels=0)  # fmt: skip
+    link = SimpleNamespace(reconnects=0, up=True)
+
+    def rows(steps: list) -> dict:
+        parsed = json.loads(steps[-1])
+        return {row[0]: row[5] for row in parsed["requests"]}
+
+    first = list(snapshot.take_in_steps(ctx, link, 0, 0.0))  # type: ignore[arg-type]
+    assert len(first) - 1 >= 37 // snapshot.ENCODE_SLICE
+    assert rows(first) == {f"/r{n}": recorder.requests[(b"/r%d" % n, "p", "b:1", b"GET", 2)]
+                           for n in range(37)}  # fmt: skip
+    serve(3, 0.3)  # moved: count, bytes, seconds and buckets
+    serve(3, 0.004)
+    serve(36, 7.0)
+    serve(99, 0.001)  # a new series
+    second = rows(list(snapshot.take_in_steps(ctx, link, 0, 0.0)))  # type: ignore[arg-type]
+    now = {k[0].decode(): v for k, v in recorder.requests.items()}
+    assert second == now
+    assert second["/r3"][0] == 3 and second["/r36"][0] == 2 and second["/r99"][0] == 1

@@ -39,7 +39,7 @@ WINDOW = 60  # intervals in "the last minute"
 PRUNE_EVERY = 30  # intervals
 PRUNE_AFTER = 60.0  # seconds without a heartbeat
 MAX_BACKENDS = 500
-SERIES_SLICE = 100  # request series summed between two turns of the loop
+SERIES_SLICE = 25  # request series summed between two turns (100: 0.24 ms, hot caches)
 POOL_SLICE = 50  # pools whose requests in flight are summed between two turns
 
 # Per backend and interval: requests, 4xx, 5xx, bytes in, bytes out, then latency buckets.
