@@ -11,15 +11,23 @@ with the status listener, the access log to a file) with a probe in the worker:
   ``time.thread_time`` (CPU of the loop's thread: what other callbacks wait behind, machine
   noise left out) and named (a task step by its coroutine, and where it stopped);
 - every collection of the cyclic garbage collector, by generation;
-- the CPU of the worker's other threads (the access-log writer) and of the whole loop thread.
+- the CPU and context switches of the worker's other threads (the access-log writer), the
+  CPU of the loop thread, and the Redis commands a second (INFO commandstats);
+- the long turns one by one (in --json): with their page faults and context switches.
 
 Printed: per name, calls, CPU per second, and turns a second over 100/200/500 µs, plus the
-long turns' total.  The probe lives only here (a wrapper that patches uvloop.Loop before
-redlb starts); the product carries none of it.  Nothing here asserts a timing: it counts.
+long turns' total.  The socket events (the requests) are not timed: what is timed is the
+work that is not a request's.  The probe lives only here (a wrapper that patches uvloop.Loop
+before redlb starts); the product carries none of it.  Nothing here asserts a timing: it
+counts.  thread_time leaves other processes' time out, not their effect on the caches: on
+a busy machine the same turns measure longer.
 
     .venv/bin/python bench/loop_turns.py                 # 5 s of load, wrk's p50/p99 too
     TURNS_SECONDS=10 .venv/bin/python bench/loop_turns.py --json out.json
     .venv/bin/python bench/loop_turns.py -- --no-access-log   # more serve flags
+    TURNS_FUNCS="redlb.metrics.snapshot:_rss redlb.fleet.publisher:Publisher.document" \
+        .venv/bin/python bench/loop_turns.py             # these functions timed too ("fn")
+    PYTHONPATH=/elsewhere/src .venv/bin/python bench/loop_turns.py   # another checkout's redlb
 """
 
 from __future__ import annotations
