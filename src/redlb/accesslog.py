@@ -27,7 +27,9 @@ from typing import Final, NamedTuple, Protocol
 from redlb.address import Backend
 
 FLUSH_DELAY: Final = 0.05
-FLUSH_LINES: Final = 256
+# Lines a batch: each batch wakes the writer thread, a few context switches and GIL hand-offs
+# on the loop's core (256 a batch: ~900 switches a second at 55,000 requests a second).
+FLUSH_LINES: Final = 1024
 # Bytes handed to the writer thread and not yet written: seconds of log at a high request
 # rate, on top of the pipe's own buffer; a reader stalled for longer loses lines, not time.
 MAX_PENDING: Final = 256 * 1024
@@ -162,11 +164,16 @@ class AccessLog:
             self.flush()
         elif not self.flush_scheduled:
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+            asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flush_later)
+
+    def _flush_later(self) -> None:
+        # One timer at a time: a batch flushed for its size leaves the timer running (a
+        # new timer after each such flush doubled the batches under load).
+        self.flush_scheduled = False
+        self.flush()
 
     def flush(self) -> None:
         """Hand the batch to the writer thread; never waits for the reader."""
-        self.flush_scheduled = False
         if not self.lines:
             return
         lines = self.lines

@@ -18,10 +18,13 @@ import json
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from redlb.metrics.recorder import RequestKey, UpstreamKey
+from redlb.slices import slices
 
 if TYPE_CHECKING:
     from redlb.metrics.looplag import LoopLag
@@ -55,8 +58,16 @@ _SHAPE = (("requests", list), ("connect", list), ("counters", dict), ("gauges", 
 # A snapshot is encoded a slice at a time, the event loop free in between (take_in_steps):
 # a thousand pools, or a few hundred request series of 36 floats each, encoded in one go
 # held the loop for milliseconds every second, the tail latency every request waits behind.
-POOL_SLICE = 100
-SERIES_SLICE = 100
+# Sized for a loaded worker, whose caches the requests keep cold: 100 pools took 0.16 ms a
+# slice there (bench/loop_turns.py), and every slice delays the ~50 requests in flight.
+POOL_SLICE = 25
+SERIES_SLICE = 100  # series looked at a turn: one unchanged since the last snapshot is a lookup
+# Series encoded a turn: 36 floats each, ~7 us hot (50 held a loaded worker's loop 0.4 ms).
+ENCODE_SLICE = 10
+# Listing /proc/self/fd costs ~0.5-1.5 us a descriptor, in system calls of a thousand that
+# cannot be sliced (20,000 descriptors: 10-30 ms with the loop held): counted at most this
+# often; the gauge is that old at most.
+FDS_MAX_AGE = 10.0
 
 
 def take(
@@ -86,29 +97,26 @@ def take_in_steps(
     share never goes backwards.  The pools are those of the table when it began."""
     rec = ctx.recorder
     stats = ctx.stats
-    pools = list(ctx.pools.items())
+    pools = ctx.pools  # replaced by a new table, never edited: this one is walked whole
     ejections = 0
     pool_parts: list[str] = []
-    for start in range(0, len(pools), POOL_SLICE):
+    for chunk in slices(pools, POOL_SLICE):
         rows = []
-        for name, state in pools[start : start + POOL_SLICE]:
+        for name, state in chunk:
             ejections += state.pool.ejections
             rows.append(f"{_pool_counts(name, state.pool)}{int(state.budget.active_requests)}]")
         pool_parts.append(",".join(rows))
         yield None
     if len(_counted) > 2 * len(pools) + 100:  # pools gone from the table
-        names = dict(pools)
-        for name in [n for n in _counted if n not in names]:
+        for name in [n for n in _counted if n not in pools]:
             del _counted[name]
-    series = list(rec.requests.items())
-    request_parts: list[str] = []
-    for start in range(0, len(series), SERIES_SLICE):
-        labelled = [
-            [k[0].decode("latin-1"), k[1], k[2], k[3].decode("latin-1"), k[4], v]
-            for k, v in series[start : start + SERIES_SLICE]
-        ]
-        request_parts.append(_dumps(labelled)[1:-1])
-        yield None
+    request_rows: list[str] = []
+    yield from _encode_rows(rec.requests, _request_labels, _encoded_requests, request_rows)
+    connect_rows: list[str] = []
+    yield from _encode_rows(rec.connect, _connect_labels, _encoded_connects, connect_rows)
+    fds = _open_fds(time.monotonic())
+    yield None
+    rss = _rss()
     counters = {name: getattr(stats, name) for name in STATS_COUNTERS}
     counters["ejections"] = ejections
     counters["redis_reconnects"] = link.reconnects
@@ -121,7 +129,6 @@ def take_in_steps(
         "pid": os.getpid(),
         "worker": worker,
         "time": time.time(),
-        "connect": [[k[0], k[1], v] for k, v in rec.connect.items()],
         "counters": counters,
         "gauges": {
             "active_requests": ctx.active_exchanges,
@@ -129,24 +136,67 @@ def take_in_steps(
             "open_tunnels": ctx.open_tunnels,
             "redis_up": int(link.up),
             "redis_latency_seconds": redis_latency,
-            "resident_memory_bytes": _rss(),
-            "open_fds": _open_fds(),
+            "resident_memory_bytes": rss,
+            "open_fds": fds,
         },
         "loop_lag": lag.snapshot() if lag is not None else None,
     }
-    yield (
-        _dumps(rest)[:-1]
-        + ',"requests":['
-        + ",".join(p for p in request_parts if p)
-        + '],"pools":['
-        + ",".join(p for p in pool_parts if p)
-        + "]}"
-    )
+    # One copy of the series into the document (a chain of + copied them at each step).
+    parts = [_dumps(rest)[:-1], ',"connect":[', ",".join(connect_rows), '],"requests":[']
+    parts += [",".join(request_rows), '],"pools":[', ",".join(p for p in pool_parts if p), "]}"]
+    yield None
+    yield "".join(parts)
+
+
+def _encode_rows(
+    table: Mapping[K, list[float]],
+    labels: Callable[[K], list[object]],
+    cache: dict[K, tuple[float, str]],
+    out: list[str],
+) -> Iterator[None]:
+    """Append each series of ``table`` as a JSON row, its labels then its values, to
+    ``out``; None between slices.  A series is encoded again only when its count (the
+    first value) moved: every value of a series moves with its count (Recorder.count,
+    Recorder.upstream), so an idle route's series costs a lookup, not 36 floats encoded
+    again every second."""
+    if len(cache) > 2 * len(table) + 100:  # another recorder's series
+        cache.clear()
+    encoded = 0
+    for chunk in slices(table, SERIES_SLICE):
+        for key, series in chunk:
+            known = cache.get(key)
+            if known is not None and known[0] == series[0]:
+                out.append(known[1])
+                continue
+            text = _dumps([*labels(key), series])
+            cache[key] = (series[0], text)
+            out.append(text)
+            encoded += 1
+            if encoded % ENCODE_SLICE == 0:
+                yield None
+        yield None
+
+
+def _request_labels(key: RequestKey) -> list[object]:
+    return [key[0].decode("latin-1"), key[1], key[2], key[3].decode("latin-1"), key[4]]
+
+
+def _connect_labels(key: UpstreamKey) -> list[object]:
+    return [key[0], key[1]]
+
+
+_encoded_requests: dict[RequestKey, tuple[float, str]] = {}
+_encoded_connects: dict[UpstreamKey, tuple[float, str]] = {}
+
+# One encoder, not one a call (json.dumps with separators makes one each time: a row a call).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return _encode(value)
 
+
+K = TypeVar("K")
 
 # Per pool: the objects its counts were made from, and the counts as JSON.  A pool's state
 # is replaced, never edited in place (Pool.update / rebuild), so the same objects mean the
@@ -188,20 +238,35 @@ def _rss() -> int:
         return 0
 
 
-def _open_fds() -> int:
+# The last count of open descriptors: [count, monotonic time taken, pid it is of].
+_fds: list[float] = [0, float("-inf"), 0]
+
+
+def _open_fds(now: float) -> int:
+    """Open descriptors of this process, counted again when older than FDS_MAX_AGE."""
+    if now - _fds[1] < FDS_MAX_AGE and _fds[2] == os.getpid():
+        return int(_fds[0])
     try:
-        return len(os.listdir("/proc/self/fd"))
+        count = len(os.listdir("/proc/self/fd"))
     except OSError:
-        return 0
+        count = 0
+    _fds[:] = [count, now, os.getpid()]
+    return count
 
 
 def write(directory: Path, document: str) -> None:
     """Replace this process's file in one rename: a reader sees the old or the new one."""
+    for _ in write_in_steps(directory, document):
+        pass
+
+
+def write_in_steps(directory: Path, document: str) -> Iterator[None]:
+    """write(), the rename in a step of its own (each about 0.1 ms of system calls)."""
     pid = os.getpid()
-    path = directory / f"{pid}.json"
     tmp = directory / f".{pid}.tmp"
-    tmp.write_text(document)
-    os.replace(tmp, path)
+    tmp.write_bytes(document.encode())
+    yield None
+    os.replace(tmp, directory / f"{pid}.json")
 
 
 @dataclass
