@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 
-from support import HttpBackend, Proxy, RedisProcess, read_response, statuses
+from support import HttpBackend, Proxy, RedisProcess, metric, read_response, statuses, wait_for
 
 
 def _scrapes_at_once(proxy: Proxy, count: int) -> list[int]:
@@ -52,5 +52,53 @@ def test_concurrent_scrapes_of_one_worker_all_answer(
             answers += _scrapes_at_once(proxy, 3)
             time.sleep(0.3)  # past SCRAPE_FRESHNESS: the next round writes the file again
         assert answers.count(200) == len(answers), (str(answers), proxy.log()[-300:])
+    finally:
+        proxy.stop()
+
+
+def _pipelined(port: int, target: str, count: int) -> int:
+    """``count`` GETs pipelined on one connection in one write; the answers read back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * count)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < count:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    return data.count(b"HTTP/1.1 ")
+
+
+def test_a_full_access_log_batch_of_long_lines_is_written_not_dropped(
+    redis_server: RedisProcess, tmp_path
+):
+    """A burst (1,500 pipelined requests: the empty pool answers 503 at once) fills a batch
+    of FLUSH_LINES = 1,024 lines before the timer; JSON lines with a long target (cut at 200
+    bytes) are ~300 bytes, so the batch alone was over MAX_PENDING (256 KiB) and dropped
+    whole, though the writer had nothing pending: 1,024 of 1,500 lines lost."""
+    proxy = Proxy(redis_server.url, "--log-format", "json", workdir=tmp_path / "p").start()
+    try:
+        target = "/" + "a" * 300
+        assert _pipelined(proxy.port, target, 1500) == 1500
+        written = lambda: proxy.access_log().count('"status":503')  # noqa: E731
+        wait_for(lambda: written() >= 1500, 5)
+        assert (written(), metric(proxy, "redlb_access_log_dropped")) == (1500, 0.0)
+    finally:
+        proxy.stop()
+
+
+def test_a_pipelined_flood_raises_nothing_in_the_compiled_backlog_parse(
+    redis_server: RedisProcess, tmp_path
+):
+    """A pipelined client's backlog parsed again leaves a backlog (paused once more):
+    compiled, ``_parse_backlog`` checked ``self.backlog`` narrowed to None by mypy after it
+    set it, so mypyc's cast raised "TypeError: None object expected; got bytes" in the
+    loop's callback, a traceback logged each time (40 for 1,500 requests)."""
+    proxy = Proxy(redis_server.url, workdir=tmp_path / "p").start()
+    try:
+        assert _pipelined(proxy.port, "/x", 1500) == 1500
+        assert _pipelined(proxy.port, "/x", 1500) == 1500
+        log = proxy.log()
+        assert "Traceback" not in log, log[-800:]
     finally:
         proxy.stop()
