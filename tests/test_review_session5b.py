@@ -5,11 +5,23 @@ snapshot, its file, the heartbeat, the sweeper and the access log, on real proce
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import time
 
-from support import HttpBackend, Proxy, RedisProcess, metric, read_response, statuses, wait_for
+import psutil
+
+from support import (
+    HttpBackend,
+    Proxy,
+    RedisProcess,
+    metric,
+    open_fds,
+    read_response,
+    statuses,
+    wait_for,
+)
 
 
 def _scrapes_at_once(proxy: Proxy, count: int) -> list[int]:
@@ -101,4 +113,33 @@ def test_a_pipelined_flood_raises_nothing_in_the_compiled_backlog_parse(
         log = proxy.log()
         assert "Traceback" not in log, log[-800:]
     finally:
+        proxy.stop()
+
+
+def test_the_open_fds_gauge_is_not_zero_after_the_descriptors_ran_out(
+    redis_server: RedisProcess, backends: list[HttpBackend], tmp_path
+):
+    """Out of descriptors, listing /proc/self/fd fails (EMFILE) and was counted 0; that 0
+    was then kept FDS_MAX_AGE (10 s): once clients left, /metrics said the worker had no
+    descriptor open at all, the opposite of the truth an operator alerts on."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = Proxy(redis_server.url, workdir=tmp_path / "p").start()
+    children = psutil.Process(proxy.pid).children()
+    worker = children[0].pid if children else proxy.pid
+    limit = open_fds(worker) + 20
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (limit, limit))
+    held: list[socket.socket] = []
+    try:
+        for _ in range(30):  # more than the worker can accept: it runs out
+            held.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+        time.sleep(2.5)  # the periodic snapshot (each second) runs out of descriptors too
+        for sock in held:
+            sock.close()
+        held.clear()
+        assert wait_for(lambda: proxy.status("/metrics")[0] == 200, 10)
+        gauge = metric(proxy, "redlb_process_open_fds")
+        assert gauge is not None and gauge >= open_fds(worker) // 2, (gauge, open_fds(worker))
+    finally:
+        for sock in held:
+            sock.close()
         proxy.stop()
