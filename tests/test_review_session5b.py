@@ -17,8 +17,11 @@ from support import (
     Proxy,
     RedisProcess,
     metric,
+    metric_sum,
     open_fds,
     read_response,
+    request,
+    scrape,
     statuses,
     wait_for,
 )
@@ -142,4 +145,53 @@ def test_the_open_fds_gauge_is_not_zero_after_the_descriptors_ran_out(
     finally:
         for sock in held:
             sock.close()
+        proxy.stop()
+
+
+def test_metrics_summed_over_two_workers_match_the_requests_sent_exactly(
+    redis_server: RedisProcess, backends: list[HttpBackend], tmp_path
+):
+    """A series is encoded again only when its count moved (snapshot._encode_rows): the
+    bytes, durations and code classes of every series, summed over two workers' files,
+    must still be exactly what was sent, per backend and per class, round after round."""
+    redis_server.cli("RPUSH", "servers", backends[0].address, backends[1].address)
+    proxy = Proxy(redis_server.url, "--workers", "2", workdir=tmp_path / "p").start()
+    try:
+        sent = {"2xx": 0, "4xx": 0, "5xx": 0}
+        body_in = body_out = 0
+        paths = ["/big/%d", "/status/404", "/status/500", "/big/%d"]
+        for round_ in range(3):
+            for i in range(40):  # each a new connection: both workers take some
+                path = paths[i % 4] % (i * 7 + round_) if "%d" in paths[i % 4] else paths[i % 4]
+                body = b"x" * (i * 3 + round_)
+                status, data, _ = request(proxy.port, "POST", path, body=body)
+                sent[f"{status // 100}xx"] += 1
+                body_in += len(body)
+                body_out += len(data)
+            want = (
+                sent,
+                float(body_in),
+                float(body_out),
+                {b.address: float(b.count()) for b in backends[:2]},
+            )
+
+            def seen():  # type: ignore[no-untyped-def]
+                samples = scrape(proxy)
+                return (
+                    {
+                        k: int(metric_sum(samples, "redlb_requests_total", code_class=k))
+                        for k in sent
+                    },
+                    metric_sum(samples, "redlb_request_body_bytes_total"),
+                    metric_sum(samples, "redlb_response_body_bytes_total"),
+                    {
+                        b.address: metric_sum(samples, "redlb_requests_total", backend=b.address)
+                        for b in backends[:2]
+                    },
+                )
+
+            assert wait_for(lambda: seen() == want, 5, interval=0.2), (round_, seen(), want)
+            for _ in range(4):  # each worker answers some: every answer exact
+                assert seen() == want
+    finally:
         proxy.stop()
