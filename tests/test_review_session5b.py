@@ -4,6 +4,7 @@ snapshot, its file, the heartbeat, the sweeper and the access log, on real proce
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -193,5 +194,51 @@ def test_metrics_summed_over_two_workers_match_the_requests_sent_exactly(
             assert wait_for(lambda: seen() == want, 5, interval=0.2), (round_, seen(), want)
             for _ in range(4):  # each worker answers some: every answer exact
                 assert seen() == want
+    finally:
+        proxy.stop()
+
+
+def _heartbeats(redis_server: RedisProcess) -> list[dict]:  # type: ignore[type-arg]
+    client = redis_server.client()
+    out = []
+    for member in client.zrange("redlb:fleet:workers", 0, -1):
+        text = client.get(f"redlb:fleet:worker:{member.decode()}")
+        if text is not None:
+            out.append(json.loads(text))  # spliced JSON: must parse
+    return out
+
+
+def test_the_heartbeat_names_the_table_in_use_after_fast_changes_and_a_flushall(
+    redis_server: RedisProcess, backends: list[HttpBackend], tmp_path
+):
+    """The table's part of the heartbeat is encoded once per table and spliced in: after
+    tables replaced fast, and after FLUSHALL and new routes, it names the table in use."""
+    client = redis_server.client()
+    for n in range(8):
+        client.rpush(f"p{n}", backends[n % 3].address)
+    client.hset("redlb:routes", mapping={f"/r{n}": f"p{n}" for n in range(4)})
+    proxy = Proxy(redis_server.url, "--workers", "2", workdir=tmp_path / "p").start()
+
+    def named(pools: list[str], routes: int) -> bool:
+        beats = _heartbeats(redis_server)
+        return len(beats) == 2 and all(
+            b["pools"] == pools and b["route_count"] == routes for b in beats
+        )
+
+    try:
+        assert wait_for(lambda: named([f"p{n}" for n in range(4)], 4), 10)
+        for n in range(4, 8):  # a table a few ms after the other
+            client.hset("redlb:routes", f"/r{n}", f"p{n}")
+            client.hdel("redlb:routes", f"/r{n - 4}")
+            time.sleep(0.02)
+        assert wait_for(lambda: named([f"p{n}" for n in range(4, 8)], 4), 10), _heartbeats(
+            redis_server
+        )
+        client.flushall()
+        for n in range(8):
+            client.rpush(f"p{n}", backends[n % 3].address)
+        client.hset("redlb:routes", mapping={"/a": "p1", "/b": "p2", "/c": "p2"})
+        assert wait_for(lambda: named(["p1", "p2"], 3), 15), _heartbeats(redis_server)
+        assert proxy.get("/c")[0] == 200
     finally:
         proxy.stop()
