@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -242,3 +243,29 @@ def test_the_heartbeat_names_the_table_in_use_after_fast_changes_and_a_flushall(
         assert proxy.get("/c")[0] == 200
     finally:
         proxy.stop()
+
+
+def test_every_access_log_line_is_written_in_order_when_stopped_right_after_a_flood(
+    redis_server: RedisProcess, backends: list[HttpBackend], tmp_path
+):
+    """One flush timer at a time and 1,024-line batches: a flood (pipelined, more than a
+    batch) then SIGTERM at once: every answered request has its line, in order."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = Proxy(redis_server.url, workdir=tmp_path / "p").start()
+    count = 2500
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as sock:
+            sock.sendall(
+                b"".join(b"GET /n%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(count))
+            )
+            data = b""
+            while data.count(b"HTTP/1.1 200") < count:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        assert data.count(b"HTTP/1.1 200") == count
+    finally:
+        assert proxy.stop() == 0
+    logged = [int(m) for m in re.findall(r"^GET /n(\d+) => 200", proxy.access_log(), re.M)]
+    assert logged == list(range(count)), (len(logged), logged[:3], logged[-3:])
