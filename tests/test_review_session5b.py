@@ -269,3 +269,45 @@ def test_every_access_log_line_is_written_in_order_when_stopped_right_after_a_fl
         assert proxy.stop() == 0
     logged = [int(m) for m in re.findall(r"^GET /n(\d+) => 200", proxy.access_log(), re.M)]
     assert logged == list(range(count)), (len(logged), logged[:3], logged[-3:])
+
+
+def test_routes_replaced_fast_leave_exactly_the_final_pools_followed(
+    redis_server: RedisProcess, backends: list[HttpBackend], tmp_path
+):
+    """Tables replaced many times, fast, while the sweeper, the snapshot and the resync walk
+    the pools in slices: the last table's pools are all followed (an edit of one reaches
+    the proxy), and no removed pool stays in /metrics."""
+    client = redis_server.client()
+    for n in range(10):
+        client.rpush(f"q{n}", backends[0].address)
+    client.hset("redlb:routes", mapping={f"/q{n}": f"q{n}" for n in range(5)})
+    proxy = Proxy(redis_server.url, "--workers", "2", workdir=tmp_path / "p").start()
+    try:
+        for step in range(40):  # routes to 3 pools of 10, another set every few ms
+            client.delete("redlb:routes")
+            client.hset(
+                "redlb:routes",
+                mapping={f"/q{(step + k * 3) % 10}": f"q{(step + k * 3) % 10}" for k in range(3)},
+            )
+            time.sleep(0.01 if step % 5 else 0.3)
+        final = sorted(f"q{(39 + k * 3) % 10}" for k in range(3))  # q2, q5, q9
+
+        def pools_in_metrics() -> list[str]:
+            samples = scrape(proxy)
+            return sorted(
+                {dict(ls)["pool"] for (name, ls), _ in samples.items() if name == "redlb_pool_size"}
+            )
+
+        assert wait_for(lambda: pools_in_metrics() == final, 10), pools_in_metrics()
+        for pool in final:
+            client.rpush(pool, backends[1].address)  # followed: the edit reaches both workers
+
+        def reaches_both(pool: str) -> bool:
+            bodies = {proxy.get(f"/{pool}")[1] for _ in range(8)}
+            return bodies == {b"ok b0\n", b"ok b1\n"}
+
+        for pool in final:
+            assert wait_for(lambda p=pool: reaches_both(p), 10), pool
+        assert proxy.get("/q0")[0] == 404 or "q0" in final
+    finally:
+        proxy.stop()
