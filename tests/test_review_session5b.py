@@ -4,12 +4,14 @@ snapshot, its file, the heartbeat, the sweeper and the access log, on real proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import resource
 import signal
 import socket
+import threading
 import time
 
 import psutil
@@ -311,3 +313,44 @@ def test_routes_replaced_fast_leave_exactly_the_final_pools_followed(
         assert proxy.get("/q0")[0] == 404 or "q0" in final
     finally:
         proxy.stop()
+
+
+def test_two_workers_sharing_a_piped_stdout_never_tear_a_line(redis_server: RedisProcess, tmp_path):
+    """Both workers write their batches to the one stdout pipe (a log shipper reading it):
+    a write larger than PIPE_BUF is not atomic, so a batch (up to 1,024 lines) written while
+    the pipe was full was cut mid-line by the other worker's:
+    ``GET /w2-aaaaaaaaGET /w5-aaaa... => 503``."""
+    proxy = Proxy(redis_server.url, "--workers", "2", workdir=tmp_path / "p")
+    os.mkfifo(proxy.out_path)
+    reader = os.open(proxy.out_path, os.O_RDONLY | os.O_NONBLOCK)
+    got = bytearray()
+    done = threading.Event()
+
+    def read() -> None:  # a reader slower than the workers: the pipe is often full
+        while not done.is_set():
+            with contextlib.suppress(BlockingIOError):
+                got.extend(os.read(reader, 4096))
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        proxy.start()
+        floods = [
+            threading.Thread(target=_pipelined, args=(proxy.port, f"/w{i}-" + "a" * 40, 3000))
+            for i in range(6)
+        ]
+        for flood in floods:
+            flood.start()
+        for flood in floods:
+            flood.join(60)
+        time.sleep(2)
+    finally:
+        done.set()
+        thread.join()
+        proxy.stop()
+        os.close(reader)
+    lines = bytes(got).split(b"\n")[:-1]
+    line = rb"GET /w\d-a{40} => 503 Service Unavailable  - [\d.]+ms 0B"
+    torn = [x for x in lines if not re.fullmatch(line, x)]
+    assert len(lines) > 1000 and not torn, (len(lines), len(torn), torn[:2])
