@@ -354,3 +354,29 @@ def test_two_workers_sharing_a_piped_stdout_never_tear_a_line(redis_server: Redi
     line = rb"GET /w\d-a{40} => 503 Service Unavailable  - [\d.]+ms 0B"
     torn = [x for x in lines if not re.fullmatch(line, x)]
     assert len(lines) > 1000 and not torn, (len(lines), len(torn), torn[:2])
+
+
+def test_two_workers_stopped_right_after_a_flood_log_every_request(
+    redis_server: RedisProcess, backends: list[HttpBackend], tmp_path
+):
+    """SIGTERM to the supervisor right after each worker answered more than a batch: every
+    answered request has its line (none left in a batch or a timer at the exit)."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = Proxy(redis_server.url, "--workers", "2", workdir=tmp_path / "p").start()
+    answered = []
+    try:
+        floods = [
+            threading.Thread(
+                target=lambda i=i: answered.append(_pipelined(proxy.port, f"/c{i}", 1500))
+            )
+            for i in range(4)
+        ]
+        for flood in floods:
+            flood.start()
+        for flood in floods:
+            flood.join(60)
+    finally:
+        assert proxy.stop() == 0
+    log = proxy.access_log()
+    assert answered == [1500] * 4
+    assert [log.count(f"GET /c{i} => 200") for i in range(4)] == [1500] * 4
