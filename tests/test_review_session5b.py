@@ -17,6 +17,7 @@ import time
 import psutil
 
 from support import (
+    CountingBackend,
     HttpBackend,
     Proxy,
     RedisProcess,
@@ -380,3 +381,35 @@ def test_two_workers_stopped_right_after_a_flood_log_every_request(
     log = proxy.access_log()
     assert answered == [1500] * 4
     assert [log.count(f"GET /c{i} => 200") for i in range(4)] == [1500] * 4
+
+
+def test_the_heartbeat_counts_requests_in_flight_over_pools_walked_in_slices(
+    redis_server: RedisProcess, loop_thread, tmp_path
+):
+    """In flight counted a slice of pools a turn (60 pools: two slices), requests held at
+    pools of both slices: the heartbeats' sum is every request held, then 0."""
+    slow = CountingBackend(loop_thread, "slow", 4.0).start()
+    client = redis_server.client()
+    for n in range(60):
+        client.rpush(f"s{n}", slow.address)
+    client.hset("redlb:routes", mapping={f"/s{n}": f"s{n}" for n in range(60)})
+    proxy = Proxy(redis_server.url, "--workers", "2", workdir=tmp_path / "p").start()
+
+    def in_flight() -> int:
+        return sum(int(b[2]) for beat in _heartbeats(redis_server) for b in beat["backends"])
+
+    held = [
+        threading.Thread(target=request, args=(proxy.port, "GET", f"/s{n}"))
+        for n in (1, 30, 59, 59, 2, 45)
+    ]
+    try:
+        for thread in held:
+            thread.start()
+        assert wait_for(lambda: slow.inflight == 6, 5)
+        assert wait_for(lambda: in_flight() == 6, 3.5, interval=0.1), in_flight()
+        for thread in held:
+            thread.join(10)
+        assert wait_for(lambda: in_flight() == 0, 5), in_flight()
+    finally:
+        proxy.stop()
+        slow.stop()
