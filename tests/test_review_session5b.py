@@ -413,3 +413,32 @@ def test_the_heartbeat_counts_requests_in_flight_over_pools_walked_in_slices(
     finally:
         proxy.stop()
         slow.stop()
+
+
+def test_concurrent_scrapes_of_two_workers_never_see_a_counter_go_back(
+    redis_server: RedisProcess, backends: list[HttpBackend], tmp_path
+):
+    """Scrapes at once, while both workers serve and write their files a step at a time:
+    no scrape parses a torn file, and a scrape begun after another ended never sees less."""
+    redis_server.cli("RPUSH", "servers", backends[0].address)
+    proxy = Proxy(redis_server.url, "--workers", "2", workdir=tmp_path / "p").start()
+    try:
+        previous = 0.0
+        for round_ in range(12):
+            for _ in range(10):
+                assert proxy.get("/")[0] == 200
+            totals: list[float] = []
+
+            def one() -> None:
+                totals.append(metric_sum(scrape(proxy), "redlb_requests_total"))
+
+            scrapers = [threading.Thread(target=one) for _ in range(3)]
+            for thread in scrapers:
+                thread.start()
+            for thread in scrapers:
+                thread.join(15)
+            assert len(totals) == 3 and min(totals) >= previous, (round_, previous, totals)
+            previous = max(totals)
+        assert wait_for(lambda: metric_sum(scrape(proxy), "redlb_requests_total") == 120.0, 5)
+    finally:
+        proxy.stop()
