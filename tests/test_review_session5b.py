@@ -442,3 +442,30 @@ def test_concurrent_scrapes_of_two_workers_never_see_a_counter_go_back(
         assert wait_for(lambda: metric_sum(scrape(proxy), "redlb_requests_total") == 120.0, 5)
     finally:
         proxy.stop()
+
+
+def test_the_heartbeats_last_minute_sums_equal_the_requests_sent(
+    redis_server: RedisProcess, backends: list[HttpBackend], tmp_path
+):
+    """The recorder's series summed a slice a turn, each round: the heartbeats' counts of
+    the last minute, over both workers, are exactly the requests and 4xx/5xx sent."""
+    redis_server.cli("RPUSH", "servers", backends[0].address, backends[1].address)
+    proxy = Proxy(redis_server.url, "--workers", "2", workdir=tmp_path / "p").start()
+    try:
+        sent = [0, 0, 0]  # requests, 4xx, 5xx
+        for i in range(90):
+            path = ("/", "/status/404", "/status/503")[i % 3]
+            status = proxy.get(path)[0]
+            sent[0] += 1
+            sent[1] += status // 100 == 4
+            sent[2] += status // 100 == 5
+            if i % 30 == 29:
+                time.sleep(0.7)  # spread over rounds of the heartbeat
+
+        def minute() -> list[int]:
+            beats = _heartbeats(redis_server)
+            return [sum(int(b[4][i]) for beat in beats for b in beat["backends"]) for i in range(3)]
+
+        assert wait_for(lambda: minute() == sent, 5, interval=0.2), (minute(), sent)
+    finally:
+        proxy.stop()
