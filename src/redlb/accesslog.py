@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import stat
 import sys
 import threading
 from collections import deque
@@ -33,6 +34,7 @@ FLUSH_LINES: Final = 1024
 # Bytes handed to the writer thread and not yet written: seconds of log at a high request
 # rate, on top of the pipe's own buffer; a reader stalled for longer loses lines, not time.
 MAX_PENDING: Final = 256 * 1024
+PIPE_BUF: Final = select.PIPE_BUF  # bytes a write to a pipe puts in it whole
 
 
 class TunnelEnd(NamedTuple):
@@ -72,6 +74,13 @@ class LineFormat(Protocol):
     def tunnel(self, end: TunnelEnd) -> bytes: ...
 
 
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 class AccessLog:
     def __init__(
         self,
@@ -83,6 +92,7 @@ class AccessLog:
         self.enabled = enabled
         self.line_format = line_format
         self.fd = sys.stdout.fileno() if fd is None else fd
+        self.pipe = _is_pipe(self.fd)
         self.lines: list[bytes] = []
         self.flush_scheduled = False
         self.dropped = 0  # lines lost because the reader did not keep up
@@ -182,7 +192,11 @@ class AccessLog:
             return
         data = b"".join(lines)
         with self.ready:
-            if self.pending + len(data) > self.max_pending:
+            # A batch is taken whole while nothing waits, however big: FLUSH_LINES lines
+            # of ~300 bytes (a long target, JSON) are more than max_pending on their own,
+            # and were dropped though the reader kept up.  A stalled reader still loses
+            # every batch after the one it holds.
+            if self.pending and self.pending + len(data) > self.max_pending:
                 self.dropped += len(lines)
                 return
             self.batches.append(data)
@@ -219,7 +233,23 @@ class AccessLog:
                 self.pending -= size
 
     def _write_all(self, data: bytes) -> None:
+        if not self.pipe or len(data) <= PIPE_BUF:
+            self._write_part(memoryview(data))
+            return
+        # A pipe the workers share (a log shipper reading stdout): a write of more than
+        # PIPE_BUF bytes is not atomic, and another worker's lines landed inside a line.
+        # Whole lines of at most PIPE_BUF bytes a write are never cut.
         view = memoryview(data)
+        start = 0
+        while start < len(data):
+            end = len(data)
+            if end - start > PIPE_BUF:
+                cut = data.rfind(b"\n", start, start + PIPE_BUF)
+                end = cut + 1 if cut >= start else start + PIPE_BUF  # a line longer: cut
+            self._write_part(view[start:end])
+            start = end
+
+    def _write_part(self, view: memoryview) -> None:
         while view:
             try:
                 written = os.write(self.fd, view)

@@ -60,6 +60,7 @@ class Publisher:
         self.redis_latency = 0.0
         self.lag = LoopLag()  # server.py runs it; every snapshot reports it
         self.written = 0.0  # monotonic time of the last snapshot file
+        self.writing: asyncio.Future[None] | None = None  # the snapshot write under way
         self.published = 0  # Redis commands sent, for the cost test and the docs
         self.ticks = 0
         self.previous: dict[BackendKey, list[float]] = {}
@@ -82,19 +83,29 @@ class Publisher:
 
     async def write_snapshot_in_steps(self, max_age: float = 0.0) -> None:
         """write_snapshot() a slice at a time, the event loop free in between."""
+        # One writer at a time: writers share the temporary file, so two at once (scrapes
+        # at once, or a scrape and the periodic write) renamed each other's away.
+        while self.writing is not None:
+            await asyncio.shield(self.writing)
         if max_age and time.monotonic() - self.written < max_age:
             return
-        steps = snapshot.take_in_steps(
-            self.ctx, self.link, self.worker, self.redis_latency, self.lag
-        )
-        for document in steps:
-            if document is None:
-                await asyncio.sleep(0)
-                continue
-            self.written = time.monotonic()
-            await asyncio.sleep(0)  # the document's last part and its writing: two turns
-            for _ in snapshot.write_in_steps(self.instance.metrics_dir, document):
-                await asyncio.sleep(0)
+        self.writing = asyncio.get_running_loop().create_future()
+        try:
+            steps = snapshot.take_in_steps(
+                self.ctx, self.link, self.worker, self.redis_latency, self.lag
+            )
+            for document in steps:
+                if document is None:
+                    await asyncio.sleep(0)
+                    continue
+                taken = time.monotonic()
+                await asyncio.sleep(0)  # the document's last part and its writing: two turns
+                for _ in snapshot.write_in_steps(self.instance.metrics_dir, document):
+                    await asyncio.sleep(0)
+                self.written = taken  # once renamed: a scrape that skips its write reads it
+        finally:
+            self.writing.set_result(None)
+            self.writing = None
 
     async def run(self) -> None:
         # Each part of a round in its own turn of the loop: together they held it for
@@ -249,6 +260,8 @@ class Publisher:
     async def withdraw(self) -> None:
         """On a clean stop: hand in the last counts (a replaced worker's last second would
         vanish from /metrics), then leave the registry at once instead of after the TTL."""
+        while self.writing is not None:  # its older document renamed over the last counts
+            await asyncio.shield(self.writing)
         try:
             self.write_snapshot()
         except OSError as exc:

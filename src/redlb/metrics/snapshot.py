@@ -14,6 +14,7 @@ so that a crash-looping worker does not add one more file to every scrape each r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -248,8 +249,12 @@ def _open_fds(now: float) -> int:
         return int(_fds[0])
     try:
         count = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        count = 0
+    except OSError as exc:
+        # Not kept: counted again next time.  Out of descriptors (listing needs one), every
+        # one is open: 0 was the opposite of the truth, and stayed FDS_MAX_AGE.
+        if exc.errno == errno.EMFILE:
+            return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return 0
     _fds[:] = [count, now, os.getpid()]
     return count
 

@@ -306,8 +306,14 @@ class ClientConnection(asyncio.Protocol):
         self.backlog = None
         if data:  # empty: a declined WebSocket handshake held nothing back
             self._parse(data)
-        if self.backlog is None:
+        if not self._backlog_held():
             self._resume(_PAUSE_BACKLOG)
+
+    def _backlog_held(self) -> bool:
+        """Whether bytes wait to be parsed, read anew: in _parse_backlog, mypy takes
+        ``self.backlog`` for the None it set before _parse, and compiled, that read was a
+        cast to None raising TypeError whenever _parse had held a new backlog."""
+        return self.backlog is not None
 
     def _feed(self, data: bytes) -> None:
         parser = self.parser
