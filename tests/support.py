@@ -838,6 +838,29 @@ def metric(proxy: Proxy, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def readiness_during(proxy: Proxy, action: Callable[[], object], join: float = 10) -> list[int]:
+    """The readiness probe's answers, asked every 50 ms while ``action`` runs (0: no answer
+    within the probe's 2 s): whether the event loop kept answering through it."""
+    answered: list[int] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            answered.append(proxy.status("/-/ready")[0])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        action()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join(join)
+    return answered
+
+
 # Strategies: a backend that measures its own concurrency, and closed-loop clients
 
 

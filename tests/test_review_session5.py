@@ -4,7 +4,6 @@ and real processes on a real Redis."""
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections import Counter
 
@@ -12,7 +11,7 @@ from redlb.address import Backend
 from redlb.balancer.load import LoadView
 from redlb.balancer.rendezvous import RendezvousHash
 from redlb.balancer.snapshot import Snapshot
-from support import request
+from support import readiness_during, request
 
 A, B = Backend("10.0.0.1", 80), Backend("10.0.0.2", 80)
 
@@ -63,26 +62,14 @@ def test_hash_table_build_with_many_distinct_weights_keeps_the_loop_answering(
     redis_server.cli("HSET", "redlb:servers:settings", "strategy", "hash",
                      "hash_key", "header:X-User", "hash_balance", "0")  # fmt: skip
     proxy = start_proxy(redis_server.url, "--no-access-log")
-    answered: list[int] = []
-    stop = threading.Event()
 
-    def probe() -> None:
-        while not stop.is_set():
-            answered.append(proxy.status("/-/ready")[0])  # 2 s timeout; 0 when none
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    try:
-        time.sleep(0.3)
+    def hashed_request() -> None:
         try:
             request(proxy.port, "GET", "/", headers={"Host": "h", "X-User": "u"}, timeout=60)
         except OSError:
             pass  # its backend may be a dead port: the build is what is measured
-        time.sleep(0.3)
-    finally:
-        stop.set()
-        thread.join(70)
+
+    answered = readiness_during(proxy, hashed_request, join=70)
     assert answered and set(answered) == {200}, Counter(answered)
 
 

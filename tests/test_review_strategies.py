@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from support import closed_loop, request, wait_for
+from support import closed_loop, readiness_during, request, wait_for
 
 
 def served_by(port: int, headers: dict[str, str] | None = None) -> tuple[str, str | None]:
@@ -79,7 +79,6 @@ def test_hash_table_build_with_skewed_weights_keeps_the_loop_answering(
     The loop must keep answering: every readiness probe gets its answer within 2 s while the
     first hashed request builds the table.
     """
-    import threading
 
     first = backends[0]
     dead = [f"127.0.0.1:{port}" for port in range(20001, 20001 + 999)]
@@ -88,26 +87,14 @@ def test_hash_table_build_with_skewed_weights_keeps_the_loop_answering(
     redis_server.cli("HSET", "redlb:servers:settings", "strategy", "hash",
                      "hash_key", "header:X-User", "hash_balance", "0")  # fmt: skip
     proxy = start_proxy(redis_server.url, "--no-access-log")
-    answered: list[int] = []
-    stop = threading.Event()
 
-    def probe() -> None:
-        while not stop.is_set():
-            answered.append(proxy.status("/-/ready")[0])  # 2 s timeout; 0 when none
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    try:
-        time.sleep(0.3)
+    def hashed_request() -> None:
         try:
             request(proxy.port, "GET", "/", headers={"Host": "h", "X-User": "u"}, timeout=20)
         except OSError:
             pass  # its backend may be a dead port: the build is what is measured
-        time.sleep(0.3)
-    finally:
-        stop.set()
-        thread.join(10)
+
+    answered = readiness_during(proxy, hashed_request, join=10)
     assert answered and set(answered) == {200}, Counter(answered)
 
 
