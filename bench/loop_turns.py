@@ -70,6 +70,16 @@ def child(out: str, args: list[str]) -> None:
     window: dict[str, float] = {"on": 0.0, "start": 0.0, "cpu0": 0.0}
     gc_start = [0]
 
+    def record(name: str, dt: int) -> None:
+        """One timed call into its row of ``stats``."""
+        row = stats[name]
+        row[0] += 1
+        row[1] += dt
+        for i, bound in enumerate(THRESHOLDS_US):
+            if dt > bound * 1000:
+                row[2 + i] += 1
+        row[5] = max(row[5], dt)
+
     def chain(coro: Any) -> str:
         """Where a coroutine stands: each awaiting coroutine with its line, outermost first."""
         parts = []
@@ -107,13 +117,7 @@ def child(out: str, args: list[str]) -> None:
                 task = task_of(callback)
                 after = chain(task.get_coro()) if task is not None and not task.done() else "end"
                 name = before if task is None else f"{before}  ==>  {after}"
-                row = stats[name]
-                row[0] += 1
-                row[1] += dt
-                for i, bound in enumerate(THRESHOLDS_US):
-                    if dt > bound * 1000:
-                        row[2 + i] += 1
-                row[5] = max(row[5], dt)
+                record(name, dt)
                 if dt > THRESHOLDS_US[0] * 1000:
                     # Page faults and context switches (involuntary: preempted) within it.
                     long_turns.append(
@@ -156,13 +160,7 @@ def child(out: str, args: list[str]) -> None:
             gc_start[0] = cpu()
             return
         dt = cpu() - gc_start[0]
-        row = stats[f"gc generation {info['generation']}"]
-        row[0] += 1
-        row[1] += dt
-        for i, bound in enumerate(THRESHOLDS_US):
-            if dt > bound * 1000:
-                row[2 + i] += 1
-        row[5] = max(row[5], dt)
+        record(f"gc generation {info['generation']}", dt)
         if dt > THRESHOLDS_US[0] * 1000:
             long_turns.append(
                 (time.monotonic(), f"gc generation {info['generation']}", dt, 0, 0, 0)
@@ -228,14 +226,7 @@ def child(out: str, args: list[str]) -> None:
             try:
                 return _f(*args, **kw)
             finally:
-                dt = cpu() - t0
-                row = stats[_n]
-                row[0] += 1
-                row[1] += dt
-                for i, bound in enumerate(THRESHOLDS_US):
-                    if dt > bound * 1000:
-                        row[2 + i] += 1
-                row[5] = max(row[5], dt)
+                record(_n, cpu() - t0)
 
         setattr(owner, attr, wrapper)
 

@@ -78,15 +78,21 @@ def test_concurrent_scrapes_of_one_worker_all_answer(
 
 def _pipelined(port: int, target: str, count: int) -> int:
     """``count`` GETs pipelined on one connection in one write; the answers read back."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * count)
+    return _answers([target] * count, port).count(b"HTTP/1.1 ")
+
+
+def _answers(targets: list[str], port: int, timeout: float = 10) -> bytes:
+    """GETs of ``targets`` pipelined on one connection in one write; what came back, read
+    until as many answers arrived or the connection closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"".join(f"GET {t} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for t in targets))
         data = b""
-        while data.count(b"HTTP/1.1 ") < count:
+        while data.count(b"HTTP/1.1 ") < len(targets):
             chunk = sock.recv(1 << 20)
             if not chunk:
                 break
             data += chunk
-    return data.count(b"HTTP/1.1 ")
+    return data
 
 
 def test_a_full_access_log_batch_of_long_lines_is_written_not_dropped(
@@ -257,16 +263,7 @@ def test_every_access_log_line_is_written_in_order_when_stopped_right_after_a_fl
     proxy = Proxy(redis_server.url, workdir=tmp_path / "p").start()
     count = 2500
     try:
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as sock:
-            sock.sendall(
-                b"".join(b"GET /n%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(count))
-            )
-            data = b""
-            while data.count(b"HTTP/1.1 200") < count:
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    break
-                data += chunk
+        data = _answers([f"/n{i}" for i in range(count)], proxy.port, timeout=20)
         assert data.count(b"HTTP/1.1 200") == count
     finally:
         assert proxy.stop() == 0

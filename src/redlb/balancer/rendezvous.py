@@ -234,16 +234,15 @@ class RendezvousHash(Strategy):
             names.append(backend.key if copy == 1 else f"{backend.key}#{copy}")
         entries = weights_of(candidates)
         self.table = build_table(names, entries)
+        each = entries or (1,) * len(candidates)
+        self.weight_sum = sum(each)
         self.weights = entries
         if len(copies) < len(candidates):
             # The load is counted per backend, all its entries' keys together: so is its cap.
-            each = entries or (1,) * len(candidates)
             shares: dict[str, int] = {}
             for backend, weight in zip(candidates, each, strict=True):
                 shares[backend.key] = shares.get(backend.key, 0) + weight
             self.weights = tuple(shares[backend.key] for backend in candidates)
-            entries = each
-        self.weight_sum = sum(entries) or 1
         self.keys = tuple(backend.key for backend in candidates)
         self.routes = {}
         self.seen = candidates
